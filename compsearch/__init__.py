@@ -1,0 +1,38 @@
+"""compsearch: joint search over quantization, structured pruning and distillation.
+
+Judged on measured accuracy, latency and size of the artifact that would ship. See README.md.
+"""
+
+from compsearch.errors import (
+    CompsearchError,
+    ConfigError,
+    KernelError,
+    RecipeError,
+    SpaceError,
+    StorageError,
+    TaskError,
+    TrialError,
+)
+from compsearch.recipes import LayerPlan, Recipe, read_recipe, validate, write_recipe
+from compsearch.tasks import Task, get_task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompsearchError",
+    "ConfigError",
+    "KernelError",
+    "LayerPlan",
+    "Recipe",
+    "RecipeError",
+    "SpaceError",
+    "StorageError",
+    "Task",
+    "TaskError",
+    "TrialError",
+    "__version__",
+    "get_task",
+    "read_recipe",
+    "validate",
+    "write_recipe",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from compsearch.cli import main
+
+sys.exit(main())

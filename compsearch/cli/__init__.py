@@ -1,0 +1,46 @@
+"""The ``compsearch`` command: one module per subcommand, each with ``add_parser`` and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from compsearch.errors import CompsearchError
+
+SUBCOMMANDS = ("demo", "tasks", "teacher", "recipe")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from compsearch import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="compsearch",
+        description="Search quantization, pruning and distillation against measured accuracy, "
+        "latency and size.",
+    )
+    parser.add_argument("--version", action="version", version=f"compsearch {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"compsearch.cli.{name.replace('-', '_')}")
+        module.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except CompsearchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

