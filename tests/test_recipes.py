@@ -69,7 +69,7 @@ def test_group_size_implies_per_group():
         (
             "  fc1: {w_bit: 4}",
             "recipe.layers['fc1']: unknown key 'w_bit'; the allowed keys are: a_bits, "
-            "granularity, group_size, keep, keep_ratio, w_bits. Did you mean 'w_bits'?",
+            "granularity, group_size, keep, keep_ratio, w_bits, w_format. Did you mean 'w_bits'?",
         ),
         (
             "  fc1: {w_bits: 7.5}",
@@ -95,6 +95,7 @@ def test_group_size_implies_per_group():
             "recipe.layers['fc1'].group_size: expected one of 32, 64, 128 because granularity",
         ),
         ("  're:(': {w_bits: 4}", "expected a valid regular expression after 're:'"),
+        ("  fc1: {w_bits: 4, w_format: fp8}", "recipe.layers['fc1'].w_bits: expected 8 because"),
     ],
 )
 def test_bad_layer_fields_name_the_field_and_what_is_allowed(layers, message):

@@ -9,7 +9,7 @@ import sys
 
 from compsearch.errors import CompsearchError
 
-SUBCOMMANDS = ("demo", "tasks", "teacher", "recipe")
+SUBCOMMANDS = ("demo", "tasks", "teacher", "recipe", "formats")
 
 
 def build_parser() -> argparse.ArgumentParser:

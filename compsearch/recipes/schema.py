@@ -25,6 +25,7 @@ RECIPE_VERSION = 1
 W_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 A_BITS = (8, 16)
 GROUP_SIZES = (32, 64, 128)
+W_FORMATS = ("int", "fp8")
 FLOAT_BITS = 16  # w_bits / a_bits of 16 mean "leave in float"
 REGEX_PREFIX = "re:"
 
@@ -38,6 +39,7 @@ class LayerPlan:
     ``w_bits`` 2..8 quantize the weight to that many bits (16 leaves it in float); ``a_bits`` 8
     quantizes the layer's input activations (16 leaves them in float); ``granularity`` is
     ``per_channel`` or ``per_group`` (then ``group_size`` input features share one scale);
+    ``w_format`` is ``int`` (integer levels) or ``fp8`` (float8 e4m3, with ``w_bits: 8``);
     ``keep_ratio`` is the fraction of output channels / neurons / heads that pruning keeps;
     ``keep: false`` on a residual block or transformer layer removes it (depth pruning).
     """
@@ -46,8 +48,13 @@ class LayerPlan:
     a_bits: int | None = None
     granularity: str | None = None
     group_size: int | None = None
+    w_format: str | None = None
     keep_ratio: float | None = None
     keep: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.group_size is not None and self.granularity is None:
+            object.__setattr__(self, "granularity", "per_group")
 
     def merged_over(self, other: LayerPlan) -> LayerPlan:
         """This plan, with fields it leaves unset taken from ``other``."""
@@ -83,8 +90,11 @@ class LayerPlan:
                 f"{path}.group_size: expected no group_size with granularity 'per_channel', but got "
                 f"{plan.group_size!r}. Remove group_size or set granularity: per_group."
             )
-        if plan.group_size is not None and plan.granularity is None:
-            plan = dataclasses.replace(plan, granularity="per_group")
+        if plan.w_format == "fp8" and plan.w_bits not in (None, 8):
+            raise RecipeError(
+                f"{path}.w_bits: expected 8 because w_format is 'fp8', but got {plan.w_bits!r}. "
+                "Use w_bits: 8 with fp8, or w_format: int for other widths."
+            )
         return plan
 
 
@@ -93,6 +103,7 @@ _LAYER_FIELDS = {
     "a_bits": _S.optional(_S.one_of(A_BITS, note="16 keeps activations in float")),
     "granularity": _S.optional(_S.one_of(("per_channel", "per_group"))),
     "group_size": _S.optional(_S.one_of(GROUP_SIZES)),
+    "w_format": _S.optional(_S.one_of(W_FORMATS)),
     "keep_ratio": _S.optional(_S.number(0.0, 1.0, lo_open=True)),
     "keep": _S.optional(_S.boolean()),
 }
@@ -109,11 +120,19 @@ class PrunePlan:
 
 @dataclass(frozen=True)
 class CalibrationPlan:
-    """How activation ranges are observed before and after fine-tuning."""
+    """How quantization ranges are found before and after fine-tuning.
+
+    ``observer`` picks activation ranges (``minmax``, ``percentile``, or ``mse``: the clipping that
+    minimizes quantization error) and, with ``mse``, searches weight clipping too.
+    ``activation_mode`` is ``static`` (one calibrated scale per tensor) or ``dynamic`` (a scale per
+    token, computed at run time). ``learnable_scales`` trains the step sizes (LSQ) during fine-tuning.
+    """
 
     observer: str = "minmax"
     batches: int = 8
     percentile: float = 99.99
+    activation_mode: str = "static"
+    learnable_scales: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,6 +186,8 @@ _CALIBRATION_FIELDS = {
     "observer": _S.one_of(("minmax", "percentile", "mse")),
     "batches": _S.integer(1, 100_000),
     "percentile": _S.number(50.0, 100.0, lo_open=True),
+    "activation_mode": _S.one_of(("static", "dynamic")),
+    "learnable_scales": _S.boolean(),
 }
 _DISTILL_FIELDS = {
     "alpha": _S.number(0.0, 1.0),

@@ -1,0 +1,441 @@
+"""Deploy forms: the modules that ship, built from packed weights, running real low-precision kernels.
+
+Which kernel serves which format on which device is a queryable table (:func:`deploy_table`,
+:func:`kernel_for`). ``fast`` in the table means a real low-precision kernel does the work; every
+other format is stored packed (its size is real) and dequantized to float at load, so its speed is
+float speed — latency measurement shows that as it is.
+
+Kernels:
+
+* ``onednn_qlinear`` — x86 CPU: oneDNN int8 GEMM (``torch.ops.onednn.qlinear_pointwise``) on a
+  prepacked weight, static per-tensor activation scale, bias and scales fused, optional fused
+  activation (GELU / ReLU) and uint8 output straight into the next int8 layer (see
+  :mod:`compsearch.kernels.fuse`).
+* ``int_mm`` — CPU and CUDA: ``torch._int_mm`` (int8 × int8 → int32) with per-token dynamic (or
+  static) activation scales and per-channel weight scales.
+* ``fp8_scaled_mm`` — CUDA with compute capability ≥ 8.9: ``torch._scaled_mm`` on float8 e4m3
+  weights and per-token float8 activations.
+* ``int8_gather`` — embeddings: rows gathered from the int8 table, then scaled.
+* ``dequant`` — the float weight rebuilt from the packed codes; float compute.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compsearch.kernels.packing import PackedWeight
+from compsearch.kernels.quant import ACT_QMAX, FP8_MAX, SCALE_MIN, QuantSpec
+
+LINEAR, CONV2D, EMBEDDING = "linear", "conv2d", "embedding"
+
+
+# -- what the device can do ------------------------------------------------------------------------
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """oneDNN's int8 linear runs here (x86 CPU builds of torch)."""
+    try:
+        weight = torch.ones(8, 8, dtype=torch.int8)
+        packed = torch.ops.onednn.qlinear_prepack(weight, None)
+        x = torch.full((2, 8), 129, dtype=torch.uint8)
+        out = torch.ops.onednn.qlinear_pointwise(
+            x, 1.0, 128, packed, torch.ones(8), torch.zeros(8, dtype=torch.int64), None,
+            1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+        return bool(torch.allclose(out, torch.full((2, 8), 8.0)))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+@functools.cache
+def int_mm_available(device_type: str) -> bool:
+    try:
+        a = torch.ones(32, 32, dtype=torch.int8, device=device_type)
+        return bool((torch._int_mm(a, a) == 32).all())
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+@functools.cache
+def fp8_available(device_type: str) -> bool:
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability() >= (8, 9) and hasattr(torch, "_scaled_mm")
+
+
+@dataclass(frozen=True)
+class FormatSupport:
+    """One row of the deploy table: a layer kind and format, and the kernel that runs it."""
+
+    layer: str
+    w_bits: str  # "2-7", "8", "2-8" or "16"
+    w_format: str
+    a_bits: int
+    granularity: str
+    kernel: str
+    fast: bool
+
+
+def kernel_for(layer: str, spec: QuantSpec, device_type: str) -> str:
+    """The kernel that runs ``spec`` for a ``layer`` kind on ``device_type`` ('cpu' or 'cuda')."""
+    if not spec.quantizes_weight:
+        return "float"
+    if layer == EMBEDDING:
+        return "int8_gather" if spec.w_format == "int" else "dequant"
+    if layer != LINEAR or spec.granularity != "per_channel" or not spec.quantizes_input:
+        return "dequant"
+    if spec.w_format == "fp8":
+        return "fp8_scaled_mm" if fp8_available(device_type) else "dequant"
+    if device_type == "cpu" and spec.activation_mode == "static" and onednn_available():
+        return "onednn_qlinear"
+    return "int_mm" if int_mm_available(device_type) else "dequant"
+
+
+FAST_KERNELS = frozenset({"onednn_qlinear", "int_mm", "fp8_scaled_mm", "int8_gather"})
+
+
+def deploy_table(device_type: str = "cpu") -> list[FormatSupport]:
+    """Every (layer kind, format) and the kernel that serves it on ``device_type``."""
+    formats = [
+        ("8", "int", 8, "per_channel"),
+        ("2-7", "int", 4, "per_channel"),
+        ("8", "int", 8, "per_group"),
+        ("2-7", "int", 4, "per_group"),
+        ("8", "fp8", 8, "per_channel"),
+    ]
+    activations = [(8, "static"), (8, "dynamic"), (16, "static")]
+    rows = []
+    for layer, (label, w_format, bits, granularity), (a_bits, mode) in itertools.product(
+        (LINEAR, CONV2D, EMBEDDING), formats, activations
+    ):
+        if layer == EMBEDDING and a_bits == 8:
+            continue
+        spec = QuantSpec(
+            w_bits=bits,
+            a_bits=a_bits,
+            granularity=granularity,
+            group_size=32 if granularity == "per_group" else None,
+            w_format=w_format,
+            activation_mode=mode,
+        )
+        kernel = kernel_for(layer, spec, device_type)
+        shown = granularity + (f", a8 {mode}" if a_bits == 8 else "")
+        rows.append(
+            FormatSupport(layer, label, w_format, a_bits, shown, kernel, kernel in FAST_KERNELS)
+        )
+    return rows
+
+
+# -- activation quantization for the kernels -------------------------------------------------------
+
+
+def quantize_u8_static(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Codes ``round(x / scale) + 128`` in [1, 255] as uint8 (int8 levels, zero point 128)."""
+    codes = torch.round(x * (1.0 / scale))
+    return codes.clamp_(-ACT_QMAX, ACT_QMAX).add_(128).to(torch.uint8)
+
+
+def quantize_s8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.round(x / scale).clamp_(-ACT_QMAX, ACT_QMAX).to(torch.int8)
+
+
+def per_token_scale(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().amax(-1, keepdim=True).float().clamp_(min=SCALE_MIN) / ACT_QMAX
+
+
+_ONEDNN_POST_OPS = {"relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+
+
+# -- deploy modules --------------------------------------------------------------------------------
+
+
+class DeployLinear(nn.Module):
+    """A Linear (or GPT-2 Conv1D) running one of the int8 / fp8 kernels, or dequantized float.
+
+    ``post_op`` (``relu``, ``gelu``, ``gelu_tanh``) and ``output_scale`` are set by the fusion pass:
+    the activation that followed this layer runs inside the kernel, and with ``output_scale`` the
+    output is uint8 codes for the next int8 layer, which reads them without re-quantizing.
+    """
+
+    def __init__(
+        self,
+        packed: PackedWeight,
+        bias: torch.Tensor | None,
+        kernel: str,
+        input_scale: float | None,
+    ) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.spec = packed.spec
+        self.out_features, self.in_features = packed.rows_shape
+        self.input_scale = input_scale
+        self.post_op: str | None = None
+        self.output_scale: float | None = None
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
+        self._onednn_weight = None
+        if kernel in ("onednn_qlinear", "int_mm"):
+            codes, scale = packed.int8_codes()
+            self.register_buffer("codes", codes.contiguous())
+            self.register_buffer("w_scale", scale.reshape(-1).contiguous())
+        elif kernel == "fp8_scaled_mm":
+            self.register_buffer("fp8_weight", packed.fp8.contiguous())
+            self.register_buffer("w_scale", packed.scale.float().reshape(1, -1))
+        else:
+            weight = packed.dequantize()
+            self.register_buffer("weight", weight.t() if packed.transposed else weight)
+
+    def _apply(self, fn, recurse=True):
+        self._onednn_weight = None  # re-pack for the new device / dtype
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "onednn_qlinear":
+            return self._onednn(x)
+        if self.kernel == "int_mm":
+            out = self._int_mm(x)
+        elif self.kernel == "fp8_scaled_mm":
+            out = self._fp8(x)
+        else:
+            out = F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias)
+        return _post_op(out, self.post_op)
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        if self._onednn_weight is None:
+            self._onednn_weight = torch.ops.onednn.qlinear_prepack(self.codes, None)
+            self._zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+        dtype = torch.float32 if x.dtype == torch.uint8 else x.dtype
+        codes = x if x.dtype == torch.uint8 else quantize_u8_static(x, self.input_scale)
+        name, algorithm = _ONEDNN_POST_OPS.get(self.post_op, ("none", ""))
+        if self.output_scale is not None:
+            out_scale, out_zero, out_dtype = self.output_scale, 128, torch.uint8
+        else:
+            out_scale, out_zero, out_dtype = 1.0, 0, dtype
+        return torch.ops.onednn.qlinear_pointwise(
+            codes, self.input_scale, 128, self._onednn_weight, self.w_scale, self._zero_points,
+            self.bias, out_scale, out_zero, out_dtype, name, [], algorithm,
+        )  # fmt: skip
+
+    def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if self.input_scale is not None:
+            scale = torch.tensor(self.input_scale, device=x.device)
+        else:
+            scale = per_token_scale(flat)
+        codes = quantize_s8(flat.float(), scale)
+        rows = codes.shape[0]
+        if x.is_cuda and rows <= 16:  # cuBLAS int8 GEMM needs more than 16 rows
+            codes = F.pad(codes, (0, 0, 0, 17 - rows))
+        acc = torch._int_mm(codes, self.codes.t())[:rows]
+        out = acc.float().mul_(scale).mul_(self.w_scale)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def _fp8(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        scale = flat.abs().amax(-1, keepdim=True).float().clamp_(min=SCALE_MIN) / FP8_MAX
+        codes = (flat.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(
+            codes,
+            self.fp8_weight.t(),
+            scale_a=scale,
+            scale_b=self.w_scale,
+            bias=None if self.bias is None else self.bias.to(torch.bfloat16),
+            out_dtype=torch.bfloat16,
+        )
+        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        fused = f", post_op={self.post_op}" if self.post_op else ""
+        chained = ", uint8 output" if self.output_scale is not None else ""
+        return (
+            f"{self.in_features}→{self.out_features}, w_bits={self.spec.w_bits}, "
+            f"kernel={self.kernel}{fused}{chained}"
+        )
+
+
+def _post_op(x: torch.Tensor, post_op: str | None) -> torch.Tensor:
+    if post_op is None:
+        return x
+    if post_op == "relu":
+        return F.relu(x)
+    return F.gelu(x, approximate="tanh" if post_op == "gelu_tanh" else "none")
+
+
+class DeployConv2d(nn.Module):
+    """A Conv2d whose weight was stored packed and is dequantized to float (``dequant`` kernel)."""
+
+    def __init__(self, packed: PackedWeight, conv: nn.Conv2d, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.kernel = "dequant"
+        self.spec = packed.spec
+        self.register_buffer("weight", packed.dequantize())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        if conv.padding_mode != "zeros":
+            raise NotImplementedError("deploy conv supports zero padding only")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"w_bits={self.spec.w_bits}, kernel=dequant"
+
+
+class DeployEmbedding(nn.Module):
+    """An embedding table kept as int8 codes; looked-up rows are scaled to float."""
+
+    def __init__(self, packed: PackedWeight, embedding: nn.Embedding, kernel: str) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.spec = packed.spec
+        self.padding_idx = embedding.padding_idx
+        self.num_embeddings, self.embedding_dim = packed.rows_shape
+        if kernel == "int8_gather":
+            codes, scale = packed.int8_codes()
+            self.register_buffer("codes", codes)
+            self.register_buffer("row_scale", scale)  # (rows, groups)
+        else:
+            self.register_buffer("weight", packed.dequantize())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.kernel != "int8_gather":
+            return F.embedding(ids, self.weight, self.padding_idx)
+        rows = F.embedding(ids, self.codes).float()
+        scale = F.embedding(ids, self.row_scale)
+        groups = scale.shape[-1]
+        rows = rows.reshape(*rows.shape[:-1], groups, -1) * scale.unsqueeze(-1)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}×{self.embedding_dim}, w_bits={self.spec.w_bits}, kernel={self.kernel}"
+
+
+# -- building the deploy form ----------------------------------------------------------------------
+
+
+@dataclass
+class DeployReport:
+    """Which kernel serves each quantized layer, and the activation chains that were fused."""
+
+    kernels: dict[str, str]
+    chains: list[tuple[str, str, str]]
+
+    @property
+    def fast_layers(self) -> list[str]:
+        return [name for name, kernel in self.kernels.items() if kernel in FAST_KERNELS]
+
+
+def layer_kind(module: nn.Module) -> str:
+    from compsearch.kernels.quant import _conv1d_class
+
+    conv1d = _conv1d_class()
+    if isinstance(module, nn.Embedding):
+        return EMBEDDING
+    if isinstance(module, nn.Conv2d):
+        return CONV2D
+    if isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)):
+        return LINEAR
+    raise TypeError(f"not a quantizable layer: {type(module).__name__}")
+
+
+def build_deploy(
+    skeleton: nn.Module, packed, device: str | torch.device = "cpu", run=None
+) -> tuple[nn.Module, DeployReport]:
+    """Turn ``skeleton`` (the model's architecture, float or fake-quant) into its deploy form.
+
+    ``packed`` is a :class:`~compsearch.kernels.packing.PackedModel`. Float tensors are loaded into
+    the skeleton with the same key check as ``load_state_dict(strict=True)``; each packed layer is
+    replaced by its deploy module. With ``run(model)``, activation chains are fused and checked.
+    """
+    from compsearch.errors import KernelError
+    from compsearch.kernels.fuse import fuse_activation_chains_
+    from compsearch.kernels.quant import QUANT_TYPES
+
+    device = torch.device(device)
+    quantized = set(packed.weights) | set(packed.ties)
+    state_keys = set()
+    for key in skeleton.state_dict():
+        owner, _, leaf = key.rpartition(".")
+        if ".weight_quant." in f".{key}" or ".input_quant." in f".{key}":
+            continue
+        if leaf == "weight" and owner in quantized:
+            continue
+        state_keys.add(key)
+    missing = sorted(state_keys - set(packed.floats))
+    unexpected = sorted(set(packed.floats) - state_keys)
+    if missing or unexpected:
+        raise KernelError(
+            "the artifact does not fit this architecture: expected exactly its tensors, but "
+            f"{len(missing)} are missing (e.g. {missing[:3]}) and {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}). Rebuild the architecture from the artifact's recipe."
+        )
+    skeleton.load_state_dict(packed.floats, strict=False)
+    kernels: dict[str, str] = {}
+    for name in sorted(quantized):
+        source = packed.ties.get(name, name)
+        weight = packed.weights[source]
+        module = skeleton.get_submodule(name)
+        kind = layer_kind(module)
+        kernel = kernel_for(kind, weight.spec, device.type)
+        bias = getattr(module, "bias", None)
+        if kind == EMBEDDING:
+            new = DeployEmbedding(weight, module, kernel)
+        elif kind == CONV2D:
+            new = DeployConv2d(weight, module, bias)
+        else:
+            new = DeployLinear(weight, bias, kernel, packed.input_scales.get(name))
+        _replace_everywhere(skeleton, module, new)
+        kernels[name] = kernel
+    for name, module in list(skeleton.named_modules()):
+        if isinstance(module, QUANT_TYPES):  # a8 with float weight: ships as a float layer
+            _replace_everywhere(skeleton, module, _plain(module))
+            kernels[name] = "float"
+    model = skeleton.to(device).eval().requires_grad_(False)
+    if any(isinstance(m, (nn.Conv2d, DeployConv2d)) for m in model.modules()):
+        # convolutions run faster on NHWC tensors (measured: about 10 % on the mnist ResNet, CPU)
+        model = model.to(memory_format=torch.channels_last)
+    chains = fuse_activation_chains_(model, run) if run is not None else []
+    return model, DeployReport(kernels, chains)
+
+
+def _plain(module: nn.Module) -> nn.Module:
+    base = type(module).__mro__[2]  # QuantX(QuantMixin, Base)
+    plain = base.__new__(base)
+    plain.__dict__ = module.__dict__.copy()
+    plain._modules = {
+        k: v for k, v in module._modules.items() if k not in ("weight_quant", "input_quant")
+    }
+    return plain
+
+
+def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for module in model.modules():
+        for key, child in list(module._modules.items()):
+            if child is old:
+                module._modules[key] = new
+
+
+def to_deploy(
+    model: nn.Module, device: str | torch.device = "cpu", run=None
+) -> tuple[nn.Module, DeployReport]:
+    """The deploy form of a fake-quant ``model`` (left untouched), via the same packed weights an
+    artifact stores, so a saved and reloaded artifact behaves exactly like this."""
+    import copy
+
+    from compsearch.kernels.packing import export_packed
+
+    packed = export_packed(model)
+    return build_deploy(copy.deepcopy(model), packed, device, run)

@@ -1,0 +1,199 @@
+"""Operator fusion, found by watching one forward pass rather than by model-specific rules.
+
+* :func:`fold_batchnorm_` — Conv2d → BatchNorm2d pairs become one Conv2d with bias (before
+  quantization, so the quantized weight is the folded one, as it ships).
+* :func:`fuse_activation_chains_` — int8 Linear → activation → int8 Linear chains run the activation
+  inside the first kernel, whose uint8 output feeds the second without a float round trip.
+
+A pair is fused only when the second module received exactly the tensor the first produced (same
+object, seen through forward hooks) and, for an activation, the activation module ran once. After
+fusing, the model is run again and its output compared with the unfused one; a mismatch raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from compsearch.errors import KernelError
+
+Run = Callable[[nn.Module], Any]
+
+ACTIVATIONS: dict[str, str] = {
+    "ReLU": "relu",
+    "GELUActivation": "gelu",
+    "NewGELUActivation": "gelu_tanh",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh",
+}
+
+
+def activation_name(module: nn.Module) -> str | None:
+    if isinstance(module, nn.GELU):
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    return ACTIVATIONS.get(type(module).__name__)
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+class _Trace:
+    """Records, for chosen modules, the tensor object each received and produced, and call counts."""
+
+    def __init__(self, model: nn.Module, want: Callable[[nn.Module], bool]) -> None:
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = {}
+        self.handles = []
+        for name, module in model.named_modules():
+            if name and want(module):
+                self.handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def record(module, args, output):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            first_in, first_out = _first_tensor(args), _first_tensor(output)
+            if first_in is not None:
+                self.inputs[name] = first_in
+            if first_out is not None:
+                self.outputs[name] = first_out
+
+        return record
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def fed_by(self, consumer: str, producers: dict[str, torch.Tensor]) -> str | None:
+        tensor = self.inputs.get(consumer)
+        for name, output in producers.items():
+            if tensor is not None and output is tensor:
+                return name
+        return None
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _compare(before: Any, after: Any, tolerance: float, what: str) -> None:
+    a, b = _first_tensor(_main(before)), _first_tensor(_main(after))
+    if a is None or b is None:
+        return
+    error = float((a.float() - b.float()).norm() / a.float().norm().clamp(min=1e-12))
+    if error > tolerance:
+        raise KernelError(
+            f"{what} changed the model's output (relative error {error:.2e} > {tolerance:.0e}); "
+            "a fused pair was not a plain chain. Please report the model's architecture."
+        )
+
+
+def _main(output: Any) -> Any:
+    for attribute in ("logits", "embedding", "last_hidden_state"):
+        value = getattr(output, attribute, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return output
+
+
+@torch.no_grad()
+def fold_batchnorm_(model: nn.Module, run: Run) -> list[tuple[str, str]]:
+    """Fold every BatchNorm2d that directly follows a Conv2d into it. Returns the folded pairs."""
+    was_training = model.training
+    model.eval()
+    trace = _Trace(model, lambda m: isinstance(m, (nn.Conv2d, nn.BatchNorm2d)))
+    try:
+        before = run(model)
+    finally:
+        trace.close()
+    convs = {
+        n: t for n, t in trace.outputs.items() if isinstance(model.get_submodule(n), nn.Conv2d)
+    }
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d) and trace.calls.get(name) == 1:
+            conv = trace.fed_by(name, convs)
+            if conv is not None and trace.calls.get(conv) == 1:
+                pairs.append((conv, name))
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        _set_child(model, conv_name, _folded(conv, bn))
+        _set_child(model, bn_name, nn.Identity())
+    if pairs:
+        _compare(before, run(model), 1e-4, "folding BatchNorm into Conv2d")
+    model.train(was_training)
+    return pairs
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    fused.weight.copy_(conv.weight * factor.reshape(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias.copy_((bias - bn.running_mean) * factor + bn.bias)
+    return fused
+
+
+@torch.no_grad()
+def fuse_activation_chains_(model: nn.Module, run: Run) -> list[tuple[str, str, str]]:
+    """Fuse int8 Linear → activation → int8 Linear chains (oneDNN kernels). Returns the chains."""
+    from compsearch.kernels.deploy import DeployLinear
+
+    def int8(module: nn.Module) -> bool:
+        return isinstance(module, DeployLinear) and module.kernel == "onednn_qlinear"
+
+    trace = _Trace(model, lambda m: int8(m) or activation_name(m) is not None)
+    try:
+        before = run(model)
+    finally:
+        trace.close()
+    producers = {
+        n: t
+        for n, t in trace.outputs.items()
+        if int8(model.get_submodule(n)) and trace.calls[n] == 1
+    }
+    activations = {
+        n: t
+        for n, t in trace.outputs.items()
+        if activation_name(model.get_submodule(n)) and trace.calls[n] == 1
+    }
+    chains = []
+    for consumer, module in model.named_modules():
+        if not int8(module) or trace.calls.get(consumer) != 1:
+            continue
+        act = trace.fed_by(consumer, activations)
+        producer = trace.fed_by(act, producers) if act else None
+        if producer is None or model.get_submodule(producer).post_op is not None:
+            continue
+        chains.append((producer, act, consumer))
+    for producer, act, consumer in chains:
+        first = model.get_submodule(producer)
+        first.post_op = activation_name(model.get_submodule(act))
+        first.output_scale = model.get_submodule(consumer).input_scale
+        _set_child(model, act, nn.Identity())
+    if chains:
+        _compare(before, run(model), 2e-2, "fusing activation chains")
+    return chains

@@ -1,0 +1,336 @@
+"""Exact packing: n-bit weight codes packed densely into bytes, saved as safetensors.
+
+Codes are stored unsigned (``q - qmin``), LSB first, eight codes per ``n`` bytes, for every ``n`` in
+2..8; scales as float16 ``(rows, groups)``; fp8 weights as float8 e4m3 bytes. Everything that is not
+a quantized weight (biases, norms, float layers) is stored as it is. The artifact's size is the file's
+size: no padding beyond the last partial byte of each packed tensor.
+
+File layout (``model.safetensors``)::
+
+    <layer>.weight.codes   uint8  packed codes of a quantized weight (int formats)
+    <layer>.weight.fp8     float8_e4m3fn  (fp8 format)
+    <layer>.weight.scale   float16 (rows, groups)
+    <layer>.input_scale    float32 ()      static activation scale, when a_bits == 8
+    <anything else>        the float tensors of the model's state dict
+    metadata: compsearch.format, compsearch.layers (JSON: spec, shape, ties), and extra entries
+    (e.g. compsearch.recipe) given by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+from torch import nn
+
+from compsearch._files import write_bytes_atomic
+from compsearch.errors import KernelError
+from compsearch.kernels.quant import (
+    FP8_MAX,
+    QuantSpec,
+    dequantize_codes,
+    grid,
+    quant_modules,
+    rows_view,
+    weight_codes,
+)
+
+FORMAT = "compsearch-packed/1"
+
+
+# -- bit packing -----------------------------------------------------------------------------------
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned ``bits``-wide codes (values < 2**bits) into ``ceil(numel * bits / 8)`` bytes."""
+    if not 2 <= bits <= 8:
+        raise KernelError(f"bits: expected an integer in [2, 8], but got {bits!r}.")
+    flat = codes.reshape(-1).to(torch.int64)
+    if flat.numel() and int(flat.max()) >= 1 << bits:
+        raise KernelError(f"pack_codes: expected codes below {1 << bits}, got {int(flat.max())}.")
+    count = flat.numel()
+    if bits == 8:
+        return flat.to(torch.uint8)
+    padded = torch.zeros((count + 7) // 8 * 8, dtype=torch.int64, device=flat.device)
+    padded[:count] = flat
+    chunks = padded.reshape(-1, 8)  # eight codes make exactly `bits` bytes
+    shifts = torch.arange(8, device=flat.device) * bits
+    words = (chunks << shifts).sum(-1)
+    byte_shifts = torch.arange(bits, device=flat.device) * 8
+    packed = ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).reshape(-1)
+    return packed[: (count * bits + 7) // 8].to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``count`` unsigned codes as uint8."""
+    if bits == 8:
+        return packed[:count].clone()
+    data = packed.to(torch.int64)
+    total = (count + 7) // 8 * bits
+    padded = torch.zeros(total, dtype=torch.int64, device=data.device)
+    padded[: data.numel()] = data
+    chunks = padded.reshape(-1, bits)
+    byte_shifts = torch.arange(bits, device=data.device) * 8
+    words = (chunks << byte_shifts).sum(-1)
+    shifts = torch.arange(8, device=data.device) * bits
+    codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:count].to(torch.uint8)
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
+
+
+# -- a quantized layer's stored form ---------------------------------------------------------------
+
+
+@dataclass
+class PackedWeight:
+    """One quantized weight as stored: codes (or fp8 values), float16 scales and how to read them."""
+
+    spec: QuantSpec
+    shape: tuple[int, ...]  # the module's weight shape
+    transposed: bool  # Conv1D keeps its weight as (in, out)
+    scale: torch.Tensor  # float16 (rows, groups)
+    codes: torch.Tensor | None = None  # unsigned uint8, packed
+    fp8: torch.Tensor | None = None
+
+    @property
+    def rows_shape(self) -> tuple[int, int]:
+        if self.transposed:
+            return (self.shape[1], self.shape[0])
+        fan_in = 1
+        for size in self.shape[1:]:
+            fan_in *= size
+        return (self.shape[0], fan_in)
+
+    def signed_codes(self) -> torch.Tensor:
+        """Codes ``q`` as int32, shape ``rows_shape``."""
+        qmin = grid(self.spec.w_bits)[0]
+        rows, fan_in = self.rows_shape
+        unsigned = unpack_codes(self.codes, self.spec.w_bits, rows * fan_in)
+        return (unsigned.to(torch.int32) + qmin).reshape(rows, fan_in)
+
+    def int8_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c, sigma)``: int8 codes (rows, fan_in) and float32 scales (rows, groups) with
+        ``weight = sigma * c`` (see compsearch.kernels.quant)."""
+        q = self.signed_codes()
+        scale = self.scale.to(torch.float32)
+        if self.spec.w_bits < 8:
+            return (2 * q + 1).to(torch.int8), scale / 2
+        return q.to(torch.int8), scale
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight, in the module's own layout, bit-equal to the fake-quant weight."""
+        scale3 = self.scale.to(torch.float32).unsqueeze(-1)
+        if self.fp8 is not None:
+            rows = self.fp8.to(torch.float32).reshape(*scale3.shape[:2], -1) * scale3
+            rows = rows.reshape(self.rows_shape)
+        else:
+            rows = dequantize_codes(self.signed_codes(), scale3, self.spec)
+        return rows.t().contiguous() if self.transposed else rows.reshape(self.shape)
+
+    def nbytes(self) -> int:
+        stored = self.codes if self.codes is not None else self.fp8
+        return stored.numel() * stored.element_size() + self.scale.numel() * 2
+
+
+@torch.no_grad()
+def pack_weight(module: nn.Module) -> PackedWeight:
+    """The stored form of a Quant module's weight, from the same codes its forward uses."""
+    quantizer = module.weight_quant
+    spec = quantizer.spec
+    rows = rows_view(module.weight.detach(), quantizer.transposed).float()
+    scale = quantizer.current_scale(module.weight.detach()).detach().float()
+    scale16 = scale.to(torch.float16)
+    packed = PackedWeight(
+        spec=spec,
+        shape=tuple(module.weight.shape),
+        transposed=quantizer.transposed,
+        scale=scale16.reshape(scale16.shape[0], scale16.shape[1]).contiguous(),
+    )
+    if spec.w_format == "fp8":
+        stored = scale16.to(torch.float32)
+        blocks = rows.reshape(*scale.shape[:2], -1) / stored
+        packed.fp8 = blocks.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(rows.shape)
+    else:
+        q = weight_codes(rows, scale, spec)
+        packed.codes = pack_codes(q - grid(spec.w_bits)[0], spec.w_bits)
+    return packed
+
+
+# -- artifact --------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedModel:
+    """Everything an artifact holds: packed weights, input scales, float tensors, ties."""
+
+    weights: dict[str, PackedWeight]
+    input_scales: dict[str, float]
+    activation_modes: dict[str, str]
+    floats: dict[str, torch.Tensor]
+    ties: dict[str, str]  # layer -> layer whose packed weight it shares
+
+
+@torch.no_grad()
+def export_packed(model: nn.Module) -> PackedModel:
+    """Pack every Quant module of ``model``; keep every other tensor of its state dict as is."""
+    layers = quant_modules(model)
+    weights: dict[str, PackedWeight] = {}
+    ties: dict[str, str] = {}
+    by_weight: dict[int, str] = {}
+    input_scales: dict[str, float] = {}
+    activation_modes: dict[str, str] = {}
+    for name, module in layers.items():
+        if module.input_quant is not None:
+            activation_modes[name] = module.input_quant.mode
+            if module.input_quant.mode == "static":
+                input_scales[name] = float(module.input_quant.current_scale())
+        if not module.spec.quantizes_weight:
+            continue
+        owner = by_weight.get(id(module.weight))
+        if owner is not None:
+            ties[name] = owner
+            continue
+        by_weight[id(module.weight)] = name
+        weights[name] = pack_weight(module)
+    skip = set()
+    for name, module in layers.items():
+        prefix = f"{name}." if name else ""
+        skip.update(
+            prefix + key
+            for key, _ in module.named_parameters(recurse=True)
+            if key.startswith(("weight_quant.", "input_quant."))
+        )
+        skip.update(
+            prefix + key
+            for key, _ in module.named_buffers(recurse=True)
+            if key.startswith(("weight_quant.", "input_quant."))
+        )
+        if module.spec.quantizes_weight:
+            skip.add(prefix + "weight")
+    state = model.state_dict()
+    floats = {key: value.detach() for key, value in state.items() if key not in skip}
+    return PackedModel(weights, input_scales, activation_modes, floats, ties)
+
+
+def packed_to_bytes(packed: PackedModel, metadata: dict[str, str] | None = None) -> bytes:
+    tensors: dict[str, torch.Tensor] = {}
+    layers_meta = {}
+    for name, weight in packed.weights.items():
+        if weight.codes is not None:
+            tensors[f"{name}.weight.codes"] = weight.codes.contiguous().cpu()
+        else:
+            tensors[f"{name}.weight.fp8"] = weight.fp8.contiguous().cpu()
+        tensors[f"{name}.weight.scale"] = weight.scale.contiguous().cpu()
+        layers_meta[name] = {
+            "spec": weight.spec.to_dict(),
+            "shape": list(weight.shape),
+            "transposed": weight.transposed,
+        }
+    for name, scale in packed.input_scales.items():
+        tensors[f"{name}.input_scale"] = torch.tensor(scale, dtype=torch.float32)
+    for key, value in packed.floats.items():
+        if key in tensors:
+            raise KernelError(f"export: the state dict key {key!r} collides with a packed tensor.")
+        tensors[key] = value.contiguous().cpu()
+    meta = {
+        "compsearch.format": FORMAT,
+        "compsearch.layers": json.dumps(layers_meta, sort_keys=True),
+        "compsearch.ties": json.dumps(packed.ties, sort_keys=True),
+        "compsearch.activation_modes": json.dumps(packed.activation_modes, sort_keys=True),
+    }
+    meta.update(metadata or {})
+    return save_bytes(_dedupe_shared(tensors), metadata=meta)
+
+
+def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory; stored copies are independent anyway."""
+    seen: dict[int, str] = {}
+    out = {}
+    for key, value in tensors.items():
+        pointer = value.untyped_storage().data_ptr() if value.numel() else -1
+        out[key] = value.clone() if pointer in seen and pointer != -1 else value
+        seen.setdefault(pointer, key)
+    return out
+
+
+def save_packed(
+    packed: PackedModel, path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
+    return write_bytes_atomic(path, packed_to_bytes(packed, metadata))
+
+
+def read_packed(path: str | Path) -> tuple[PackedModel, dict[str, str]]:
+    """Read an artifact written by :func:`save_packed`; a damaged file is a KernelError."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        tensors = load_bytes(data)
+        metadata = _metadata(data)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
+        raise KernelError(
+            f"expected a compsearch safetensors artifact at {str(path)!r}, but it cannot be read "
+            f"({error}). The file is missing or damaged; train or export it again."
+        ) from None
+    if metadata.get("compsearch.format") != FORMAT:
+        raise KernelError(
+            f"expected an artifact in format {FORMAT!r} at {str(path)!r}, but its format is "
+            f"{metadata.get('compsearch.format')!r}."
+        )
+    return packed_from_tensors(tensors, metadata), metadata
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    return header.get("__metadata__", {})
+
+
+def packed_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> PackedModel:
+    layers_meta = json.loads(metadata["compsearch.layers"])
+    weights = {}
+    used = set()
+    for name, meta in layers_meta.items():
+        spec = QuantSpec(**meta["spec"])
+        codes = tensors.get(f"{name}.weight.codes")
+        fp8 = tensors.get(f"{name}.weight.fp8")
+        weights[name] = PackedWeight(
+            spec=spec,
+            shape=tuple(meta["shape"]),
+            transposed=meta["transposed"],
+            scale=tensors[f"{name}.weight.scale"],
+            codes=codes,
+            fp8=fp8,
+        )
+        used.update({f"{name}.weight.codes", f"{name}.weight.fp8", f"{name}.weight.scale"})
+    input_scales = {
+        key[: -len(".input_scale")]: float(value)
+        for key, value in tensors.items()
+        if key.endswith(".input_scale") and key[: -len(".input_scale")] in _quant_names(metadata)
+    }
+    used.update(f"{name}.input_scale" for name in input_scales)
+    floats = {key: value for key, value in tensors.items() if key not in used}
+    return PackedModel(
+        weights,
+        input_scales,
+        json.loads(metadata.get("compsearch.activation_modes", "{}")),
+        floats,
+        json.loads(metadata.get("compsearch.ties", "{}")),
+    )
+
+
+def _quant_names(metadata: dict[str, str]) -> set[str]:
+    return set(json.loads(metadata.get("compsearch.activation_modes", "{}")))
+
+
+def header_nbytes(path: str | Path) -> int:
+    """Bytes of a safetensors file that are header (8-byte length + JSON), not tensor data."""
+    with open(path, "rb") as stream:
+        return 8 + int.from_bytes(stream.read(8), "little")
