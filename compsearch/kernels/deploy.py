@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from compsearch.kernels._modules import replace_module
 from compsearch.kernels.packing import PackedWeight
 from compsearch.kernels.quant import ACT_QMAX, FP8_MAX, SCALE_MIN, QuantSpec
 
@@ -358,10 +359,11 @@ def build_deploy(
 
     ``packed`` is a :class:`~compsearch.kernels.packing.PackedModel`. Float tensors are loaded into
     the skeleton with the same key check as ``load_state_dict(strict=True)``; each packed layer is
-    replaced by its deploy module. With ``run(model)``, activation chains are fused and checked.
+    replaced by its deploy module. With ``run(model)``, float Conv2d → BatchNorm pairs are folded and
+    activation chains fused (both checked against the unfused output).
     """
     from compsearch.errors import KernelError
-    from compsearch.kernels.fuse import fuse_activation_chains_
+    from compsearch.kernels.fuse import fold_batchnorm_, fuse_activation_chains_
     from compsearch.kernels.quant import QUANT_TYPES
 
     device = torch.device(device)
@@ -397,13 +399,15 @@ def build_deploy(
             new = DeployConv2d(weight, module, bias)
         else:
             new = DeployLinear(weight, bias, kernel, packed.input_scales.get(name))
-        _replace_everywhere(skeleton, module, new)
+        replace_module(skeleton, module, new)
         kernels[name] = kernel
     for name, module in list(skeleton.named_modules()):
         if isinstance(module, QUANT_TYPES):  # a8 with float weight: ships as a float layer
-            _replace_everywhere(skeleton, module, _plain(module))
+            replace_module(skeleton, module, _plain(module))
             kernels[name] = "float"
     model = skeleton.to(device).eval().requires_grad_(False)
+    if run is not None:
+        fold_batchnorm_(model, run)  # float convs still followed by a norm (a teacher, say)
     if any(isinstance(m, (nn.Conv2d, DeployConv2d)) for m in model.modules()):
         # convolutions run faster on NHWC tensors (measured: about 10 % on the mnist ResNet, CPU)
         model = model.to(memory_format=torch.channels_last)
@@ -419,13 +423,6 @@ def _plain(module: nn.Module) -> nn.Module:
         k: v for k, v in module._modules.items() if k not in ("weight_quant", "input_quant")
     }
     return plain
-
-
-def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for module in model.modules():
-        for key, child in list(module._modules.items()):
-            if child is old:
-                module._modules[key] = new
 
 
 def to_deploy(

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from compsearch.errors import KernelError
+from compsearch.kernels._modules import replace_by_name
 
 Run = Callable[[nn.Module], Any]
 
@@ -81,12 +82,6 @@ class _Trace:
         return None
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _compare(before: Any, after: Any, tolerance: float, what: str) -> None:
     a, b = _first_tensor(_main(before)), _first_tensor(_main(after))
     if a is None or b is None:
@@ -128,8 +123,8 @@ def fold_batchnorm_(model: nn.Module, run: Run) -> list[tuple[str, str]]:
                 pairs.append((conv, name))
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        _set_child(model, conv_name, _folded(conv, bn))
-        _set_child(model, bn_name, nn.Identity())
+        replace_by_name(model, conv_name, _folded(conv, bn))
+        replace_by_name(model, bn_name, nn.Identity())
     if pairs:
         _compare(before, run(model), 1e-4, "folding BatchNorm into Conv2d")
     model.train(was_training)
@@ -193,7 +188,7 @@ def fuse_activation_chains_(model: nn.Module, run: Run) -> list[tuple[str, str, 
         first = model.get_submodule(producer)
         first.post_op = activation_name(model.get_submodule(act))
         first.output_scale = model.get_submodule(consumer).input_scale
-        _set_child(model, act, nn.Identity())
+        replace_by_name(model, act, nn.Identity())
     if chains:
         _compare(before, run(model), 2e-2, "fusing activation chains")
     return chains

@@ -20,6 +20,7 @@ calibrated scale per tensor (``static``) or one scale per token computed at run 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from compsearch.errors import KernelError
+from compsearch.kernels._modules import replace_by_name
 from compsearch.recipes.schema import FLOAT_BITS, GROUP_SIZES, LayerPlan, Recipe
 
 FP8_MAX = 448.0  # largest float8 e4m3fn value
@@ -300,6 +302,20 @@ def _fake_act(x: torch.Tensor, scale: torch.Tensor, grad_scale: float) -> torch.
 
 # -- the Quant modules -----------------------------------------------------------------------------
 
+_float_forward = False
+
+
+@contextlib.contextmanager
+def float_forward():
+    """Within this block Quant modules compute in float with their raw weights (for analyses that
+    must see parameters, such as the pruning tracer)."""
+    global _float_forward
+    previous, _float_forward = _float_forward, True
+    try:
+        yield
+    finally:
+        _float_forward = previous
+
 
 class QuantMixin:
     """Shared by the Quant modules: ``weight_quant`` always, ``input_quant`` when ``a_bits == 8``."""
@@ -316,10 +332,10 @@ class QuantMixin:
         self.input_quant = ActQuantizer(spec.activation_mode) if spec.quantizes_input else None
 
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quant(self.weight)
+        return self.weight if _float_forward else self.weight_quant(self.weight)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.input_quant is None else self.input_quant(x)
+        return x if self.input_quant is None or _float_forward else self.input_quant(x)
 
     def on_resized(self) -> None:
         """Called by pruning after the weight changed shape."""
@@ -456,7 +472,13 @@ def quantize_(
                     "use a 're:' pattern."
                 )
             continue
-        spec = _check_spec(name, module, spec, report)
+        try:
+            spec = _check_spec(name, module, spec, report)
+        except KernelError as error:
+            if name in exact:
+                raise
+            report.skipped[name] = str(error)  # a pattern matched a layer it cannot apply to
+            continue
         todo[name] = spec
     shared = _tied_groups(model, todo)
     for names in shared.values():
@@ -475,7 +497,7 @@ def quantize_(
         key = id(module.weight)
         new = _convert(module, spec, quantizers.get(key))
         quantizers.setdefault(key, new.weight_quant)
-        _set_module(model, name, new)
+        replace_by_name(model, name, new)
         report.quantized[name] = spec
     for names in shared.values():
         first = sorted(names)[0]
@@ -535,15 +557,6 @@ def _convert(module: nn.Module, spec: QuantSpec, shared: WeightQuantizer | None)
     new._modules = dict(module._modules)
     new._setup(spec, shared)
     return new
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` wherever the module called ``name`` is registered (it may be under several names)."""
-    old = model.get_submodule(name)
-    for module in model.modules():
-        for key, child in list(module._modules.items()):
-            if child is old:
-                module._modules[key] = new
 
 
 def quant_modules(model: nn.Module) -> dict[str, nn.Module]:
