@@ -311,3 +311,19 @@ def test_int8_deploy_on_cuda_matches_fake_quant():
     assert set(report.kernels.values()) == {"int_mm"}
     out = deployed(x)
     assert float((out - reference).norm() / reference.norm()) <= 0.02
+
+
+def test_embedding_quantizes_gathered_rows_exactly_like_the_whole_table():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 64))
+    quantize_(model, {"0": LayerPlan(w_bits=3, group_size=32)})
+    ids = torch.tensor([[3, 7, 7], [49, 0, 3]])
+    whole = model[0].quantized_weight().detach()
+    assert torch.equal(model(ids).detach(), whole[ids])
+
+
+def test_patterns_do_not_quantize_containers_named_by_exact_keys_for_pruning():
+    model = FFN(64, 96)
+    recipe = Recipe(layers={"re:.*": LayerPlan(w_bits=4), "act": LayerPlan(keep_ratio=0.5)})
+    report = quantize_(model, recipe)
+    assert set(report.quantized) == {"up", "down"}

@@ -24,6 +24,7 @@ space that reaches the model's output is *pinned*. Neither is ever pruned, and b
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -274,6 +275,8 @@ def _tensors(value: Any) -> list[torch.Tensor]:
         return [t for v in value.values() for t in _tensors(v)]
     if hasattr(value, "to_tuple"):
         return _tensors(value.to_tuple())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _tensors(getattr(value, f.name))]
     return []
 
 

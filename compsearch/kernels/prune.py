@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -571,24 +570,20 @@ def _sync_attributes(model: nn.Module, analysis: Analysis, decisions) -> None:
 # -- helpers for callers ---------------------------------------------------------------------------
 
 
-def progressive_ratios(keep_ratio: float, steps: int) -> list[float]:
-    """Per-step keep ratios (relative to the model at that step) reaching ``keep_ratio`` in ``steps``
-    geometric steps."""
-    if steps < 1:
-        raise KernelError(f"steps: expected an integer >= 1, but got {steps!r}.")
-    return [keep_ratio ** (1.0 / steps)] * steps
-
-
-def scaled_plans(recipe: Recipe, factor_of: Callable[[float], float]) -> Recipe:
-    """The recipe with every keep_ratio mapped by ``factor_of`` (used for progressive steps)."""
+def scaled_plans(
+    recipe: Recipe, factor_of: Callable[[float], float], with_depth: bool = True
+) -> Recipe:
+    """The recipe with every keep_ratio mapped by ``factor_of``, for one step of progressive
+    pruning; blocks are dropped in the first step only (``with_depth``)."""
     import dataclasses
 
-    layers = {
-        key: dataclasses.replace(plan, keep_ratio=factor_of(plan.keep_ratio))
-        if plan.keep_ratio is not None
-        else plan
-        for key, plan in recipe.layers.items()
-    }
+    layers = {}
+    for key, plan in recipe.layers.items():
+        if plan.keep_ratio is not None:
+            plan = dataclasses.replace(plan, keep_ratio=factor_of(plan.keep_ratio))
+        if not with_depth and plan.keep is not None:
+            plan = dataclasses.replace(plan, keep=None)
+        layers[key] = plan
     return dataclasses.replace(recipe, layers=layers)
 
 
@@ -607,9 +602,3 @@ def zero_removed_(model: nn.Module, analysis: Analysis, decisions: dict[str, tor
                     continue
                 index = group.indices(member, width, units)
                 tensors[member.key].index_fill_(member.dim, index, 0.0)
-
-
-def matches(pattern_or_name: str, name: str) -> bool:
-    if pattern_or_name.startswith(REGEX_PREFIX):
-        return re.fullmatch(pattern_or_name[len(REGEX_PREFIX) :], name) is not None
-    return pattern_or_name == name

@@ -154,7 +154,11 @@ class DistillPlan:
 
 @dataclass(frozen=True)
 class FinetuneBudget:
-    """The fine-tune run: optimizer steps, peak learning rate and schedule."""
+    """The fine-tune run: optimizer steps, peak learning rate and schedule.
+
+    Embedding tables are frozen unless ``train_embeddings`` (a short fine-tune touches few of their
+    rows, and their dense optimizer update costs as much as the rest of a small encoder's step).
+    """
 
     steps: int = 0
     lr: float = 1e-4
@@ -163,6 +167,7 @@ class FinetuneBudget:
     max_grad_norm: float = 1.0
     batch_size: int | None = None
     seed: int = 0
+    train_embeddings: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,7 @@ _FINETUNE_FIELDS = {
     "max_grad_norm": _S.number(0.0, None, lo_open=True),
     "batch_size": _S.optional(_S.integer(1, None)),
     "seed": _S.integer(0, 2**32 - 1),
+    "train_embeddings": _S.boolean(),
 }
 
 

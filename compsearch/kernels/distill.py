@@ -1,0 +1,314 @@
+"""Distillation: losses, feature capture, and the teacher-output cache.
+
+Losses (weighted by the recipe's DistillPlan):
+
+* output — for logits, KL(teacher_T ‖ student_T) · T² with temperature T (Hinton et al.); for an
+  embedding model, the cosine distance between student and teacher embeddings;
+* feature — MSE between hidden states of named layers, through a learned projection where pruning
+  made the student narrower than the teacher;
+* attention — KL between the teacher's and the student's attention maps of the last attention layer,
+  on the heads the student kept;
+* task — the task's own loss on labels, mixed as ``alpha · output + (1 − alpha) · task``.
+
+The teacher's outputs on the distillation batches are computed once and cached in memory and on disk
+(:class:`TeacherCache`), keyed by the task's fingerprint and the batches themselves; trials read
+them and never run the teacher on a cached batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from compsearch.errors import KernelError
+from compsearch.fingerprint import tensors_fingerprint
+from compsearch.tasks.base import Batch, Outputs, Task, move
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = 1
+
+
+# -- losses ----------------------------------------------------------------------------------------
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher_T ‖ student_T) · T², averaged over examples (and tokens for sequence logits)."""
+    if temperature <= 0:
+        raise KernelError(f"temperature: expected a number > 0, but got {temperature!r}.")
+    s = F.log_softmax(student.float().reshape(-1, student.shape[-1]) / temperature, dim=-1)
+    t = F.log_softmax(teacher.float().reshape(-1, teacher.shape[-1]) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance between embeddings."""
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+def output_loss(student: Outputs, teacher: Outputs, temperature: float) -> torch.Tensor:
+    if teacher.logits is not None:
+        return kd_loss(student.logits, teacher.logits, temperature)
+    return embedding_loss(student.embedding, teacher.embedding)
+
+
+def attention_loss(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(teacher ‖ student) between attention maps ``(batch, heads, queries, keys)``, averaged
+    over heads and the queries ``mask`` marks as real tokens."""
+    t = teacher.float().clamp(min=1e-8)
+    s = student.float().clamp(min=1e-8)
+    per_query = (t * (t.log() - s.log())).sum(-1).mean(1)  # (batch, queries)
+    if mask is None:
+        return per_query.mean()
+    weights = mask.to(per_query.dtype)
+    return (per_query * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+class FeatureProjections(nn.Module):
+    """Learned maps from a pruned student's feature width to the teacher's, created on first use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maps = nn.ModuleDict()
+
+    def forward(self, name: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if student.shape == teacher.shape:
+            return student
+        channel = 1 if student.dim() == 4 else -1
+        key = name.replace(".", "__")
+        if key not in self.maps:
+            source, target = student.shape[channel], teacher.shape[channel]
+            layer = nn.Conv2d(source, target, 1) if channel == 1 else nn.Linear(source, target)
+            self.maps[key] = layer.to(student.device)
+        return self.maps[key](student.float())
+
+
+def feature_loss(
+    student: dict[str, torch.Tensor],
+    teacher: dict[str, torch.Tensor],
+    projections: FeatureProjections,
+) -> torch.Tensor:
+    losses = [
+        F.mse_loss(projections(name, student[name], teacher[name]).float(), teacher[name].float())
+        for name in teacher
+    ]
+    return torch.stack(losses).mean()
+
+
+# -- capturing features ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def capture_features(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, ``found[name]`` holds the latest output of each named module."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise KernelError(
+            f"feature layer {missing[0]!r}: expected a module name of the model, but there is none. "
+            f"Names look like {', '.join(repr(n) for n in list(modules)[1:5])}."
+        )
+    found: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+
+        def hook(module, args, output, name=name):
+            found[name] = output[0] if isinstance(output, (tuple, list)) else output
+
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Hugging Face models return attention maps only with eager attention; switch for the block."""
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    setter = getattr(model, "set_attn_implementation", None)
+    if previous in (None, "eager") or setter is None:
+        yield
+        return
+    setter("eager")
+    try:
+        yield
+    finally:
+        setter(previous)
+
+
+# -- the teacher cache -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache holds: ``batches`` batches of ``batch_size`` from ``train_batches(seed)``, with
+    the teacher's main output, the named features and (optionally) its last attention map."""
+
+    batches: int
+    batch_size: int
+    seed: int = 0
+    feature_layers: tuple[str, ...] = ()
+    attentions: bool = False
+
+
+@dataclass
+class TeacherOutputs:
+    main: torch.Tensor
+    kind: str  # "logits" or "embedding"
+    features: dict[str, torch.Tensor]
+    attention: torch.Tensor | None
+
+    def outputs(self) -> Outputs:
+        if self.kind == "logits":
+            return Outputs(logits=self.main)
+        return Outputs(embedding=self.main)
+
+
+class TeacherCache:
+    """Teacher outputs on a fixed pool of distillation batches, computed once per task and data.
+
+    The pool is the first ``spec.batches`` batches of ``task.train_batches(batch_size, seed)``.
+    With ``directory``, the pool and the outputs are stored in one safetensors file named by the
+    key (task fingerprint + spec + the batches' contents): a changed task or data gets a new file;
+    a damaged file is recomputed. ``teacher_runs`` counts teacher forwards (tests use it).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        spec: CacheSpec,
+        directory: Path | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if spec.batches < 1:
+            raise KernelError(f"cache batches: expected at least 1, but got {spec.batches}.")
+        self.task, self.spec, self.directory = task, spec, directory
+        self.device = torch.device(device)
+        self.teacher_runs = 0
+        stream = task.train_batches(spec.batch_size, spec.seed)
+        self.batches: list[Batch] = [next(stream) for _ in range(spec.batches)]
+        data = tensors_fingerprint(t for b in self.batches for t in b.values())
+        text = json.dumps(
+            {"format": CACHE_FORMAT, "task": task.fingerprint(), "data": data, **spec.__dict__},
+            sort_keys=True,
+        )
+        self.key = hashlib.sha256(text.encode()).hexdigest()[:16]
+        self._outputs: list[TeacherOutputs] | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return (
+            None if self.directory is None else self.directory / f"teacher-{self.key}.safetensors"
+        )
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def get(self, index: int, device: torch.device | str = "cpu") -> tuple[Batch, TeacherOutputs]:
+        outputs = self._load()
+        cached = outputs[index % len(outputs)]
+        batch = move(self.batches[index % len(outputs)], device)
+        return batch, TeacherOutputs(
+            cached.main.to(device),
+            cached.kind,
+            {k: v.to(device) for k, v in cached.features.items()},
+            None if cached.attention is None else cached.attention.to(device),
+        )
+
+    def _load(self) -> list[TeacherOutputs]:
+        if self._outputs is None:
+            self._outputs = self._read() or self._compute()
+        return self._outputs
+
+    def _read(self) -> list[TeacherOutputs] | None:
+        path = self.path
+        if path is None or not path.exists():
+            return None
+        try:
+            tensors = load_file(str(path))
+            return [self._unpack(tensors, i) for i in range(len(self.batches))]
+        except Exception as error:  # damaged: recompute rather than trust it
+            log.warning("teacher cache %s is unreadable (%s); recomputing it", path, error)
+            return None
+
+    def _unpack(self, tensors: dict[str, torch.Tensor], i: int) -> TeacherOutputs:
+        kind = "logits" if f"{i}.logits" in tensors else "embedding"
+        features = {
+            name: tensors[f"{i}.feature.{name}"].float() for name in self.spec.feature_layers
+        }
+        attention = tensors[f"{i}.attention"].float() if self.spec.attentions else None
+        return TeacherOutputs(tensors[f"{i}.{kind}"], kind, features, attention)
+
+    @torch.no_grad()
+    def _compute(self) -> list[TeacherOutputs]:
+        teacher = self.task.teacher().to(self.device)
+        device = self.device
+        outputs = []
+        names = list(self.spec.feature_layers)
+        attention_context = eager_attention(teacher) if self.spec.attentions else _nothing()
+        with capture_features(teacher, names) as found, attention_context:
+            for batch in self.batches:
+                result = self.task.forward(
+                    teacher, move(batch, device), attentions=self.spec.attentions
+                )
+                self.teacher_runs += 1
+                attention = None
+                if self.spec.attentions:
+                    if not result.attentions:
+                        raise KernelError(
+                            f"attention distillation: expected the {self.task.name} task's model "
+                            "to return attention maps, but it returned none. Set attn_weight: 0."
+                        )
+                    attention = _as_stored(result.attentions[-1])
+                kind = "logits" if result.logits is not None else "embedding"
+                outputs.append(
+                    TeacherOutputs(
+                        result.main.detach().float().cpu(),
+                        kind,
+                        {n: _as_stored(found[n]) for n in names},
+                        attention,
+                    )
+                )
+        self._write(outputs)
+        return outputs
+
+    def _write(self, outputs: list[TeacherOutputs]) -> None:
+        path = self.path
+        if path is None:
+            return
+        tensors = {}
+        for i, out in enumerate(outputs):
+            tensors[f"{i}.{out.kind}"] = out.main.contiguous()
+            for name, value in out.features.items():
+                tensors[f"{i}.feature.{name}"] = value.to(torch.float16).contiguous()
+            if out.attention is not None:
+                tensors[f"{i}.attention"] = out.attention.to(torch.float16).contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_suffix(".tmp")
+        save_file(tensors, str(temp), metadata={"key": self.key})
+        temp.replace(path)
+
+
+def _as_stored(tensor: torch.Tensor) -> torch.Tensor:
+    """Features and attention maps are stored as float16: use exactly that in memory too, so a
+    trial sees the same numbers whether the cache was just computed or read from disk."""
+    return tensor.detach().to(torch.float16).float().cpu()
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield

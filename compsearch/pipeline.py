@@ -1,0 +1,349 @@
+"""``compress(task, recipe)`` — the one path a search trial and the final training run both take.
+
+    prune (k steps, fine-tuning between; BatchNorm statistics refreshed after each) → fold
+    BatchNorm → quantize (fake) → calibrate → distill-finetune → re-calibrate → deploy form
+
+With ``order: quantize_first`` (the source article's ordering) quantization and calibration come
+before pruning instead; nothing else changes. The result says what was done: the pruning record,
+the quantized and skipped layers, the kernel of every deployed layer, and the time of each phase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compsearch.errors import KernelError, RecipeError
+from compsearch.kernels.deploy import DeployReport, to_deploy
+from compsearch.kernels.distill import CacheSpec, TeacherCache
+from compsearch.kernels.fuse import fold_batchnorm_, recalibrate_batchnorm_
+from compsearch.kernels.observers import calibrate
+from compsearch.kernels.packing import PackedModel, export_packed, packed_to_bytes, save_packed
+from compsearch.kernels.prune import (
+    Analysis,
+    PruneRecord,
+    PruneReport,
+    analyze,
+    prune_,
+    replay_,
+    scaled_plans,
+    taylor_gradients,
+)
+from compsearch.kernels.quant import QuantReport, learn_scales_, quant_modules, quantize_
+from compsearch.recipes import dumps, validate
+from compsearch.recipes.schema import Recipe
+from compsearch.tasks.base import Task, move
+from compsearch.train import Checkpointing, Distiller, Progress, TrainResult, finetune
+
+DEFAULT_POOL_BATCHES = 64
+
+
+@dataclass
+class CompressedModel:
+    """What :func:`compress` produced and what it did."""
+
+    recipe: Recipe
+    student: nn.Module  # the trained fake-quant model
+    deployed: nn.Module  # the form that ships, on the target device
+    deploy_report: DeployReport
+    quant_report: QuantReport
+    prune_record: PruneRecord
+    prune_report: PruneReport
+    train: TrainResult
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def packed(self) -> PackedModel:
+        return export_packed(self.student)
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "compsearch.recipe": dumps(self.recipe),
+            "compsearch.prune_record": json.dumps(self.prune_record.to_dict()),
+        }
+
+    def artifact_bytes(self) -> bytes:
+        """The artifact exactly as :meth:`save` writes it."""
+        return packed_to_bytes(self.packed(), self.metadata())
+
+    def save(self, path: str | Path) -> Path:
+        return save_packed(self.packed(), path, self.metadata())
+
+
+def default_cache(task: Task, recipe: Recipe, steps: int, device) -> TeacherCache:
+    """A private teacher cache sized for one run (a study shares one across its trials)."""
+    batch_size = recipe.finetune.batch_size or task.default_batch_size
+    spec = CacheSpec(
+        batches=max(1, min(steps, DEFAULT_POOL_BATCHES)),
+        batch_size=batch_size,
+        seed=recipe.finetune.seed,
+        feature_layers=tuple(feature_layers(task, recipe, None)),
+        attentions=recipe.distill.attn_weight > 0,
+    )
+    return TeacherCache(task, spec, device=device)
+
+
+def feature_layers(task: Task, recipe: Recipe, model: nn.Module | None) -> list[str]:
+    if recipe.distill.feature_weight <= 0:
+        return []
+    if recipe.distill.feature_layers:
+        return list(recipe.distill.feature_layers)
+    return task.default_feature_layers(model if model is not None else task.teacher())
+
+
+def checked(recipe: Recipe) -> Recipe:
+    """Recipes built in Python skip the YAML checks; round-trip them through the strict parser."""
+    return Recipe.from_dict(recipe.to_dict())
+
+
+def compress(
+    task: Task,
+    recipe: Recipe,
+    steps: int | None = None,
+    device: str | torch.device = "cpu",
+    cache: TeacherCache | None = None,
+    progress: Progress | None = None,
+    checkpoint: Checkpointing | None = None,
+) -> CompressedModel:
+    """Compress ``task``'s teacher as ``recipe`` says, with ``steps`` fine-tune steps (default: the
+    recipe's budget). Every input is checked before any long work starts."""
+    timings: dict[str, float] = {}
+    device = torch.device(device)
+    with _timed(timings, "setup"):
+        recipe = checked(recipe)
+        total = recipe.finetune.steps if steps is None else steps
+        if total < 0:
+            raise RecipeError(f"steps: expected an integer >= 0, but got {total}.")
+        student = task.teacher()
+        validate(recipe, student)
+        layers = feature_layers(task, recipe, student)
+        _check_feature_layers(student, layers)
+        example = move(task.calibration_batches(1)[0], device)
+        student.to(device)
+
+        def run(model: nn.Module):
+            return task.forward(model, example)
+
+        if cache is None:
+            cache = default_cache(task, recipe, total, device)
+        _check_cache(cache, recipe, layers)
+    stages = _split(total, recipe.prune.steps)
+    distiller = Distiller(task, cache, recipe.distill, layers)
+    trained: list[TrainResult] = []
+    offset = [0]
+
+    def train_stage(index: int, model: nn.Module) -> None:
+        if not stages[index]:
+            return
+        stage_checkpoint = None
+        if checkpoint is not None:
+            stage_checkpoint = dataclasses.replace(
+                checkpoint, directory=checkpoint.directory / f"stage-{index}"
+            )
+        with _timed(timings, "finetune"):
+            result = finetune(
+                model, distiller, recipe.finetune, device, stages[index],
+                _shifted(progress, offset[0]), stage_checkpoint,
+            )  # fmt: skip
+        offset[0] += stages[index]
+        trained.append(result)
+
+    record, report = PruneRecord(), PruneReport()
+    quant_report = QuantReport()
+    analysis: Analysis | None = None
+    quantize_first = recipe.order == "quantize_first"
+    if quantize_first:
+        quant_report = _quantize(student, recipe, task, run, timings, device)
+    steps_of_pruning = recipe.prune.steps
+    for index in range(steps_of_pruning):
+        with _timed(timings, "prune"):
+            plans = scaled_plans(recipe, lambda r: r ** (1.0 / steps_of_pruning), index == 0)
+            grads = _taylor(student, task, cache, recipe, device) if _wants_taylor(recipe) else None
+            analysis = analyze(student, run) if recipe.distill.attn_weight > 0 else analysis
+            step_record, step_report = prune_(
+                student, plans, run, recipe.prune.importance, recipe.prune.round_to,
+                recipe.finetune.seed, grads,
+            )  # fmt: skip
+            record = record.then(step_record)
+            report = _merge(report, step_report)
+            if step_report.pruned or step_report.dropped_blocks:
+                recalibrate_batchnorm_(student, _calibration(task, recipe), _runner(task, device))
+            if analysis is not None:  # attention distillation compares the heads the student kept
+                distiller.head_index = _last_heads(analysis, record)
+            _check_feature_layers(student, layers)
+        last = index == steps_of_pruning - 1
+        if last and not quantize_first:
+            quant_report = _quantize(student, recipe, task, run, timings, device)
+        train_stage(index, student)
+    if quant_modules(student) and total > 0 and not recipe.calibration.learnable_scales:
+        with _timed(timings, "calibrate"):
+            _calibrate(student, task, recipe, device)
+    with _timed(timings, "deploy"):
+        deployed, deploy_report = to_deploy(student, device, run)
+    result = TrainResult(
+        sum(r.steps for r in trained),
+        [loss for r in trained for loss in r.losses],
+        sum(r.seconds for r in trained),
+    )
+    return CompressedModel(
+        recipe, student, deployed, deploy_report, quant_report, record, report, result, timings
+    )
+
+
+def _quantize(student, recipe, task, run, timings, device) -> QuantReport:
+    wants = any(
+        plan.w_bits not in (None, 16) or plan.a_bits == 8
+        for plan in recipe.resolve(name for name, _ in student.named_modules() if name).values()
+    )
+    if not wants:
+        return QuantReport()
+    with _timed(timings, "quantize"):
+        fold_batchnorm_(student, run)
+        report = quantize_(student, recipe, recipe.calibration.activation_mode)
+    with _timed(timings, "calibrate"):
+        _calibrate(student, task, recipe, device)
+        if recipe.calibration.learnable_scales:
+            learn_scales_(student)
+    return report
+
+
+def _calibration(task, recipe):
+    return task.calibration_batches(recipe.calibration.batches)
+
+
+def _runner(task, device):
+    return lambda model, batch: task.forward(model, move(batch, device))
+
+
+def _calibrate(student, task, recipe, device) -> None:
+    calibrate(
+        student,
+        _calibration(task, recipe),
+        _runner(task, device),
+        recipe.calibration.observer,
+        recipe.calibration.percentile,
+    )
+
+
+def _wants_taylor(recipe: Recipe) -> bool:
+    return recipe.prune.importance == "taylor" and any(
+        p.keep_ratio is not None and p.keep_ratio < 1 for p in recipe.layers.values()
+    )
+
+
+def _taylor(student, task, cache, recipe, device):
+    from compsearch.kernels.distill import output_loss
+
+    def loss(model, index):
+        batch, teacher = cache.get(index, device)
+        outputs = task.forward(model, batch)
+        supervised = task.task_loss(outputs, batch)
+        return (
+            supervised
+            if supervised is not None
+            else output_loss(outputs, teacher.outputs(), recipe.distill.temperature)
+        )
+
+    return taylor_gradients(student, loss, range(min(4, len(cache))))
+
+
+def _last_heads(analysis: Analysis, record: PruneRecord) -> torch.Tensor | None:
+    heads = [g for g in analysis.groups.values() if g.kind == "heads"]
+    if not heads or heads[-1].name not in record.groups:
+        return None
+    group = heads[-1]
+    kept = record.groups[group.name]["kept"]
+    index = [u * group.q_per_kv + j for u in kept for j in range(group.q_per_kv)]
+    return torch.tensor(index, dtype=torch.long)
+
+
+def _merge(first: PruneReport, later: PruneReport) -> PruneReport:
+    pruned = dict(first.pruned)
+    for name, (kept, size) in later.pruned.items():
+        pruned[name] = (kept, first.pruned[name][1] if name in first.pruned else size)
+    return PruneReport(pruned, first.dropped_blocks + later.dropped_blocks,
+                       {**first.skipped, **later.skipped})  # fmt: skip
+
+
+def _split(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [base + (1 if i >= parts - extra else 0) for i in range(parts)]
+
+
+def _shifted(progress: Progress | None, offset: int) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda step, loss: progress(offset + step, loss)
+
+
+def _check_feature_layers(model: nn.Module, names: list[str]) -> None:
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules:
+            raise KernelError(
+                f"distill.feature_layers: expected module names of the model, but it has no "
+                f"{name!r} (after pruning, if blocks were dropped). Pick a layer that exists."
+            )
+
+
+def _check_cache(cache: TeacherCache, recipe: Recipe, layers: list[str]) -> None:
+    missing = [n for n in layers if n not in cache.spec.feature_layers]
+    if missing or (recipe.distill.attn_weight > 0 and not cache.spec.attentions):
+        raise KernelError(
+            f"the teacher cache holds features {list(cache.spec.feature_layers)} and "
+            f"{'' if cache.spec.attentions else 'no '}attention maps, but the recipe needs "
+            f"{layers}{' and attention maps' if recipe.distill.attn_weight > 0 else ''}."
+        )
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - started
+
+
+# -- rebuilding a compressed model from an artifact -----------------------------------------------
+
+
+def rebuild(
+    task: Task, path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Recipe, DeployReport]:
+    """The deploy form stored at ``path``: a fresh teacher, pruned by replaying the stored record,
+    BatchNorm folded where the recipe quantized, then the packed weights loaded strictly."""
+    from compsearch.kernels.deploy import build_deploy
+    from compsearch.kernels.packing import read_packed
+    from compsearch.recipes import loads
+
+    packed, metadata = read_packed(path)
+    if "compsearch.recipe" not in metadata:
+        raise KernelError(
+            f"{path}: expected the recipe in the artifact's metadata, but none is there."
+        )
+    recipe = loads(metadata["compsearch.recipe"], source=f"{path} (metadata)")
+    record = PruneRecord.from_dict(
+        json.loads(metadata.get("compsearch.prune_record", "{}") or "{}")
+    )
+    model = task.teacher()
+    validate(recipe, model)
+    example = task.calibration_batches(1)[0]
+
+    def run(m):
+        return task.forward(m, move(example, next(iter(m.parameters())).device))
+
+    replay_(model, record, run)
+    if packed.weights or packed.input_scales:
+        fold_batchnorm_(
+            model, run
+        )  # compress folded before quantizing; the stored convs are folded
+    deployed, report = build_deploy(model, packed, device, run)
+    return deployed, recipe, report
