@@ -180,7 +180,8 @@ def compress(
             _check_feature_layers(student, layers)
         last = index == steps_of_pruning - 1
         if last and not quantize_first:
-            quant_report = _quantize(student, recipe, task, run, timings, device)
+            remaining = _without_dropped(recipe, record.dropped_blocks)
+            quant_report = _quantize(student, remaining, task, run, timings, device)
         train_stage(index, student)
     if quant_modules(student) and total > 0 and not recipe.calibration.learnable_scales:
         with _timed(timings, "calibrate"):
@@ -212,6 +213,15 @@ def _quantize(student, recipe, task, run, timings, device) -> QuantReport:
         if recipe.calibration.learnable_scales:
             learn_scales_(student)
     return report
+
+
+def _without_dropped(recipe: Recipe, dropped: list[str]) -> Recipe:
+    """The recipe without keys for modules inside blocks that depth pruning removed."""
+    if not dropped:
+        return recipe
+    gone = tuple(f"{block}." for block in dropped)
+    layers = {k: p for k, p in recipe.layers.items() if k not in dropped and not k.startswith(gone)}
+    return dataclasses.replace(recipe, layers=layers)
 
 
 def _calibration(task, recipe):

@@ -196,6 +196,11 @@ class DeployLinear(nn.Module):
         self._onednn_weight = None  # re-pack for the new device / dtype
         return super()._apply(fn, recurse)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_onednn_weight"] = None  # an opaque prepacked tensor: rebuilt on first use
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "onednn_qlinear":
             return self._onednn(x)

@@ -228,6 +228,7 @@ class Trace:
     layers_out: dict[str, Space] = field(default_factory=dict)  # layer -> its output space
     layers_in: dict[str, Space] = field(default_factory=dict)
     module_of_key: dict[str, str] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)  # layers in the order they first ran
 
 
 # -- op tables -------------------------------------------------------------------------------------
@@ -457,9 +458,11 @@ class _Tracer(TorchFunctionMode):
 
     def layer_out(self, key: str, size: int) -> Space:
         space = self.layer_spaces.get(key)
+        layer = self.trace.module_of_key[key]
+        if layer not in self.trace.order:
+            self.trace.order.append(layer)
         if space is None:
             space = self.layer_spaces[key] = self.space(size)
-            layer = self.trace.module_of_key[key]
             self.trace.producers.setdefault(space.id, layer)
             self.trace.layers_out[layer] = space
         return space
@@ -525,7 +528,10 @@ class _Tracer(TorchFunctionMode):
                 space.members.add(Member(key, 0, offset, space.size, "param"))
                 if bias_key:
                     space.members.add(Member(bias_key, 0, offset, space.size, "param"))
-            self.trace.layers_out[self.trace.module_of_key[key]] = info.layout.spaces[0]
+            layer = self.trace.module_of_key[key]
+            self.trace.layers_out[layer] = info.layout.spaces[0]
+            if layer not in self.trace.order:
+                self.trace.order.append(layer)
             return self.put(out, TensorInfo(info.layout))
         self.block_layout(info.layout, "grouped convolution")
         self.produce(out, key, 0, bias, weight.shape[0], 1)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from compsearch.objectives.base import Candidate, Objective
+
 
 def count_macs(model: nn.Module, run: Callable[[nn.Module], Any]) -> int:
     """Multiply-accumulates of one forward (``run(model)``), as executed."""
@@ -41,3 +43,23 @@ def bitops(macs_by_layer: dict[str, int], bits: dict[str, tuple[int, int]]) -> i
     """Σ MACs × w_bits × a_bits; layers without an entry count as 32 × 32 (float)."""
     return sum(macs * bits.get(name, (32, 32))[0] * bits.get(name, (32, 32))[1]
                for name, macs in macs_by_layer.items())  # fmt: skip
+
+
+class MacsObjective(Objective):
+    """MACs of the compressed model's forward (a proxy; it is not latency)."""
+
+    name = "macs"
+    direction = "minimize"
+    unit = "MACs"
+    proxy = True
+
+    def measure(self, candidate: Candidate) -> dict[str, float]:
+        from compsearch.kernels.quant import float_forward
+        from compsearch.tasks.base import move
+
+        model = candidate.student if candidate.student is not None else candidate.deployed
+        batch = move(candidate.task.example_inputs(), next(model.parameters()).device)
+        with float_forward():
+            by_layer = count_macs_by_layer(model, lambda m: candidate.task.forward(m, batch))
+            total = count_macs(model, lambda m: candidate.task.forward(m, batch))
+        return {self.name: float(total), "bitops": float(bitops(by_layer, candidate.quant_bits))}

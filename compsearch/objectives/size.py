@@ -1,0 +1,46 @@
+"""Size: the exact bytes of the packed artifact that would ship (safetensors, header excluded)."""
+
+from __future__ import annotations
+
+from safetensors.torch import save
+from torch import nn
+
+from compsearch.objectives.base import Candidate, Objective
+
+
+def data_bytes(artifact: bytes) -> int:
+    """Bytes of tensor data in a safetensors blob: its length minus the 8-byte length and header."""
+    return len(artifact) - 8 - int.from_bytes(artifact[:8], "little")
+
+
+def float_artifact(model: nn.Module) -> bytes:
+    """The model's state dict as it would be saved unquantized (the teacher's artifact)."""
+    state = {}
+    seen = set()
+    for key, value in model.state_dict().items():
+        tensor = value.detach().contiguous().cpu()
+        pointer = tensor.untyped_storage().data_ptr()
+        state[key] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return save(state)
+
+
+class SizeObjective(Objective):
+    name = "size_bytes"
+    direction = "minimize"
+    unit = "bytes"
+
+    def __init__(self) -> None:
+        self.teacher_bytes = 0
+
+    def prepare(self, reference: Candidate) -> None:
+        self.teacher_bytes = data_bytes(reference.artifact)
+
+    def measure(self, candidate: Candidate) -> dict[str, float]:
+        size = data_bytes(candidate.artifact)
+        out = {self.name: float(size), "size_mb": size / 1e6}
+        if candidate.student is not None:
+            out["params"] = float(sum(p.numel() for p in candidate.student.parameters()))
+        if self.teacher_bytes:
+            out["size_ratio"] = self.teacher_bytes / size
+        return out

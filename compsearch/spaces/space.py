@@ -1,0 +1,441 @@
+"""The joint search space: a model's compressible parts × a config's menus → Optuna parameters → Recipe.
+
+A *unit* is one decision. Grouping sets how many there are: ``per_layer`` (a format per quantizable
+layer, a keep ratio per prunable group), ``per_block`` (one per residual block / transformer layer,
+and per layer outside blocks), ``per_region`` (one per named region) or ``global``. Keep ratios are
+decided per unit *and kind* (attention heads, MLP / conv channels, residual width), because their
+sensitivity differs. Rules fix or restrict choices by name pattern or region; a restricted layer
+becomes a unit of its own. Practitioners' defaults (each can be switched off in ``space.defaults``
+and overridden by a rule): the first layer and the output layers stay at 8 bits and unpruned, and a
+vision-language projector stays at ≥ 8 bits and unpruned.
+
+``suggest(trial)`` is define-by-run and cheap; replaying a finished trial's params with Optuna's
+``FixedTrial`` gives the identical Recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from compsearch import __version__
+from compsearch.errors import SpaceError
+from compsearch.kernels.deploy import EMBEDDING, FAST_KERNELS, LINEAR, fp8_available, kernel_for
+from compsearch.kernels.quant import QuantSpec
+from compsearch.recipes.schema import (
+    CalibrationPlan,
+    DistillPlan,
+    FinetuneBudget,
+    LayerPlan,
+    Provenance,
+    PrunePlan,
+    Recipe,
+)
+from compsearch.spaces.config import Menu, Range, Rule, SpaceConfig, check_regions
+from compsearch.spaces.discover import ModelInfo
+
+FLOAT = "float"
+
+
+# -- formats ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Format:
+    """One quantization choice for a layer, named by a short label (``w4a8``, ``w4g128``, ``fp8``)."""
+
+    w_bits: int
+    a_bits: int = 16
+    granularity: str = "per_channel"
+    group_size: int | None = None
+    w_format: str = "int"
+
+    @property
+    def label(self) -> str:
+        if self.w_bits == 16:
+            return FLOAT
+        if self.w_format == "fp8":
+            return "fp8"
+        group = f"g{self.group_size}" if self.granularity == "per_group" else ""
+        act = "a8" if self.a_bits == 8 else ""
+        return f"w{self.w_bits}{group}{act}"
+
+    def plan(self) -> LayerPlan:
+        if self.w_bits == 16:
+            return LayerPlan()
+        return LayerPlan(
+            w_bits=self.w_bits,
+            a_bits=self.a_bits if self.a_bits == 8 else None,
+            granularity=self.granularity if self.granularity == "per_group" else None,
+            group_size=self.group_size,
+            w_format="fp8" if self.w_format == "fp8" else None,
+        )
+
+
+def menu_formats(kind: str, menu: Menu, config: SpaceConfig, device: str) -> list[Format]:
+    """The formats a layer of ``kind`` may take on ``device``: those a real kernel runs, and packed
+    weight-only formats that save size (computed in float) — never int8 activations without a kernel."""
+    found: list[Format] = []
+    for bits in menu.w_bits:
+        if bits == 16:
+            found.append(Format(16))
+            continue
+        for granularity in menu.granularity:
+            group = menu.group_size if granularity == "per_group" else None
+            for a_bits in menu.a_bits:
+                if a_bits == 8:
+                    if kind == EMBEDDING or granularity == "per_group":
+                        continue
+                    spec = QuantSpec(bits, 8, granularity, group, "int", config.activation_mode)
+                    if kernel_for(kind, spec, device) not in FAST_KERNELS:
+                        continue
+                found.append(Format(bits, a_bits, granularity, group))
+        if bits == 8 and "fp8" in config.w_formats and kind == LINEAR and fp8_available(device):
+            found.append(Format(8, 8, "per_channel", None, "fp8"))
+    unique = []
+    for item in found:
+        if item not in unique:
+            unique.append(item)
+    return unique
+
+
+def fit(fmt: Format, kind: str, fan_in: int, menu: list[Format]) -> Format:
+    """``fmt`` as this layer can take it: int8 activations only where a kernel runs them, a group
+    size only where it divides the fan-in."""
+    if fmt in menu or fmt.w_bits == 16:
+        return fmt
+    if fmt.w_format == "fp8":
+        fmt = Format(8, 8)
+    if fmt.granularity == "per_group" and fan_in % fmt.group_size:
+        fmt = Format(fmt.w_bits, fmt.a_bits)
+    if fmt.a_bits == 8 and fmt not in menu:
+        fmt = Format(fmt.w_bits, 16, fmt.granularity, fmt.group_size)
+    return fmt
+
+
+# -- units -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantUnit:
+    name: str
+    layers: list[str]
+    choices: list[Format]
+
+
+@dataclass
+class KeepUnit:
+    name: str  # "<unit>:<kind>"
+    groups: list[str]
+    keep: Range
+
+
+@dataclass
+class Space:
+    """Build with :meth:`build`; then ``suggest(trial) -> Recipe``."""
+
+    config: SpaceConfig
+    info: ModelInfo
+    task_name: str
+    device: str
+    finetune_steps: int
+    quant_units: list[QuantUnit] = field(default_factory=list)
+    keep_units: list[KeepUnit] = field(default_factory=list)
+    drop_blocks: list[str] = field(default_factory=list)
+    study: str | None = None
+    layer_menus: dict[str, list[Format]] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        config: SpaceConfig,
+        info: ModelInfo,
+        task_name: str,
+        device: str = "cpu",
+        finetune_steps: int = 0,
+        study: str | None = None,
+    ) -> Space:
+        check_regions(config, set(info.regions))
+        space = cls(config, info, task_name, device, finetune_steps, study=study)
+        space._quant_units(_rules(config, info))
+        space._keep_units(_rules(config, info))
+        space._depth(_rules(config, info))
+        return space
+
+    # -- construction
+
+    def menu_of(self, name: str) -> Menu:
+        region = self.info.region_of(name)
+        return self.config.regions.get(region, self.config.menu) if region else self.config.menu
+
+    def unit_of(self, name: str, grouping: str) -> str:
+        if grouping == "per_layer":
+            return name
+        if grouping == "global":
+            return "all"
+        if grouping == "per_region":
+            return self.info.region_of(name) or "rest"
+        return self.info.block_of.get(name, name)
+
+    def _quant_units(self, rules: list[Rule]) -> None:
+        tied = {layer: sorted(names)[0] for names in self.info.ties for layer in names}
+        units: dict[str, QuantUnit] = {}
+        for name, kind in self.info.layers.items():
+            menu = self.menu_of(name)
+            formats = menu_formats(kind, menu, self.config, self.device)
+            if name in tied:  # shared weights: one weight-only choice for all sharers
+                formats = [f for f in formats if f.a_bits == 16]
+            self.layer_menus[name] = formats
+            restricted, rule = _apply_format_rules(name, formats, rules, self.info)
+            if rule is not None and rule.source != "config":  # a default brings its own widths
+                widened = dataclasses.replace(menu, w_bits=rule.w_bits)
+                restricted = menu_formats(kind, widened, self.config, self.device)
+                if name in tied:
+                    restricted = [f for f in restricted if f.a_bits == 16]
+                self.layer_menus[name] = restricted
+            if restricted is not formats:
+                if not restricted:
+                    raise SpaceError(
+                        f"{rule.describe()}: expected it to leave at least one format for layer "
+                        f"{name!r}, but it leaves none (menu: "
+                        f"{', '.join(f.label for f in formats)}). Widen the rule or the menu."
+                    )
+                unit = tied.get(name, f"{name}")
+                units.setdefault(unit, QuantUnit(unit, [], restricted)).layers.append(name)
+                units[unit].choices = [f for f in units[unit].choices if f in restricted]
+                continue
+            unit = tied.get(name) or self.unit_of(name, menu.grouping)
+            current = units.setdefault(unit, QuantUnit(unit, [], []))
+            current.layers.append(name)
+            current.choices += [f for f in formats if f not in current.choices]
+        self.quant_units = list(units.values())
+
+    def _keep_units(self, rules: list[Rule]) -> None:
+        units: dict[str, KeepUnit] = {}
+        for name, group in self.info.groups.items():
+            if not group.prunable:
+                continue
+            menu = self.menu_of(group.name)
+            keep, rule = _apply_keep_rules(group, menu.keep_ratio, rules, self.info)
+            if keep.fixed and keep.low >= 1.0:
+                continue
+            if rule is not None:
+                key = f"{name}:{group.kind}"
+            else:
+                key = f"{self.unit_of(group.name, menu.grouping)}:{group.kind}"
+            units.setdefault(key, KeepUnit(key, [], keep)).groups.append(name)
+        self.keep_units = list(units.values())
+
+    def _depth(self, rules: list[Rule]) -> None:
+        if not self.config.depth:
+            return
+        for block in self.info.blocks:
+            if any(_rule_matches(r, block, self.info) and r.keep is not None for r in rules):
+                continue
+            self.drop_blocks.append(block)
+
+    # -- sampling
+
+    def suggest(self, trial) -> Recipe:
+        layers: dict[str, LayerPlan] = {}
+        for unit in self.quant_units:
+            if len(unit.choices) == 1:
+                chosen = unit.choices[0]
+            else:
+                label = trial.suggest_categorical(
+                    f"fmt:{unit.name}", [f.label for f in unit.choices]
+                )
+                chosen = next(f for f in unit.choices if f.label == label)
+            for layer in unit.layers:
+                fitted = fit(chosen, self.info.layers[layer], self.info.fan_in[layer],
+                             self.layer_menus[layer])  # fmt: skip
+                plan = fitted.plan()
+                if not plan.is_empty():
+                    layers[layer] = plan
+        for unit in self.keep_units:
+            keep = _suggest_range(trial, f"keep:{unit.name}", unit.keep)
+            if keep >= 1.0:
+                continue
+            for name in unit.groups:
+                anchor = self.info.groups[name].name
+                previous = layers.get(anchor, LayerPlan())
+                layers[anchor] = LayerPlan(**{**previous.__dict__, "keep_ratio": round(keep, 6)})
+        for block in self.drop_blocks:
+            if trial.suggest_categorical(f"drop:{block}", [False, True]):
+                layers[block] = LayerPlan(keep=False)
+        c = self.config
+        distill = DistillPlan(
+            alpha=_suggest_range(trial, "alpha", c.alpha),
+            temperature=_suggest_range(trial, "temperature", c.temperature),
+            feature_weight=_suggest_range(trial, "feature_weight", c.feature_weight),
+            attn_weight=_suggest_range(trial, "attn_weight", c.attn_weight),
+        )
+        finetune = FinetuneBudget(steps=self.finetune_steps, lr=_suggest_range(trial, "lr", c.lr))
+        return Recipe(
+            layers=dict(sorted(layers.items())),
+            order=c.order,
+            prune=PrunePlan(importance=c.importance, round_to=c.round_to, steps=c.prune_steps),
+            calibration=CalibrationPlan(
+                observer=c.observer,
+                batches=c.calibration_batches,
+                activation_mode=c.activation_mode,
+            ),
+            distill=distill,
+            finetune=finetune,
+            provenance=Provenance(
+                task=self.task_name,
+                model_fingerprint=self.info.fingerprint,
+                compsearch_version=__version__,
+                study=self.study,
+                trial=getattr(trial, "number", None),
+            ),
+        )
+
+    # -- helpers for the search
+
+    @property
+    def dimensions(self) -> int:
+        searched = sum(1 for u in self.quant_units if len(u.choices) > 1)
+        searched += sum(1 for u in self.keep_units if not u.keep.fixed)
+        searched += len(self.drop_blocks)
+        for value in (self.config.alpha, self.config.temperature, self.config.feature_weight,
+                      self.config.attn_weight, self.config.lr):  # fmt: skip
+            searched += not value.fixed
+        return searched
+
+    def uniform_params(self, label: str, keep: float = 1.0) -> dict[str, object]:
+        """Parameters of a uniform recipe — every unit the format closest to ``label``, every keep
+        ratio ``keep`` (clipped to its range) — for enqueuing baselines."""
+        target = _parse_label(label)
+        params: dict[str, object] = {}
+        for unit in self.quant_units:
+            if len(unit.choices) > 1:
+                params[f"fmt:{unit.name}"] = _nearest(target, unit.choices).label
+        for unit in self.keep_units:
+            if unit.keep.fixed:
+                continue
+            value = min(max(keep, unit.keep.low), unit.keep.high)
+            if unit.keep.step:
+                steps = round((value - unit.keep.low) / unit.keep.step)
+                value = unit.keep.low + steps * unit.keep.step
+            params[f"keep:{unit.name}"] = round(value, 10)
+        for block in self.drop_blocks:
+            params[f"drop:{block}"] = False
+        c = self.config
+        for name, value in (("alpha", c.alpha), ("temperature", c.temperature),
+                            ("feature_weight", c.feature_weight), ("attn_weight", c.attn_weight),
+                            ("lr", c.lr)):  # fmt: skip
+            if not value.fixed:
+                params[name] = _middle(value)
+        return params
+
+    def describe(self) -> list[str]:
+        lines = [f"{len(self.quant_units)} quantization units, {len(self.keep_units)} keep-ratio "
+                 f"units, {len(self.drop_blocks)} droppable blocks; {self.dimensions} searched "
+                 "dimensions"]  # fmt: skip
+        for unit in self.quant_units:
+            lines.append(f"  fmt:{unit.name} ({len(unit.layers)} layers): "
+                         f"{', '.join(f.label for f in unit.choices)}")  # fmt: skip
+        for unit in self.keep_units:
+            lines.append(f"  keep:{unit.name} ({len(unit.groups)} groups): "
+                         f"{unit.keep.low}..{unit.keep.high}")  # fmt: skip
+        return lines
+
+
+def _parse_label(label: str) -> Format:
+    if label == FLOAT:
+        return Format(16)
+    if label == "fp8":
+        return Format(8, 8, w_format="fp8")
+    match = re.fullmatch(r"w(\d)(?:g(\d+))?(a8)?", label)
+    if match is None:
+        raise SpaceError(
+            f"expected a format label like 'w4', 'w8a8', 'w4g128' or 'float', got {label!r}."
+        )
+    group = int(match.group(2)) if match.group(2) else None
+    return Format(int(match.group(1)), 8 if match.group(3) else 16,
+                  "per_group" if group else "per_channel", group)  # fmt: skip
+
+
+def _nearest(target: Format, choices: list[Format]) -> Format:
+    """The choice closest to ``target``: same activation bits first, then the nearest width
+    (ties towards more bits), then the same granularity."""
+    return min(
+        choices,
+        key=lambda f: (
+            f.a_bits != target.a_bits,
+            abs(f.w_bits - target.w_bits),
+            f.w_bits < target.w_bits,
+            f.granularity != target.granularity,
+            f.w_format != target.w_format,
+        ),
+    )
+
+
+def _middle(value: Range) -> float:
+    if value.log:
+        return float((value.low * value.high) ** 0.5)
+    return (value.low + value.high) / 2
+
+
+def _suggest_range(trial, name: str, value: Range) -> float:
+    if value.fixed:
+        return value.low
+    if value.step:
+        return trial.suggest_float(name, value.low, value.high, step=value.step)
+    return trial.suggest_float(name, value.low, value.high, log=value.log)
+
+
+# -- rules -----------------------------------------------------------------------------------------
+
+
+def _rules(config: SpaceConfig, info: ModelInfo) -> list[Rule]:
+    """Config rules first (they win), then the practitioners' defaults that are switched on."""
+    rules = list(config.rules)
+    if config.defaults.get("first_layer") and info.first_layer:
+        rules.append(Rule(-1, info.first_layer, None, w_bits=(8,), keep_ratio=Range(1.0, 1.0),
+                          source=f"default: the first layer ({info.first_layer}) stays at 8 bits, "
+                                 "unpruned"))  # fmt: skip
+    for layer in info.output_layers if config.defaults.get("output_layer") else []:
+        rules.append(Rule(-1, layer, None, w_bits=(8,), keep_ratio=Range(1.0, 1.0),
+                          source=f"default: the output layer ({layer}) stays at 8 bits"))  # fmt: skip
+    if config.defaults.get("projector") and "projector" in info.regions:
+        rules.append(Rule(-1, None, "projector", w_bits=(8, 16), keep_ratio=Range(1.0, 1.0),
+                          keep=True, source="default: the projector stays at >= 8 bits, "
+                                            "unpruned"))  # fmt: skip
+    return rules
+
+
+def _rule_matches(rule: Rule, name: str, info: ModelInfo) -> bool:
+    if rule.region is not None:
+        return info.region_of(name) == rule.region
+    if rule.match.startswith("re:"):
+        return re.fullmatch(rule.match[3:], name) is not None
+    return rule.match == name
+
+
+def _apply_format_rules(name, formats, rules, info) -> tuple[list[Format], Rule | None]:
+    for rule in rules:
+        if (rule.w_bits or rule.a_bits) and _rule_matches(rule, name, info):
+            kept = [
+                f
+                for f in formats
+                if (rule.w_bits is None or f.w_bits in rule.w_bits)
+                and (rule.a_bits is None or f.a_bits in rule.a_bits)
+            ]
+            return kept, rule
+    return formats, None
+
+
+def _apply_keep_rules(group, keep: Range, rules, info) -> tuple[Range, Rule | None]:
+    for rule in rules:
+        if rule.keep_ratio is None:
+            continue
+        if rule.region is not None:
+            hit = any(info.region_of(layer) == rule.region for layer in group.layers)
+        else:
+            hit = _rule_matches(rule, group.name, info)
+        if hit:
+            return rule.keep_ratio, rule
+    return keep, None

@@ -1,0 +1,199 @@
+import optuna
+import pytest
+import torch
+
+from compsearch.errors import ConfigError, SpaceError
+from compsearch.objectives import (
+    AccuracyObjective,
+    Candidate,
+    LatencyObjective,
+    LatencyTable,
+    MacsObjective,
+    SizeObjective,
+    count_macs,
+    data_bytes,
+    measure_latency,
+    parse_constraint,
+)
+from compsearch.pipeline import compress
+from compsearch.spaces import Space, discover, parse_space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def mnist_info(mnist_task):
+    return discover(mnist_task)
+
+
+@pytest.fixture(scope="module")
+def digits_info(digits_task):
+    return discover(digits_task)
+
+
+def sample(space: Space, seed: int = 0, n: int = 1):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    trials = [study.ask() for _ in range(n)]
+    return [(t, space.suggest(t)) for t in trials]
+
+
+def test_discovery_of_the_mnist_resnet(mnist_info):
+    assert mnist_info.first_layer == "conv1"
+    assert mnist_info.output_layers == ["fc"]
+    assert mnist_info.layers["conv1"] == "conv2d" and mnist_info.layers["fc"] == "linear"
+    assert mnist_info.blocks == ["layer1.0", "layer1.1", "layer2.1", "layer3.1"]
+    assert mnist_info.block_of["layer2.0.conv1"] == "layer2.0"
+
+
+def test_replaying_params_with_fixed_trial_gives_the_identical_recipe(mnist_info):
+    space = Space.build(parse_space({"depth": True}), mnist_info, "mnist", finetune_steps=10)
+    for trial, recipe in sample(space, n=5):
+        replayed = space.suggest(optuna.trial.FixedTrial(trial.params, number=trial.number))
+        assert replayed == recipe
+
+
+def test_defaults_keep_first_and_output_layers_at_8_bits(mnist_info):
+    space = Space.build(parse_space({}), mnist_info, "mnist")
+    for _, recipe in sample(space, n=5):
+        assert recipe.layers["conv1"].w_bits == 8
+        assert recipe.layers["fc"].w_bits == 8
+        assert recipe.plan_for("conv1").keep_ratio is None  # unpruned
+    off = Space.build(parse_space({"defaults": {"first_layer": False}}), mnist_info, "mnist")
+    assert any(u.name == "layer1.0" for u in off.quant_units)
+    formats = {u.name: [f.label for f in u.choices] for u in off.quant_units}
+    assert len(formats["conv1"]) > 1
+
+
+def test_menus_offer_int8_activations_only_where_a_kernel_runs_them(mnist_info):
+    space = Space.build(parse_space({"w_bits": [4, 8], "a_bits": [8, 16]}), mnist_info, "mnist")
+    formats = {u.name: {f.label for f in u.choices} for u in space.quant_units}
+    assert formats["layer1.0"] == {"w4", "w8"}  # convolutions: no int8 activation kernel on CPU
+    assert formats["fc"] == {"w8a8", "w8"}
+
+
+def test_grouping_sets_the_dimensionality(mnist_info):
+    dims = {
+        grouping: Space.build(parse_space({"grouping": grouping}), mnist_info, "mnist").dimensions
+        for grouping in ("per_layer", "per_block", "global")
+    }
+    assert dims["per_layer"] > dims["per_block"] > dims["global"]
+
+
+def test_rules_fix_restrict_and_name_themselves_when_they_empty_a_choice(mnist_info):
+    config = parse_space({"rules": [{"match": "re:layer3\\..*", "w_bits": 4, "keep_ratio": 1.0}]})
+    space = Space.build(config, mnist_info, "mnist")
+    for _, recipe in sample(space, n=3):
+        assert recipe.layers["layer3.0.conv1"].w_bits == 4
+        assert recipe.plan_for("layer3.0.conv1").keep_ratio is None
+    empty = parse_space({"w_bits": [4, 16], "rules": [{"match": "fc", "w_bits": [2]}]})
+    with pytest.raises(SpaceError, match=r"space.rules\[0\] \(match 'fc'\): expected it to leave"):
+        Space.build(empty, mnist_info, "mnist")
+
+
+def test_unknown_region_and_bad_ranges_are_named(mnist_info):
+    with pytest.raises(SpaceError, match="expected region names of the model"):
+        Space.build(
+            parse_space({"rules": [{"region": "vision", "w_bits": 8}]}), mnist_info, "mnist"
+        )
+    with pytest.raises(
+        ConfigError, match=r"space.keep_ratio\[1\]: expected a number in \(0.0, 1.0\]"
+    ):
+        parse_space({"keep_ratio": [0.5, 1.5]})
+    with pytest.raises(ConfigError, match=r"space.keep_ratio: expected low <= high"):
+        parse_space({"keep_ratio": [0.9, 0.5]})
+    with pytest.raises(
+        ConfigError, match=r"space.rules\[0\]: expected exactly one of 'match' or 'region'"
+    ):
+        parse_space({"rules": [{"w_bits": 8}]})
+    with pytest.raises(ConfigError, match=r"space: unknown key 'wbits'"):
+        parse_space({"wbits": [4]})
+
+
+def test_uniform_baseline_params_are_valid_trials(mnist_info):
+    space = Space.build(parse_space({"depth": True}), mnist_info, "mnist")
+    params = space.uniform_params("w4", keep=0.5)
+    recipe = space.suggest(optuna.trial.FixedTrial(params))
+    assert recipe.layers["layer1.0.conv1"].w_bits == 4
+    assert recipe.layers["layer1.0.conv1"].keep_ratio == 0.5
+    assert space.uniform_params("w3")["fmt:layer1.0"] == "w4"  # the nearest on the menu
+    assert "fmt:fc" not in params or params["fmt:fc"] in ("w8", "w8a8")
+
+
+def test_size_objective_is_the_saved_file_minus_its_header(digits_task, digits_info, tmp_path):
+    from compsearch.kernels.packing import header_nbytes
+
+    space = Space.build(parse_space({}), digits_info, "digits")
+    _, recipe = sample(space)[0]
+    result = compress(digits_task, recipe, steps=0)
+    path = result.save(tmp_path / "m.safetensors")
+    size = SizeObjective().measure(Candidate(digits_task, result.deployed, result.artifact_bytes(),
+                                             result.student))  # fmt: skip
+    assert size["size_bytes"] == path.stat().st_size - header_nbytes(path)
+    assert size["params"] == sum(p.numel() for p in result.student.parameters())
+
+
+def test_accuracy_objective_reports_the_drop_vs_the_teacher(digits_task):
+    teacher = digits_task.teacher()
+    objective = AccuracyObjective("accuracy", "maximize")
+    objective.prepare(Candidate(digits_task, teacher, b""))
+    broken = digits_task.teacher()
+    with torch.no_grad():
+        broken.fc2.weight.zero_()
+        broken.fc2.bias.zero_()
+    measured = objective.measure(Candidate(digits_task, broken, b""))
+    assert measured["accuracy"] < 0.2
+    assert measured["accuracy_drop"] == pytest.approx(
+        measured["accuracy_teacher"] - measured["accuracy"]
+    )
+    assert measured["accuracy_drop_rel"] > 0.8
+
+
+def test_latency_is_measured_with_its_spread(digits_task):
+    result = measure_latency(digits_task.teacher(), digits_task, repeats=7)
+    assert result.runs == 7 and 0 < result.p10_ms <= result.median_ms <= result.p90_ms
+
+
+def test_lookup_table_is_cached_and_falls_back_to_measurement(digits_task, tmp_path):
+    teacher = digits_task.teacher()
+    objective = LatencyObjective(repeats=5, table=LatencyTable(tmp_path / "t.json", bound=0.0,
+                                                               check_first=1))  # fmt: skip
+    objective.prepare(Candidate(digits_task, teacher, b""))
+    assert (tmp_path / "t.json").exists() and objective.table.entries
+    first = objective.measure(Candidate(digits_task, teacher, b""))
+    assert first["latency_source"] == 0.0 and "latency_table_error" in first
+    assert objective.table.switched, "any error exceeds a bound of 0: measure from now on"
+    again = LatencyTable(tmp_path / "t.json")
+    assert again.entries == objective.table.entries
+
+
+def test_macs_proxy_counts_a_linear_exactly(digits_task):
+    layer = torch.nn.Linear(10, 20)
+    assert count_macs(layer, lambda m: m(torch.randn(3, 10))) == 3 * 10 * 20
+    macs = MacsObjective().measure(Candidate(digits_task, digits_task.teacher(), b"",
+                                             digits_task.teacher()))  # fmt: skip
+    assert macs["macs"] > 0 and macs["bitops"] == macs["macs"] * 32 * 32
+    assert MacsObjective.proxy and "proxy" in MacsObjective().describe()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "limit", "relative"),
+    [("accuracy_drop", "3%", 0.03, True), ("accuracy_drop", 0.02, 0.02, False),
+     ("latency_ms", "500 ms", 500.0, False), ("latency_ms", "0.5 s", 500.0, False),
+     ("size_bytes", "2 GB", 2e9, False), ("size_bytes", "900 KB", 9e5, False)],
+)  # fmt: skip
+def test_constraints_parse_the_way_budgets_are_written(name, value, limit, relative):
+    constraint = parse_constraint(name, value, f"constraints.{name}")
+    assert constraint.limit == pytest.approx(limit) and constraint.relative == relative
+
+
+def test_bad_constraints_say_what_was_expected():
+    with pytest.raises(ConfigError, match="expected a size like"):
+        parse_constraint("size_bytes", "two gigs", "constraints.size_bytes")
+    with pytest.raises(ConfigError, match="unknown constraint 'speed'"):
+        parse_constraint("speed", 1, "constraints.speed")
+
+
+def test_constraint_values_are_feasible_at_or_below_zero():
+    constraint = parse_constraint("accuracy_drop", "3%", "c")
+    assert constraint.value({"accuracy_drop_rel": 0.01}, "accuracy") == pytest.approx(-0.02)
+    assert data_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}abc") == 3
