@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/compsearch demo
+	$(BIN)/compsearch search configs/mnist.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,9 +111,15 @@ def compress(
     cache: TeacherCache | None = None,
     progress: Progress | None = None,
     checkpoint: Checkpointing | None = None,
+    on_structure: Callable[[nn.Module], None] | None = None,
 ) -> CompressedModel:
     """Compress ``task``'s teacher as ``recipe`` says, with ``steps`` fine-tune steps (default: the
-    recipe's budget). Every input is checked before any long work starts."""
+    recipe's budget). Every input is checked before any long work starts.
+
+    ``on_structure(student)`` is called once the architecture and formats are final (after the last
+    pruning step and quantization, before the last fine-tune stage): what depends only on them —
+    size, latency — can be measured there, before the training that decides accuracy.
+    """
     timings: dict[str, float] = {}
     device = torch.device(device)
     with _timed(timings, "setup"):
@@ -182,6 +188,8 @@ def compress(
         if last and not quantize_first:
             remaining = _without_dropped(recipe, record.dropped_blocks)
             quant_report = _quantize(student, remaining, task, run, timings, device)
+        if last and on_structure is not None:
+            on_structure(student)
         train_stage(index, student)
     if quant_modules(student) and total > 0 and not recipe.calibration.learnable_scales:
         with _timed(timings, "calibrate"):

@@ -9,7 +9,17 @@ import sys
 
 from compsearch.errors import CompsearchError
 
-SUBCOMMANDS = ("demo", "tasks", "teacher", "recipe", "formats")
+SUBCOMMANDS = (
+    "demo",
+    "search",
+    "worker",
+    "status",
+    "pareto",
+    "tasks",
+    "teacher",
+    "recipe",
+    "formats",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,37 +1,31 @@
-"""``compsearch demo``: the main job on the embedded default.
+"""``compsearch demo``: the main job on the embedded default — a real search on ``mnist``.
 
-Until the search driver lands this builds every built-in task's teacher (training and caching the
-ones that need it) and evaluates it on its held-out data.
+Runs ``configs/mnist.yaml`` (found beside the current directory, as in a checkout) with the embedded
+SQLite storage, then prints the front and where its files are. ``make demo`` runs the same search.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+from pathlib import Path
 
-from compsearch.errors import TaskError
-from compsearch.paths import runs_root
-from compsearch.tasks import BUILTINS, get_task
+from compsearch.errors import ConfigError
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("demo", help="run the end-to-end demo on the built-in tasks")
+    parser = commands.add_parser("demo", help="run the demo search (configs/mnist.yaml)")
+    parser.add_argument("--config", default="configs/mnist.yaml")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    root = runs_root()
-    print(f"runs root: {root.resolve()}")
-    for name in BUILTINS:
-        started = time.perf_counter()
-        try:
-            task = get_task(name, runs_root=root)
-        except TaskError as error:
-            print(f"{name}: skipped ({error})")
-            continue
-        model = task.teacher()
-        metrics = task.evaluate(model)
-        params = sum(p.numel() for p in model.parameters())
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        print(f"{name}: {params:,} parameters; {shown} ({time.perf_counter() - started:.1f} s)")
-    return 0
+    from compsearch.cli import search
+
+    if not Path(args.config).is_file():
+        raise ConfigError(
+            f"demo: expected the demo config at {args.config!r}, but it is not there. Run the demo "
+            "from a checkout of compsearch, or pass --config PATH."
+        )
+    return search.run(
+        argparse.Namespace(config=args.config, driver=None, trials=None, time_limit=None)
+    )

@@ -1,0 +1,48 @@
+"""``compsearch search CONFIG``: run (or resume) a study; ``--driver`` picks Optuna or Ray."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+from compsearch.paths import runs_root
+from compsearch.search import folder_for, load_driver, parse_config, read_config
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("search", help="run or resume a compression search")
+    parser.add_argument("config", help="study config (YAML); see configs/")
+    parser.add_argument("--driver", choices=("optuna", "ray"), help="override search.driver")
+    parser.add_argument("--trials", type=int, help="override search.trials")
+    parser.add_argument("--time-limit", help="override search.time_limit (e.g. 600, '10m')")
+    parser.set_defaults(handler=run)
+
+
+def with_overrides(config, args):
+    raw = copy.deepcopy(config.raw)
+    search = raw.setdefault("search", {})
+    if args.driver:
+        search["driver"] = args.driver
+    if args.trials:
+        search["trials"] = args.trials
+    if args.time_limit:
+        search["time_limit"] = args.time_limit
+    return parse_config(raw, source=args.config) if raw != config.raw else config
+
+
+def run(args: argparse.Namespace) -> int:
+    config = with_overrides(read_config(args.config), args)
+    folder = folder_for(config, runs_root())
+    changes = folder.check_resume(config)
+    driver_class = load_driver(config.search.driver)
+    if folder.exists():
+        note = f" (changed: {', '.join(k for k, _, _ in changes)})" if changes else ""
+        print(f"resuming study {config.study!r} in {folder.path}{note}")
+    summary = driver_class(config, folder).run()
+    print(f"search stopped: {summary.reason}")
+    if summary.recovered:
+        print(f"re-ran trials whose worker had died: {summary.recovered}")
+    from compsearch.cli.pareto import show_front
+
+    show_front(folder)
+    return 0

@@ -1,0 +1,229 @@
+"""The study config: one YAML file that says what to compress, against what, and how to search.
+
+Strict: unknown keys, wrong types and impossible values are errors that name the field, before
+anything runs. See ``configs/`` for commented examples. Sections: ``study`` (name), ``task``,
+``device``, ``space`` (see compsearch.spaces.config), ``objectives``, ``latency``, ``constraints``,
+``search`` and ``final``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compsearch._schema import Schema
+from compsearch.errors import ConfigError
+from compsearch.objectives.constraints import Constraint, parse_constraint
+from compsearch.spaces.config import SpaceConfig, parse_space
+
+_S = Schema(ConfigError)
+SAMPLERS = ("nsga2", "tpe", "gp", "random", "qmc")
+DRIVERS = ("optuna", "ray")
+OBJECTIVES = ("accuracy", "latency_ms", "size_bytes", "macs")
+#: fields that may change when a study is resumed (everything else must match the frozen config)
+SAFE_TO_CHANGE = (
+    "search.trials", "search.time_limit", "search.failure_limit", "search.step_budget",
+    "search.driver", "search.ray.address", "search.ray.cpus_per_trial", "search.ray.gpus_per_trial",
+    "search.ray.max_concurrent",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Halving:
+    enabled: bool = False
+    eta: int = 3
+    min_steps: int = 0  # first rung; 0 = finetune_steps / eta**2
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    mode: str = "measured"  # measured | table
+    threads: int = 2
+    warmup: int = 3
+    repeats: int = 20
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    address: str = "local"
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 2
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    driver: str = "optuna"
+    sampler: str = "nsga2"
+    trials: int = 20
+    time_limit: float | None = None  # seconds, per invocation
+    step_budget: int | None = None  # total fine-tune steps over all trials
+    seed: int = 0
+    storage: str | None = None  # None: SQLite in the study folder; "journal"; or a database URL
+    finetune_steps: int = 100
+    cache_batches: int = 64
+    baselines: bool = True
+    failure_limit: int = 10
+    population_size: int = 8
+    halving: Halving = field(default_factory=Halving)
+    ray: RaySettings = field(default_factory=RaySettings)
+
+
+@dataclass(frozen=True)
+class FinalSettings:
+    steps: int = 1000
+    checkpoint_every: int = 100
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    study: str
+    task: str
+    device: str = "cpu"
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    objectives: tuple[str, ...] = ("accuracy", "latency_ms", "size_bytes")
+    latency: LatencySettings = field(default_factory=LatencySettings)
+    constraints: tuple[Constraint, ...] = ()
+    search: SearchSettings = field(default_factory=SearchSettings)
+    final: FinalSettings = field(default_factory=FinalSettings)
+    raw: dict = field(default_factory=dict, compare=False)  # the plain data it was read from
+
+    @property
+    def digest(self) -> str:
+        return config_digest(self.raw)
+
+
+def config_digest(raw: dict) -> str:
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _duration(value: Any, path: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|h)?\s*", str(value))
+    if not match or isinstance(value, bool):
+        raise _S.fail(path, "a positive duration like 600, '10m' or '2h'", value)
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+
+
+def _storage(value: Any, path: str) -> str | None:
+    if value is None:
+        return None
+    text = _S.string(what="'journal' or a database URL")(value, path)
+    if text == "journal" or re.match(r"^(sqlite|postgresql|postgres|mysql|redis)(\+\w+)?://", text):
+        return text
+    raise ConfigError(
+        f"{path}: expected 'journal' (a journal file in the study folder) or a database URL "
+        "(sqlite:///path.db, postgresql://user@host/db, mysql://..., redis://host:port/0), "
+        f"but got {text!r}. Leave it out for the embedded SQLite default."
+    )
+
+
+def _objectives(value: Any, path: str) -> tuple[str, ...]:
+    names = _S.list_of(_S.one_of(OBJECTIVES))(value, path)
+    if "accuracy" not in names or len(set(names)) != len(names) or len(names) < 2:
+        raise ConfigError(
+            f"{path}: expected 'accuracy' and at least one cost objective "
+            f"({', '.join(OBJECTIVES[1:])}), each once, but got {list(names)}."
+        )
+    return names
+
+
+def _constraints(value: Any, path: str) -> tuple[Constraint, ...]:
+    data = _S.mapping(value, path)
+    return tuple(parse_constraint(k, v, f"{path}.{k}") for k, v in data.items())
+
+
+def parse_config(data: Any, source: str = "config") -> StudyConfig:
+    """Check plain data (a parsed YAML mapping) and build the :class:`StudyConfig`."""
+    halving_fields = {
+        "enabled": _S.boolean(),
+        "eta": _S.integer(2, 10),
+        "min_steps": _S.integer(0, None),
+    }
+    ray_fields = {
+        "address": _S.string(r"local|auto|ray://.+", "'local', 'auto' or 'ray://host:port'"),
+        "cpus_per_trial": _S.number(0.0, None, lo_open=True),
+        "gpus_per_trial": _S.number(0.0, None),
+        "max_concurrent": _S.integer(1, 10_000),
+    }
+    search_fields = {
+        "driver": _S.one_of(DRIVERS),
+        "sampler": _S.one_of(SAMPLERS),
+        "trials": _S.integer(1, 1_000_000),
+        "time_limit": _duration,
+        "step_budget": _S.integer(1, None),
+        "seed": _S.integer(0, 2**31 - 1),
+        "storage": _storage,
+        "finetune_steps": _S.integer(0, None),
+        "cache_batches": _S.integer(1, 100_000),
+        "baselines": _S.boolean(),
+        "failure_limit": _S.integer(1, None),
+        "population_size": _S.integer(2, 10_000),
+        "halving": lambda v, p: Halving(**_S.record(v, p, halving_fields)),
+        "ray": lambda v, p: RaySettings(**_S.record(v, p, ray_fields)),
+    }
+    latency_fields = {
+        "mode": _S.one_of(("measured", "table")),
+        "threads": _S.integer(1, 1024),
+        "warmup": _S.integer(0, 1000),
+        "repeats": _S.integer(1, 10_000),
+    }
+    fields = {
+        "study": _S.string(
+            r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", "a name of letters, digits, '_', '.', '-'"
+        ),
+        "task": _S.string(what="a built-in task name or 'module.path:factory'"),
+        "device": _S.one_of(("cpu", "cuda")),
+        "space": parse_space,
+        "objectives": _objectives,
+        "latency": lambda v, p: LatencySettings(**_S.record(v, p, latency_fields)),
+        "constraints": _constraints,
+        "search": lambda v, p: SearchSettings(**_S.record(v, p, search_fields)),
+        "final": lambda v, p: FinalSettings(
+            **_S.record(
+                v, p, {"steps": _S.integer(0, None), "checkpoint_every": _S.integer(1, None)}
+            )
+        ),
+    }
+    parsed = _S.record(data, source, fields, required=("study", "task"))
+    config = StudyConfig(**parsed, raw=json.loads(json.dumps(data, default=str)))
+    halving = config.search.halving
+    if halving.enabled and halving.min_steps and halving.min_steps >= config.search.finetune_steps:
+        raise ConfigError(
+            f"{source}.search.halving.min_steps: expected fewer than search.finetune_steps "
+            f"({config.search.finetune_steps}), but got {halving.min_steps}."
+        )
+    return config
+
+
+def read_config(path: str | Path) -> StudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"expected a study config file, but {str(path)!r} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: expected YAML, but it does not parse ({error}).") from None
+    if data is None:
+        raise ConfigError(f"{path}: expected a study config, but the file is empty.")
+    return parse_config(data, source=str(path))
+
+
+def diff(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old, new)`` for every leaf that differs."""
+    changes = []
+    for key in sorted(set(old) | set(new), key=str):
+        path = f"{prefix}.{key}" if prefix else str(key)
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += diff(a, b, path)
+        elif a != b:
+            changes.append((path, a, b))
+    return changes

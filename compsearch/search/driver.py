@@ -1,0 +1,60 @@
+"""Drivers run a study's trials; each is loaded by name, so importing compsearch never imports Ray.
+
+Lifecycle: ``Driver(config, folder)`` → ``run()`` (prepares the study context, runs trials until the
+budget is met, returns a :class:`SearchSummary`). Every driver calls the same trial function
+(:func:`compsearch.search.trial.run_trial`) and writes to the same study storage, so ``status``,
+``pareto``, ``export`` and ``train`` do not care which driver ran — and a study begun with one can
+be continued with another.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from dataclasses import dataclass, field
+
+from compsearch.errors import ConfigError
+from compsearch.search.config import StudyConfig
+from compsearch.search.study import StudyFolder
+
+DRIVERS = {
+    "optuna": ("compsearch.search.optuna_driver", "OptunaDriver", None),
+    "ray": ("compsearch.search.ray_driver", "RayDriver", "ray"),
+}
+
+
+@dataclass
+class SearchSummary:
+    completed: int = 0
+    stopped: int = 0
+    failed: int = 0
+    recovered: list[int] = field(default_factory=list)
+    reason: str = ""
+
+
+class Driver(abc.ABC):
+    name: str
+
+    def __init__(self, config: StudyConfig, folder: StudyFolder) -> None:
+        self.config = config
+        self.folder = folder
+
+    @abc.abstractmethod
+    def run(self) -> SearchSummary:
+        """Run trials until the study's budget is met; resumable at any point."""
+
+
+def load_driver(name: str) -> type[Driver]:
+    if name not in DRIVERS:
+        raise ConfigError(f"driver: expected one of {', '.join(DRIVERS)}, but got {name!r}.")
+    module_name, attribute, extra = DRIVERS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        if extra and error.name and error.name.split(".")[0] == extra:
+            raise ConfigError(
+                f"driver {name!r}: expected the {extra!r} package, but it is not installed. "
+                f"Install the extra with: pip install 'compsearch[{extra}]'."
+            ) from None
+        raise
+    return getattr(module, attribute)

@@ -1,0 +1,66 @@
+"""Multi-objective successive halving over the fine-tune budget (asynchronous rungs).
+
+Optuna's pruners do not support multi-objective studies and Ray's schedulers take one metric, so
+this is ours. Rungs are at ``min_steps · eta^k`` fine-tune steps (below the full budget; see
+:meth:`Rungs.plan` for the default first rung). When a
+trial reaches a rung it records its objective point there (accuracy as trained so far; latency
+and size are final once the architecture is) in the study storage, and continues only if it is in
+the top ``1/eta`` of all trials that reached that rung — ranked by feasibility (of the budgets training
+cannot change: latency and size), then non-dominated rank, then crowding distance. With fewer than ``eta`` trials at a rung, the best one continues.
+A stopped trial keeps its rung and values (trial attributes) and is left out of the final front.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from compsearch.search.pareto import crowding, ranks
+
+
+class Stopped(Exception):
+    """Raised inside a trial that successive halving stops at a rung."""
+
+    def __init__(self, rung: int, step: int) -> None:
+        super().__init__(f"stopped by successive halving at rung {rung} (step {step})")
+        self.rung, self.step = rung, step
+
+
+@dataclass(frozen=True)
+class Rungs:
+    steps: tuple[int, ...]
+    eta: int
+
+    @classmethod
+    def plan(cls, total: int, eta: int, min_steps: int = 0) -> Rungs:
+        """Rungs below ``total`` steps. The default first rung is ``total / eta²``, or ``total /
+        eta`` when that would be under 32 steps: in the first few dozen steps of a fine-tune
+        (warm-up included) accuracy says little about where the trial will end."""
+        first = min_steps or total // (eta * eta)
+        if not min_steps and first < 32:
+            first = max(1, total // eta)
+        steps = []
+        step = first
+        while step < total:
+            steps.append(step)
+            step *= eta
+        return cls(tuple(steps), eta)
+
+    def index(self, step: int) -> int | None:
+        return self.steps.index(step) if step in self.steps else None
+
+
+def promotable(me: int, records: dict[int, tuple[Sequence[float], float]], eta: int) -> bool:
+    """Does trial ``me`` continue? ``records`` maps every trial that reached this rung (``me``
+    included) to its point (minimized) and constraint violation (> 0: infeasible)."""
+    numbers = sorted(records)
+    points = [tuple(records[n][0]) for n in numbers]
+    violations = [records[n][1] for n in numbers]
+    rank = ranks(points)
+    distance = crowding(points)
+    order = sorted(
+        range(len(numbers)),
+        key=lambda i: (violations[i] > 0, violations[i], rank[i], -distance[i], numbers[i]),
+    )
+    keep = max(1, len(numbers) // eta)
+    return order.index(numbers.index(me)) < keep

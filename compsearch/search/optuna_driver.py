@@ -1,0 +1,178 @@
+"""The Optuna driver: samplers, storage, baselines, the trial budget, and workers on one study.
+
+``compsearch search CONFIG`` and ``compsearch worker runs/<study>`` both run :meth:`OptunaDriver.run`;
+any number of them may share a study. Each new trial is created under the study lock only while
+fewer trials than requested exist (failed-and-retried ones aside), so workers never overshoot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import optuna
+from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.trial import TrialState
+
+from compsearch.errors import CompsearchError, ConfigError
+from compsearch.search.config import StudyConfig
+from compsearch.search.driver import Driver, SearchSummary
+from compsearch.search.halving import Stopped
+from compsearch.search.progress import Progress
+from compsearch.search.results import STUDY_ATTR, load_results
+from compsearch.search.storage import (
+    DIED,
+    WorkerIdentity,
+    budget_count,
+    open_storage,
+    recover_stale,
+    study_lock,
+)
+from compsearch.search.trial import SearchContext, build_context, run_trial
+
+log = logging.getLogger(__name__)
+BASELINES = (("int8", "w8a8", 1.0), ("4-bit", "w4", 1.0), ("keep 0.5 + int8", "w8a8", 0.5))
+
+
+def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
+    seed = config.search.seed
+    name = config.search.sampler
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(
+            population_size=config.search.population_size, seed=seed
+        )
+    if name == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=5)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def open_study(config: StudyConfig, folder, ctx: SearchContext | None = None) -> optuna.Study:
+    storage = open_storage(config.search.storage, folder.path)
+    directions = ctx.directions if ctx else None
+    if directions is None:
+        return optuna.load_study(study_name=config.study, storage=storage)
+    study = optuna.create_study(
+        study_name=config.study,
+        storage=storage,
+        directions=directions,
+        sampler=make_sampler(config),
+        load_if_exists=True,
+    )
+    stored = [d.name.lower() for d in study.directions]
+    if stored != directions:
+        raise ConfigError(
+            f"study {config.study!r}: the storage holds it with directions {stored}, but the config "
+            f"gives {directions}. Use another study name."
+        )
+    return study
+
+
+class OptunaDriver(Driver):
+    name = "optuna"
+
+    def prepare(self) -> tuple[SearchContext, optuna.Study]:
+        """Build everything the trials need, then (and only then) write the study folder."""
+        ctx = build_context(self.config, self.folder.path)
+        self.folder.path.mkdir(parents=True, exist_ok=True)
+        study = open_study(self.config, self.folder, ctx)
+        self.folder.freeze(self.config)
+        if STUDY_ATTR not in study.user_attrs:
+            study.set_user_attr(STUDY_ATTR, {
+                "objectives": list(self.config.objectives), "metric": ctx.metric,
+                "direction": ctx.task.direction, "teacher": ctx.teacher, "task": ctx.task.name,
+                "constraints": [c.describe() for c in self.config.constraints],
+            })  # fmt: skip
+        return ctx, study
+
+    def enqueue_baselines(self, ctx: SearchContext, study: optuna.Study) -> None:
+        if not self.config.search.baselines or study.user_attrs.get("baselines_enqueued"):
+            return
+        for label, fmt, keep in BASELINES:
+            study.enqueue_trial(ctx.space.uniform_params(fmt, keep), user_attrs={"baseline": label})
+        study.set_user_attr("baselines_enqueued", True)
+
+    def run(self) -> SearchSummary:
+        ctx, study = self.prepare()
+        me = WorkerIdentity(self.folder.path)
+        summary = SearchSummary()
+        started = time.monotonic()
+        progress = Progress(self.config.search.trials, self.config.study)
+        try:
+            with study_lock(study._storage, self.folder.path, self.config.study):
+                summary.recovered = recover_stale(study, me)
+                self.enqueue_baselines(ctx, study)
+            progress.update(load_results(study))
+            while True:
+                reason = self.stop_reason(study, summary, started)
+                if reason:
+                    summary.reason = reason
+                    break
+                trial = self.next_trial(study, me)
+                if trial is None:
+                    summary.reason = f"the study has its {self.config.search.trials} trials"
+                    break
+                self.run_one(ctx, study, trial, summary)
+                progress.update(load_results(study))
+        finally:
+            progress.close()
+            me.close()
+        return summary
+
+    def stop_reason(self, study: optuna.Study, summary: SearchSummary, started: float) -> str:
+        search = self.config.search
+        if search.time_limit and time.monotonic() - started >= search.time_limit:
+            return f"the time limit ({search.time_limit:g} s) is reached"
+        if summary.failed >= search.failure_limit:
+            return (
+                f"{summary.failed} trials failed (failure_limit {search.failure_limit}); see "
+                "'compsearch status' for the reasons"
+            )
+        if search.step_budget:
+            used = sum(t.user_attrs.get("steps", 0) for t in study.get_trials(deepcopy=False))
+            if used >= search.step_budget:
+                return f"the fine-tune step budget ({search.step_budget}) is spent"
+        return ""
+
+    def next_trial(self, study: optuna.Study, me: WorkerIdentity):
+        with study_lock(study._storage, self.folder.path, self.config.study):
+            recover_stale(study, me)
+            counted, waiting = budget_count(study)
+            if not waiting and counted >= self.config.search.trials:
+                return None
+            trial = study.ask()
+            trial.set_user_attr("worker", me.id)
+            return trial
+
+    def run_one(self, ctx: SearchContext, study: optuna.Study, trial, summary: SearchSummary):
+        def rung_records(rung: int):
+            key = f"rung_{rung}"
+            return {
+                t.number: (tuple(t.user_attrs[key]["point"]), t.user_attrs[key]["violation"])
+                for t in study.get_trials(deepcopy=False)
+                if key in t.user_attrs
+            }
+
+        try:
+            with get_heartbeat_thread(trial._trial_id, study._storage):  # no-op without heartbeats
+                values = run_trial(ctx, trial, rung_records)
+        except Stopped as stop:
+            trial.set_user_attr("stopped", str(stop))
+            study.tell(trial, state=TrialState.PRUNED)
+            summary.stopped += 1
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", DIED)  # retried when the study resumes
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except (CompsearchError, RuntimeError, ValueError, ArithmeticError, MemoryError) as error:
+            reason = f"{type(error).__name__}: {error}"
+            log.warning("trial %d failed: %s", trial.number, reason)
+            trial.set_user_attr("fail_reason", reason[:2000])
+            study.tell(trial, state=TrialState.FAIL)
+            summary.failed += 1
+        else:
+            study.tell(trial, values)
+            summary.completed += 1

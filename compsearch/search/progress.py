@@ -1,0 +1,40 @@
+"""A live progress line: trials done / total, failures, front size and hypervolume."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+
+from compsearch.search.results import StudyResults
+
+
+class Progress:
+    def __init__(self, total: int, study: str) -> None:
+        self.bar = RichProgress(
+            TextColumn(f"[bold]{study}[/bold]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            transient=False,
+            disable=not sys.stderr.isatty(),
+        )
+        self.task = self.bar.add_task("", total=total)
+        self.bar.start()
+
+    def update(self, results: StudyResults) -> None:
+        counts = results.counts()
+        done = sum(counts.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL"))
+        front = results.front()
+        text = (
+            f"failed {counts.get('FAIL', 0)} · stopped {counts.get('PRUNED', 0)} · "
+            f"front {len(front)} · hypervolume {results.hypervolume(front):.4f}"
+        )
+        self.bar.update(self.task, completed=done, description=text)
+        if not sys.stderr.isatty():
+            print(f"trials {done}/{self.bar.tasks[0].total}: {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.stop()

@@ -1,0 +1,221 @@
+"""The trial function every driver calls: recipe → compress → measure → values and constraints.
+
+:func:`build_context` does the per-study work once (task, space, teacher reference measurements,
+teacher cache); :func:`run_trial` is one trial. Latency and size are measured on the deploy form as
+soon as the architecture is final (they do not depend on the trained weights), accuracy on the
+deploy form after fine-tuning. With successive halving, accuracy is also checked at each rung.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compsearch._files import write_text_atomic
+from compsearch.kernels.deploy import to_deploy
+from compsearch.kernels.distill import CacheSpec, TeacherCache
+from compsearch.kernels.packing import export_packed, packed_to_bytes
+from compsearch.objectives import (
+    AccuracyObjective,
+    Candidate,
+    LatencyObjective,
+    LatencyTable,
+    MacsObjective,
+    SizeObjective,
+    float_artifact,
+)
+from compsearch.paths import runs_root
+from compsearch.pipeline import compress
+from compsearch.recipes import dumps
+from compsearch.search.config import StudyConfig
+from compsearch.search.halving import Rungs, Stopped, promotable
+from compsearch.search.pareto import normalize
+from compsearch.spaces import Space, discover
+from compsearch.tasks import Task, get_task, move
+
+log = logging.getLogger(__name__)
+RungRecords = Callable[[int], dict[int, tuple[tuple[float, ...], float]]]
+
+
+@dataclass
+class SearchContext:
+    config: StudyConfig
+    folder: Path
+    task: Task
+    space: Space
+    accuracy: AccuracyObjective
+    latency: LatencyObjective
+    size: SizeObjective
+    macs: MacsObjective
+    cache: TeacherCache
+    teacher: dict[str, float]  # the teacher's values of every objective
+    rungs: Rungs | None
+    device: torch.device
+    example: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def run(self, model: nn.Module):
+        return self.task.forward(model, self.example)
+
+    @property
+    def metric(self) -> str:
+        return self.task.primary_metric
+
+    @property
+    def directions(self) -> list[str]:
+        return [
+            self.task.direction if name == "accuracy" else "minimize"
+            for name in self.config.objectives
+        ]
+
+    def values(self, measured: dict[str, float]) -> tuple[float, ...]:
+        return tuple(
+            measured[self.metric if name == "accuracy" else name] for name in self.config.objectives
+        )
+
+    def point(self, measured: dict[str, float]) -> tuple[float, ...]:
+        return normalize(measured, self.config.objectives, self.metric, self.task.direction,
+                         self.teacher)  # fmt: skip
+
+    def violations(self, measured: dict[str, float]) -> dict[str, float]:
+        return {c.name: c.value(measured, self.metric) for c in self.config.constraints}
+
+
+def build_context(config: StudyConfig, folder: Path) -> SearchContext:
+    """Everything a study needs once: the task, its space, and the teacher measured as a reference."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from compsearch.errors import ConfigError
+
+        raise ConfigError("device: expected a CUDA device for 'cuda', but torch sees none.")
+    task = get_task(config.task, runs_root=runs_root())
+    teacher = task.teacher()
+    info = discover(task, teacher)
+    space = Space.build(config.space, info, task.name, config.device,
+                        config.search.finetune_steps, config.study)  # fmt: skip
+    example = task.calibration_batches(1)[0]
+    teacher.to(device)
+    shipped, _ = to_deploy(teacher, device, lambda m: task.forward(m, move(example, device)))
+    reference = Candidate(task, shipped, float_artifact(teacher), teacher)
+    accuracy = AccuracyObjective(task.primary_metric, task.direction)
+    table = None
+    if config.latency.mode == "table":
+        key = f"{config.device}-{torch.__version__}-{config.latency.threads}t".replace("+", "_")
+        table = LatencyTable(runs_root() / "_latency" / f"{key}.json", config.device,
+                             config.latency.threads)  # fmt: skip
+    latency = LatencyObjective(config.device, config.latency.threads, config.latency.warmup,
+                               config.latency.repeats, table)  # fmt: skip
+    size, macs = SizeObjective(), MacsObjective()
+    values: dict[str, float] = {}
+    for objective in (accuracy, latency, size, macs):
+        objective.prepare(reference)
+        values.update(objective.measure(reference))
+    values[task.primary_metric] = accuracy.teacher[task.primary_metric]
+    batch_size = task.default_batch_size
+    cache = TeacherCache(
+        task,
+        CacheSpec(
+            batches=config.search.cache_batches,
+            batch_size=batch_size,
+            feature_layers=tuple(task.default_feature_layers(teacher))
+            if config.space.feature_weight.high > 0
+            else (),
+            attentions=config.space.attn_weight.high > 0,
+        ),
+        folder / "cache",
+        device,
+    )
+    halving = config.search.halving
+    rungs = None
+    if halving.enabled and config.search.finetune_steps > 0:
+        rungs = Rungs.plan(config.search.finetune_steps, halving.eta, halving.min_steps)
+    return SearchContext(config, folder, task, space, accuracy, latency, size, macs, cache,
+                         values, rungs, device, move(example, device))  # fmt: skip
+
+
+def run_trial(
+    ctx: SearchContext, trial, rung_records: RungRecords | None = None
+) -> tuple[float, ...]:
+    """One trial. Raises :class:`Stopped` when halving stops it (its values stay in its attributes)."""
+    started = time.perf_counter()
+    recipe = ctx.space.suggest(trial)
+    trial_dir = ctx.folder / "trials" / f"{trial.number:05d}"
+    write_text_atomic(trial_dir / "recipe.yaml", dumps(recipe))
+    measured: dict[str, float] = {}
+
+    def on_structure(student: nn.Module) -> None:
+        t0 = time.perf_counter()
+        deployed, _ = to_deploy(student, ctx.device, ctx.run)
+        candidate = Candidate(ctx.task, deployed, packed_to_bytes(export_packed(student)), student,
+                              _bits(student))  # fmt: skip
+        measured.update(ctx.latency.measure(candidate))
+        measured.update(ctx.size.measure(candidate))
+        measured.update(ctx.macs.measure(candidate))
+        ctx.timings["measure"] = ctx.timings.get("measure", 0.0) + time.perf_counter() - t0
+
+    student_ref: dict[str, nn.Module] = {}
+
+    def capture(student: nn.Module) -> None:
+        student_ref["model"] = student
+        on_structure(student)
+
+    def progress(step: int, loss: float) -> None:
+        if ctx.rungs is None or rung_records is None:
+            return
+        rung = ctx.rungs.index(step)
+        if rung is None:
+            return
+        model = student_ref["model"]
+        at_rung = {**measured, **ctx.accuracy.measure(Candidate(ctx.task, model, b""))}
+        # only what training cannot change decides feasibility at a rung: latency and size are
+        # final, accuracy is still rising
+        point = ctx.point(at_rung)
+        violation = sum(
+            max(0.0, v) for k, v in ctx.violations(at_rung).items() if k != "accuracy_drop"
+        )
+        trial.set_user_attr(f"rung_{rung}", {"step": step, "point": list(point),
+                                             "violation": violation})  # fmt: skip
+        records = rung_records(rung)
+        records[trial.number] = (point, violation)
+        if not promotable(trial.number, records, ctx.rungs.eta):
+            _record(trial, ctx, at_rung, step)
+            raise Stopped(rung, step)
+
+    result = compress(ctx.task, recipe, device=ctx.device, cache=ctx.cache, progress=progress,
+                      on_structure=capture)  # fmt: skip
+    measured.update(ctx.accuracy.measure(Candidate(ctx.task, result.deployed, b"")))
+    values = ctx.values(measured)
+    _record(trial, ctx, measured, result.train.steps)
+    for name, value in ctx.violations(measured).items():
+        trial.set_constraint(name, value)
+    write_text_atomic(trial_dir / "metrics.json", json.dumps({
+        "values": dict(zip(ctx.config.objectives, values, strict=True)),
+        "measured": measured, "timings": result.timings,
+        "seconds": time.perf_counter() - started,
+        "kernels": result.deploy_report.kernels,
+        "skipped": {**result.quant_report.skipped, **result.prune_report.skipped},
+    }, indent=2, sort_keys=True))  # fmt: skip
+    return values
+
+
+def _record(trial, ctx: SearchContext, measured: dict[str, float], steps: int) -> None:
+    trial.set_user_attr("measured", {k: float(v) for k, v in measured.items()})
+    trial.set_user_attr("steps", steps)
+    trial.set_user_attr("violation", _violation(ctx, measured))
+
+
+def _violation(ctx: SearchContext, measured: dict[str, float]) -> float:
+    return sum(max(0.0, v) for v in ctx.violations(measured).values())
+
+
+def _bits(student: nn.Module) -> dict[str, tuple[int, int]]:
+    from compsearch.kernels.quant import quant_modules
+
+    return {name: (m.spec.w_bits, m.spec.a_bits) for name, m in quant_modules(student).items()}

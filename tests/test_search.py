@@ -1,0 +1,305 @@
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from compsearch.cli import main
+from compsearch.errors import ConfigError
+from compsearch.search import StudyFolder, parse_config
+from compsearch.search.halving import Rungs, promotable
+from compsearch.search.optuna_driver import open_study
+from compsearch.search.pareto import crowding, hypervolume, ranks
+from compsearch.search.storage import budget_count
+
+
+def tiny(study: str, **search) -> dict:
+    return {
+        "study": study,
+        "task": "digits",
+        "objectives": ["accuracy", "latency_ms", "size_bytes"],
+        "latency": {"repeats": 3, "warmup": 1},
+        "constraints": {"accuracy_drop": "10%"},
+        "space": {"w_bits": [4, 8, 16], "keep_ratio": {"low": 0.5, "high": 1.0, "step": 0.25},
+                  "calibration_batches": 1},
+        "search": {"sampler": "random", "trials": 3, "finetune_steps": 4, "cache_batches": 2,
+                   **search},
+    }  # fmt: skip
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / f"{data['study']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def load(runs_root: Path, name: str) -> optuna.Study:
+    folder = StudyFolder(runs_root / name)
+    return open_study(folder.frozen(), folder)
+
+
+def spawn(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "compsearch", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ},
+    )
+
+
+# -- config ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"serach": {}}, "config: unknown key 'serach'"),
+        ({"search": {"trials": "ten"}}, "config.search.trials: expected an integer"),
+        ({"search": {"sampler": "cmaes"}}, "config.search.sampler: expected one of 'nsga2'"),
+        ({"search": {"storage": "ftp://x"}}, "config.search.storage: expected 'journal'"),
+        ({"search": {"finetune_steps": 10, "halving": {"enabled": True, "min_steps": 10}}},
+         "search.halving.min_steps: expected fewer than search.finetune_steps"),
+        ({"objectives": ["latency_ms"]}, "config.objectives: expected 'accuracy' and at least one"),
+        ({"constraints": {"latency_ms": "fast"}}, "config.constraints.latency_ms: expected a time"),
+        ({"space": {"keep_ratio": 2}}, "config.space.keep_ratio: expected a number in (0.0, 1.0]"),
+        ({"study": "a b"}, "config.study: expected a name of letters"),
+    ],
+)  # fmt: skip
+def test_bad_configs_are_refused_with_the_field_named(change, message):
+    data = tiny("bad")
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert message in str(caught.value)
+
+
+# -- pareto and halving ----------------------------------------------------------------------------
+
+
+def test_hypervolume_matches_known_values():
+    assert hypervolume([(1, 2), (2, 1)], (3, 3)) == pytest.approx(3.0)
+    assert hypervolume([(0, 0, 0)], (1, 1, 1)) == pytest.approx(1.0)
+    assert hypervolume([(0, 0.5, 0.5), (0.5, 0, 0)], (1, 1, 1)) == pytest.approx(0.625)
+    assert hypervolume([(2, 2)], (1, 1)) == 0.0  # beyond the reference: no volume
+    assert hypervolume([(1, 2), (2, 1), (2, 2)], (3, 3)) == pytest.approx(3.0)  # dominated adds 0
+
+
+def test_hypervolume_agrees_with_an_independent_monte_carlo_estimate():
+    rng = random.Random(0)
+    points = [tuple(rng.random() for _ in range(3)) for _ in range(12)]
+    exact = hypervolume(points, (1, 1, 1))
+    samples = [tuple(rng.random() for _ in range(3)) for _ in range(60_000)]
+    covered = sum(any(all(p[i] <= s[i] for i in range(3)) for p in points) for s in samples)
+    assert exact == pytest.approx(covered / len(samples), abs=0.01)
+
+
+def test_non_dominated_ranks_and_crowding():
+    points = [(0, 1), (1, 0), (1, 1), (2, 2)]
+    assert ranks(points) == [0, 0, 1, 2]
+    assert crowding([(0, 2), (1, 1), (2, 0)])[1] == pytest.approx(2.0)
+
+
+def test_rungs_and_promotion():
+    assert Rungs.plan(150, 3).steps == (50,)  # 150 / 9 would be under 32 steps
+    assert Rungs.plan(1000, 3).steps == (111, 333, 999)
+    assert Rungs.plan(100, 3, min_steps=10).steps == (10, 30, 90)
+    records = {0: ((0.1, 1.0), 0.0), 1: ((0.5, 1.0), 0.0), 2: ((0.9, 1.0), 0.0)}
+    assert promotable(0, records, 3) and not promotable(1, records, 3)
+    assert promotable(1, {1: ((0.5, 1.0), 0.0)}, 3), "alone at a rung, the best continues"
+    infeasible = {0: ((0.0, 0.0), 1.0), 1: ((0.5, 0.5), 0.0), 2: ((0.9, 0.9), 0.0)}
+    assert promotable(1, infeasible, 3) and not promotable(0, infeasible, 3)
+
+
+# -- studies ---------------------------------------------------------------------------------------
+
+
+def test_search_runs_baselines_first_and_writes_its_files(tmp_path, runs_root, capsys):
+    config = write(tmp_path, tiny(f"s-{uuid.uuid4().hex[:6]}", trials=4))
+    assert main(["search", str(config)]) == 0
+    name = yaml.safe_load(config.read_text())["study"]
+    study = load(runs_root, name)
+    trials = study.get_trials()
+    assert [t.user_attrs.get("baseline") for t in trials[:3]] == [
+        "int8",
+        "4-bit",
+        "keep 0.5 + int8",
+    ]
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert all(set(t.constraints) == {"accuracy_drop"} for t in trials)
+    folder = runs_root / name
+    assert (folder / "config.yaml").exists() and (folder / "config.sha256").exists()
+    assert (folder / "trials" / "00003" / "recipe.yaml").exists()
+    assert main(["pareto", str(folder)]) == 0
+    header = (folder / "pareto.csv").read_text().splitlines()[0]
+    assert header.startswith("trial,accuracy,latency_ms,size_bytes,accuracy_drop,speedup")
+    assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["status", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "complete 4" in out and "hypervolume" in out
+
+
+def test_changed_config_on_resume_is_refused_and_storage_untouched(tmp_path, runs_root, capsys):
+    name = f"r-{uuid.uuid4().hex[:6]}"
+    data = tiny(name, trials=2)
+    config = write(tmp_path, data)
+    assert main(["search", str(config)]) == 0
+    db = runs_root / name / "study.db"
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    changed = {**data, "space": {**data["space"], "w_bits": [2, 8]}}
+    assert main(["search", str(write(tmp_path, changed))]) == 2
+    err = capsys.readouterr().err
+    assert "space.w_bits: [4, 8, 16] -> [2, 8]" in err
+    typo = {**data, "search": {**data["search"], "trails": 3}}
+    assert main(["search", str(write(tmp_path, typo))]) == 2
+    assert "unknown key 'trails'" in capsys.readouterr().err
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    more = {**data, "search": {**data["search"], "trials": 3}}  # a safe change: resumes
+    assert main(["search", str(write(tmp_path, more))]) == 0
+    assert budget_count(load(runs_root, name))[0] == 3
+
+
+def test_failing_trials_are_recorded_and_the_failure_limit_stops(tmp_path, runs_root, monkeypatch):
+    from compsearch.search import trial as trial_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(trial_module, "compress", broken)
+    name = f"f-{uuid.uuid4().hex[:6]}"
+    config = write(tmp_path, tiny(name, trials=5, failure_limit=2))
+    assert main(["search", str(config)]) == 0
+    trials = load(runs_root, name).get_trials()
+    assert [t.state for t in trials[:2]] == [TrialState.FAIL, TrialState.FAIL]
+    assert trials[0].user_attrs["fail_reason"] == "RuntimeError: out of memory (simulated)"
+    assert len([t for t in trials if t.state != TrialState.WAITING]) == 2
+
+
+def test_halving_stops_trials_and_keeps_their_rung(tmp_path, runs_root):
+    name = f"h-{uuid.uuid4().hex[:6]}"
+    data = tiny(name, trials=6, finetune_steps=9, baselines=False,
+                halving={"enabled": True, "eta": 3, "min_steps": 3})  # fmt: skip
+    assert main(["search", str(write(tmp_path, data))]) == 0
+    trials = load(runs_root, name).get_trials()
+    stopped = [t for t in trials if t.state == TrialState.PRUNED]
+    assert stopped, "with eta 3, some of 6 trials stop early"
+    for trial in stopped:
+        assert "rung_0" in trial.user_attrs and trial.user_attrs["steps"] in (3, 9)
+        assert "measured" in trial.user_attrs
+    from compsearch.search import load_results
+
+    front = load_results(load(runs_root, name)).front()
+    assert all(row.state == "COMPLETE" for row in front)
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _states(runs_root: Path, name: str) -> list[TrialState]:
+    try:
+        return [t.state for t in load(runs_root, name).get_trials()]
+    except Exception:
+        return []
+
+
+def test_killed_search_resumes_and_keeps_completed_trials(tmp_path, runs_root):
+    name = f"k-{uuid.uuid4().hex[:6]}"
+    config = write(tmp_path, tiny(name, trials=5, finetune_steps=150, baselines=False))
+    process = spawn("search", str(config))
+    try:
+        _wait(lambda: _states(runs_root, name).count(TrialState.COMPLETE) >= 2
+              and TrialState.RUNNING in _states(runs_root, name), 240, "a trial to be running")  # fmt: skip
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    before = {t.number: (t.values, t.params) for t in load(runs_root, name).get_trials()
+              if t.state == TrialState.COMPLETE}  # fmt: skip
+    killed = [t.number for t in load(runs_root, name).get_trials() if t.state == TrialState.RUNNING]
+    assert killed
+    resumed = spawn("search", str(config))
+    output = resumed.communicate(timeout=300)[0].decode()
+    assert resumed.returncode == 0, output
+    trials = load(runs_root, name).get_trials()
+    assert budget_count(load(runs_root, name)) == (5, 0)
+    for number, (values, params) in before.items():
+        assert trials[number].state == TrialState.COMPLETE
+        assert (trials[number].values, trials[number].params) == (values, params)
+    dead = trials[killed[0]]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["fail_reason"] == "its worker died"
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == killed[0]]
+    assert len(retry) == 1 and retry[0].params == dead.params
+    assert retry[0].state == TrialState.COMPLETE
+
+
+def _run_workers(tmp_path, runs_root, name, storage, workers, trials=6):
+    config = write(tmp_path, tiny(name, trials=trials, storage=storage, finetune_steps=30))
+    first = spawn("search", str(config))
+    processes = [first]
+    try:
+        _wait(lambda: (runs_root / name / "config.yaml").exists() and _states(runs_root, name),
+              240, "the study to exist")  # fmt: skip
+        processes += [spawn("worker", str(runs_root / name)) for _ in range(workers - 1)]
+        outputs = [p.communicate(timeout=600)[0].decode() for p in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output
+    return load(runs_root, name)
+
+
+def test_two_workers_on_a_journal_file_run_exactly_the_requested_trials(tmp_path, runs_root):
+    study = _run_workers(tmp_path, runs_root, f"j-{uuid.uuid4().hex[:6]}", "journal", 2)
+    trials = study.get_trials()
+    numbers = [t.number for t in trials]
+    assert len(trials) == 6 and sorted(numbers) == list(range(6))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert len(workers) >= 1
+
+
+POSTGRES = os.environ.get("COMPSEARCH_TEST_POSTGRES_URL")
+
+
+@pytest.mark.skipif(
+    not POSTGRES, reason="set COMPSEARCH_TEST_POSTGRES_URL to test PostgreSQL storage"
+)
+def test_three_workers_on_postgresql_run_exactly_the_requested_trials(tmp_path, runs_root):
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    try:
+        study = _run_workers(tmp_path, runs_root, name, POSTGRES, 3, trials=7)
+        trials = study.get_trials()
+        assert len(trials) == 7 and sorted(t.number for t in trials) == list(range(7))
+        assert all(t.state == TrialState.COMPLETE for t in trials)
+    finally:
+        optuna.delete_study(study_name=name, storage=POSTGRES)
+
+
+def test_unreachable_database_is_a_clear_error_before_anything_runs(tmp_path, runs_root, capsys):
+    name = f"u-{uuid.uuid4().hex[:6]}"
+    data = tiny(name, storage="postgresql://nobody@127.0.0.1:1/none")
+    assert main(["search", str(write(tmp_path, data))]) == 2
+    err = capsys.readouterr().err
+    assert "expected a reachable study storage" in err
+    assert not (runs_root / name / "config.yaml").exists(), "nothing frozen: fix the URL, rerun"
