@@ -18,6 +18,15 @@ from compsearch.tasks import Task, get_task
 
 __version__ = "0.1.0"
 
+
+def load(path, task=None, device="cpu"):
+    """The deploy-form model stored at ``path`` (a ``model.safetensors`` or its folder); see
+    :func:`compsearch.final.load`."""
+    from compsearch.final import load as _load
+
+    return _load(path, task, device)
+
+
 __all__ = [
     "CompsearchError",
     "ConfigError",
@@ -32,6 +41,7 @@ __all__ = [
     "TrialError",
     "__version__",
     "get_task",
+    "load",
     "read_recipe",
     "validate",
     "write_recipe",

@@ -10,16 +10,9 @@ import sys
 from compsearch.errors import CompsearchError
 
 SUBCOMMANDS = (
-    "demo",
-    "search",
-    "worker",
-    "status",
-    "pareto",
-    "tasks",
-    "teacher",
-    "recipe",
-    "formats",
-)
+    "demo", "search", "worker", "status", "pareto", "export", "train", "evaluate", "tasks",
+    "teacher", "recipe", "formats",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

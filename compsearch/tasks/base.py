@@ -91,6 +91,10 @@ class Task(abc.ABC):
             return None
         return nn.functional.cross_entropy(outputs.logits, batch["labels"])
 
+    def num_train_examples(self) -> int | None:
+        """How many training examples there are (for budgets in epochs); None if unknown."""
+        return None
+
     def default_feature_layers(self, model: nn.Module) -> list[str]:
         """Modules whose outputs feature distillation matches when the recipe names none."""
         return []

@@ -104,6 +104,9 @@ class MiniLMTask(Task):
         )
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
+    def num_train_examples(self) -> int:
+        return len(self.sentences)
+
     def calibration_batches(self, n: int) -> list[Batch]:
         size = 32
         count = len(self.sentences)

@@ -128,6 +128,9 @@ class ImageClassificationTask(Task):
                     images = _random_shift(images, self.training.max_shift, generator)
                 yield {"images": images, "labels": self.train_labels[index]}
 
+    def num_train_examples(self) -> int:
+        return len(self.train_labels)
+
     def example_inputs(self) -> Batch:
         repeats = math.ceil(self.example_batch_size / len(self.eval_labels))
         images = self.eval_images.repeat(repeats, 1, 1, 1)[: self.example_batch_size]

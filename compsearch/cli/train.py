@@ -1,0 +1,97 @@
+"""``compsearch train RECIPE``: the final full training run, into the artifact that ships.
+
+``--from-study runs/<study> --top-k K`` trains the K most accurate exported points of a study (it
+exports the defaults first if nothing was exported) and reports which is best after full training.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from compsearch.errors import ConfigError
+from compsearch.final import best_of, train_recipe
+from compsearch.recipes import read_recipe
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("train", help="train a recipe with the full budget")
+    parser.add_argument("recipe", nargs="?", help="a recipe file")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="fine-tune steps (default: the study's final.steps"
+                                                  " or the recipe's)")  # fmt: skip
+    budget.add_argument("--epochs", type=float, help="fine-tune epochs over the training data")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--name", help="artifact folder name (default: the recipe's file name)")
+    parser.add_argument("--task", help="override the recipe's task")
+    parser.add_argument("--checkpoint-every", type=int, default=None)
+    parser.add_argument("--from-study", help="train exported recipes of this study folder")
+    parser.add_argument("--top-k", type=int, default=1)
+    parser.set_defaults(handler=run)
+
+
+def _defaults(recipe_path: Path, args) -> tuple[int | None, int]:
+    """The study's final-run settings, where the recipe comes from a study."""
+    from compsearch.final import runs_root
+    from compsearch.search.study import StudyFolder
+
+    recipe = read_recipe(recipe_path)
+    folder = StudyFolder(runs_root() / recipe.provenance.study) if recipe.provenance.study else None
+    if folder is not None and folder.exists():
+        final = folder.frozen().final
+        return (args.steps if args.steps is not None else final.steps,
+                args.checkpoint_every or final.checkpoint_every)  # fmt: skip
+    return args.steps, args.checkpoint_every or 100
+
+
+def train_one(path: Path, args, name: str | None = None):
+    steps, every = _defaults(path, args)
+    if args.epochs is not None:
+        steps = None
+    run = train_recipe(path, steps, args.epochs, name or args.name, args.resume, args.task, every)
+    print(f"{run.path}: report {run.path / 'report.md'}")
+    print((run.path / "report.md").read_text())
+    return run.path, run.measurements
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.from_study:
+        return from_study(args)
+    if not args.recipe:
+        raise ConfigError("train: expected a recipe file or --from-study runs/<study>.")
+    train_one(Path(args.recipe), args)
+    return 0
+
+
+def from_study(args: argparse.Namespace) -> int:
+    folder = Path(args.from_study)
+    exported = sorted((folder / "recipes").glob("*.yaml"))
+    if not exported:
+        from compsearch.cli import export
+
+        export.run(argparse.Namespace(study=str(folder), best=None, where=[], knee=False,
+                                      diverse=None, name=None))  # fmt: skip
+        exported = sorted((folder / "recipes").glob("*.yaml"))
+    recipes = {path: read_recipe(path) for path in exported}
+    from compsearch.search.study import StudyFolder
+
+    config = StudyFolder(folder).frozen()
+    from compsearch.final import task_for
+
+    task = task_for(next(iter(recipes.values())), args.task)
+    metric, sign = task.primary_metric, 1 if task.direction == "maximize" else -1
+    unique = {}
+    for path, recipe in recipes.items():  # one per trial: several rules may pick the same point
+        unique.setdefault(recipe.provenance.trial, (path, recipe))
+    ranked = sorted(
+        unique.values(), key=lambda item: -sign * item[1].provenance.measured.get(metric, 0)
+    )
+    reports = {}
+    for path, _ in ranked[: args.top_k]:
+        _, measured = train_one(path, args, name=path.stem)
+        reports[path.stem] = measured
+    winner = best_of(reports, metric, task.direction)
+    print(f"best after full training ({config.study}): {winner} — {metric} "
+          f"{reports[winner].compressed[metric]:.4f}, {reports[winner].compressed['speedup']:.2f}× "
+          f"faster, {reports[winner].compressed.get('size_ratio', 0):.2f}× smaller")  # fmt: skip
+    return 0

@@ -1,0 +1,266 @@
+"""The final run: a recipe trained with the full budget into the artifact that ships.
+
+:func:`train_recipe` calls the same ``pipeline.compress`` as every search trial, with the full
+budget, checkpoints every N steps (``resume`` continues exactly), and writes
+``<final>/<name>/``: ``model.safetensors`` (packed weights, the recipe and the pruning record in its
+metadata), ``recipe.yaml``, ``report.json`` and ``report.md`` — teacher and compressed model on the
+same measurements, and whether each constraint is met. The files appear together at the end; a run
+that fails leaves what was there before untouched.
+
+:func:`load` rebuilds the architecture from an artifact (replaying pruning), loads the weights
+strictly and returns the deploy form; :func:`evaluate` measures an artifact against its teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from compsearch.errors import RecipeError, TaskError
+from compsearch.kernels.deploy import to_deploy
+from compsearch.objectives import (
+    AccuracyObjective,
+    Candidate,
+    Constraint,
+    LatencyObjective,
+    SizeObjective,
+    data_bytes,
+    float_artifact,
+)
+from compsearch.paths import runs_root
+from compsearch.pipeline import compress, rebuild
+from compsearch.recipes import Recipe, dumps, read_recipe
+from compsearch.tasks import Task, get_task, move
+from compsearch.train import Checkpointing, Progress
+
+ARTIFACT = "model.safetensors"
+
+
+@dataclass
+class FinalRun:
+    path: Path
+    measurements: Measurements
+    deployed: nn.Module
+
+
+@dataclass
+class Measurements:
+    """The same numbers for the teacher and for the compressed model."""
+
+    teacher: dict[str, float]
+    compressed: dict[str, float]
+    constraints: dict[str, dict[str, object]]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def task_for(recipe: Recipe, task: str | None) -> Task:
+    name = task or recipe.provenance.task
+    if not name:
+        raise TaskError(
+            "expected the recipe's provenance to name its task, but it names none. Pass --task."
+        )
+    return get_task(name, runs_root=runs_root())
+
+
+def measure(
+    task: Task,
+    compressed: nn.Module,
+    artifact: bytes,
+    student: nn.Module | None,
+    device: str = "cpu",
+    constraints: tuple[Constraint, ...] = (),
+    threads: int = 2,
+    repeats: int = 20,
+) -> Measurements:
+    """Accuracy, size and latency of the teacher's deploy form and of ``compressed``, alike."""
+    teacher = task.teacher().to(device)
+    example = move(task.calibration_batches(1)[0], device)
+    shipped, _ = to_deploy(teacher, device, lambda m: task.forward(m, example))
+    reference = Candidate(task, shipped, float_artifact(teacher), teacher)
+    candidate = Candidate(task, compressed, artifact, student)
+    accuracy = AccuracyObjective(task.primary_metric, task.direction)
+    latency = LatencyObjective(device, threads, repeats=repeats)
+    size = SizeObjective()
+    for objective in (accuracy, latency, size):
+        objective.prepare(reference)
+    teacher_values = {
+        **accuracy.teacher,
+        "size_bytes": float(data_bytes(reference.artifact)),
+        "latency_ms": latency.teacher_ms,
+        "params": float(sum(p.numel() for p in teacher.parameters())),
+    }
+    compressed_values: dict[str, float] = {}
+    for objective in (accuracy, size, latency):
+        compressed_values.update(objective.measure(candidate))
+    results = {"teacher": teacher_values, "compressed": compressed_values}
+    met = {}
+    for constraint in constraints:
+        value = constraint.value(results["compressed"], task.primary_metric)
+        met[constraint.name] = {"limit": constraint.describe(), "excess": value, "met": value <= 0}
+    return Measurements(results["teacher"], results["compressed"], met)
+
+
+def report_markdown(name: str, recipe: Recipe, m: Measurements, metric: str) -> str:
+    t, c = m.teacher, m.compressed
+    rows = [
+        ("accuracy", metric, f"{t[metric]:.4f}", f"{c[metric]:.4f}",
+         f"drop {c.get(metric + '_drop', 0.0):+.4f}"),
+        ("size", "bytes", f"{t['size_bytes']:,.0f}", f"{c['size_bytes']:,.0f}",
+         f"{t['size_bytes'] / c['size_bytes']:.2f}× smaller"),
+        ("latency", "ms", f"{t['latency_ms']:.3f}", f"{c['latency_ms']:.3f}",
+         f"{c['speedup']:.2f}× faster"),
+    ]  # fmt: skip
+    lines = [
+        f"# {name}",
+        "",
+        f"Task `{recipe.provenance.task}`; study `{recipe.provenance.study}`, trial "
+        f"{recipe.provenance.trial}; fine-tuned {recipe.finetune.steps} steps.",
+        "",
+        "| measurement | unit | teacher | compressed | change |",
+        "|---|---|---|---|---|",
+        *[f"| {a} | {b} | {x} | {y} | {z} |" for a, b, x, y, z in rows],
+        "",
+    ]
+    for other in sorted(k for k in t if k not in (metric, "nll") and isinstance(t[k], float)
+                        and k in c and not k.startswith(("size", "latency", "speedup", "params"))):  # fmt: skip
+        lines.append(f"- {other}: teacher {t[other]:.4f}, compressed {c[other]:.4f}")
+    if m.constraints:
+        lines += ["", "| constraint | met |", "|---|---|"]
+        lines += [
+            f"| {v['limit']} | {'yes' if v['met'] else 'no'} |" for v in m.constraints.values()
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def final_dir(recipe: Recipe, name: str) -> Path:
+    study = recipe.provenance.study
+    if study and (runs_root() / study / "config.yaml").exists():
+        return runs_root() / study / "final" / name
+    return runs_root() / "final" / name
+
+
+def study_constraints(recipe: Recipe) -> tuple[tuple[Constraint, ...], str, int]:
+    """The constraints, device and latency threads of the recipe's study, where it has one."""
+    from compsearch.search.study import StudyFolder
+
+    folder = StudyFolder(runs_root() / recipe.provenance.study) if recipe.provenance.study else None
+    if folder is None or not folder.exists():
+        return (), "cpu", 2
+    config = folder.frozen()
+    return config.constraints, config.device, config.latency.threads
+
+
+def train_recipe(
+    recipe_path: str | Path,
+    steps: int | None = None,
+    epochs: float | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    task: str | None = None,
+    checkpoint_every: int = 100,
+    progress: Progress | None = None,
+) -> FinalRun:
+    """Train the recipe at ``recipe_path`` and write its artifact: its folder, report, deploy form."""
+    recipe = read_recipe(recipe_path)
+    the_task = task_for(recipe, task)
+    if epochs is not None:
+        examples = the_task.num_train_examples()
+        if not examples:
+            raise TaskError(
+                f"task {the_task.name!r} cannot count its training examples; use --steps."
+            )
+        batch = recipe.finetune.batch_size or the_task.default_batch_size
+        steps = max(1, round(epochs * examples / batch))
+    steps = recipe.finetune.steps if steps is None else steps
+    recipe = dataclasses.replace(recipe, finetune=dataclasses.replace(recipe.finetune, steps=steps))
+    name = name or Path(recipe_path).stem
+    target = final_dir(recipe, name)
+    constraints, device, threads = study_constraints(recipe)
+    checkpoint = Checkpointing(target / "checkpoints", every=checkpoint_every, resume=resume)
+    result = compress(the_task, recipe, steps, device, progress=progress, checkpoint=checkpoint)
+    artifact = result.artifact_bytes()
+    measured = measure(the_task, result.deployed, artifact, result.student, device, constraints,
+                       threads)  # fmt: skip
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent if target.parent.exists()
+                                    else _mkdir(target.parent)))  # fmt: skip
+    (staging / ARTIFACT).write_bytes(artifact)
+    (staging / "recipe.yaml").write_text(dumps(recipe))
+    (staging / "report.json").write_text(json.dumps({
+        "name": name, "recipe": str(recipe_path), "steps": result.train.steps,
+        "final_loss": result.train.final_loss, "kernels": result.deploy_report.kernels,
+        **measured.to_dict()}, indent=2, sort_keys=True))  # fmt: skip
+    (staging / "report.md").write_text(report_markdown(name, recipe, measured,
+                                                       the_task.primary_metric))  # fmt: skip
+    _publish(staging, target)
+    return FinalRun(target, measured, result.deployed)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move the staged files into ``target`` (keeping its checkpoints), all at the end."""
+    target.mkdir(parents=True, exist_ok=True)
+    for item in staging.iterdir():
+        item.replace(target / item.name)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / ARTIFACT
+    if not path.is_file():
+        raise RecipeError(
+            f"expected a compsearch artifact ({ARTIFACT}, or its folder), but {str(path)!r} does "
+            "not exist."
+        )
+    return path
+
+
+def load(path: str | Path, task: str | None = None, device: str = "cpu") -> nn.Module:
+    """The deploy-form model stored at ``path`` (an artifact or its folder)."""
+    from compsearch.kernels.packing import read_packed
+    from compsearch.recipes import loads
+
+    artifact = resolve(path)
+    _, metadata = read_packed(artifact)
+    recipe = loads(metadata.get("compsearch.recipe", ""), source=f"{artifact} (metadata)")
+    deployed, _, _ = rebuild(task_for(recipe, task), artifact, device)
+    return deployed
+
+
+def evaluate(path: str | Path, task: str | None = None, device: str = "cpu") -> Measurements:
+    """Re-measure an artifact and its teacher on the same measurements."""
+    from compsearch.kernels.packing import read_packed
+    from compsearch.recipes import loads
+
+    artifact = resolve(path)
+    _, metadata = read_packed(artifact)
+    recipe = loads(metadata.get("compsearch.recipe", ""), source=f"{artifact} (metadata)")
+    the_task = task_for(recipe, task)
+    deployed, _, _ = rebuild(the_task, artifact, device)
+    constraints, _, threads = study_constraints(recipe)
+    return measure(the_task, deployed, artifact.read_bytes(), None, device, constraints, threads)
+
+
+def best_of(reports: dict[str, Measurements], metric: str, direction: str) -> str:
+    """Which trained recipe is best: feasible first, then the primary metric, then latency."""
+    sign = 1 if direction == "maximize" else -1
+
+    def key(name: str):
+        m = reports[name]
+        feasible = all(v["met"] for v in m.constraints.values())
+        return (feasible, sign * m.compressed[metric], -m.compressed["latency_ms"])
+
+    return max(reports, key=key)

@@ -1,0 +1,124 @@
+import dataclasses
+import uuid
+
+import pytest
+import torch
+import yaml
+
+import compsearch
+from compsearch.cli import main
+from compsearch.errors import ConfigError, KernelError, RecipeError
+from compsearch.final import evaluate, train_recipe
+from compsearch.recipes import read_recipe, write_recipe
+
+
+@pytest.fixture(scope="module")
+def mnist_study(tmp_path_factory, runs_root, mnist_task):
+    name = f"e2e-{uuid.uuid4().hex[:6]}"
+    config = {
+        "study": name,
+        "task": "mnist",
+        "objectives": ["accuracy", "latency_ms", "size_bytes"],
+        "latency": {"repeats": 3, "warmup": 1},
+        "constraints": {"accuracy_drop": "50%"},
+        "space": {"w_bits": [4, 8], "keep_ratio": {"low": 0.5, "high": 1.0, "step": 0.5},
+                  "calibration_batches": 1},
+        "search": {"sampler": "random", "trials": 3, "finetune_steps": 10, "cache_batches": 4},
+        "final": {"steps": 20, "checkpoint_every": 5},
+    }  # fmt: skip
+    path = tmp_path_factory.mktemp("cfg") / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["search", str(path)]) == 0
+    return runs_root / name
+
+
+def test_search_export_train_load_evaluate_end_to_end(mnist_study, mnist_task, capsys):
+    assert main(["export", str(mnist_study), "--knee"]) == 0
+    recipe_path = mnist_study / "recipes" / "knee.yaml"
+    recipe = read_recipe(recipe_path)
+    assert recipe.provenance.study == mnist_study.name
+    assert "accuracy" in recipe.provenance.measured
+    run = train_recipe(recipe_path, steps=20, checkpoint_every=5)
+    assert run.path == mnist_study / "final" / "knee"
+    for name in ("model.safetensors", "recipe.yaml", "report.json", "report.md"):
+        assert (run.path / name).exists(), name
+    loaded = compsearch.load(run.path)
+    batch = mnist_task.calibration_batches(1)[0]
+    with torch.no_grad():
+        assert torch.equal(mnist_task.forward(loaded, batch).logits,
+                           mnist_task.forward(run.deployed, batch).logits)  # fmt: skip
+    measured = evaluate(run.path)
+    assert measured.compressed["accuracy"] == pytest.approx(mnist_task.evaluate(loaded)["accuracy"])
+    assert measured.compressed["size_bytes"] < measured.teacher["size_bytes"]
+    assert "accuracy_drop" in measured.constraints
+    assert main(["evaluate", str(run.path)]) == 0
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_resumed_final_run_gives_the_same_artifact(mnist_study, tmp_path):
+    assert main(["export", str(mnist_study), "--best", "accuracy", "--name", "resume"]) == 0
+    path = mnist_study / "recipes" / "resume.yaml"
+    straight = train_recipe(path, steps=20, name="straight", checkpoint_every=5)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, loss):
+        if step == 13:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_recipe(path, steps=20, name="resumed", checkpoint_every=5, progress=kill)
+    assert not (mnist_study / "final" / "resumed" / "model.safetensors").exists()
+    resumed = train_recipe(path, steps=20, name="resumed", checkpoint_every=5, resume=True)
+    from safetensors import safe_open
+
+    def content(folder):
+        with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+
+    (a, meta_a), (b, meta_b) = content(straight.path), content(resumed.path)
+    assert meta_a == meta_b and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_inputs_fail_clearly_and_overwrite_nothing(mnist_study, tmp_path):
+    assert main(["export", str(mnist_study), "--knee", "--name", "guard"]) == 0
+    path = mnist_study / "recipes" / "guard.yaml"
+    first = train_recipe(path, steps=2, name="guard")
+    artifact = (first.path / "model.safetensors").read_bytes()
+    recipe = read_recipe(path)
+    other = dataclasses.replace(recipe, provenance=dataclasses.replace(
+        recipe.provenance, model_fingerprint="sha256:" + "0" * 16))  # fmt: skip
+    wrong = write_recipe(other, tmp_path / "guard.yaml")
+    with pytest.raises(RecipeError, match="recipe was made for sha256:0000"):
+        train_recipe(wrong, steps=2, name="guard")
+    truncated = tmp_path / "cut.yaml"
+    text = path.read_text()
+    truncated.write_text(text[: len(text) // 2])
+    with pytest.raises(RecipeError, match="truncated"):
+        train_recipe(truncated, steps=2, name="guard")
+    assert (first.path / "model.safetensors").read_bytes() == artifact
+    broken = tmp_path / "model.safetensors"
+    broken.write_bytes(artifact[: len(artifact) // 3])
+    with pytest.raises(KernelError, match="cannot be read"):
+        evaluate(broken)
+
+
+def test_export_rule_nobody_meets_shows_the_nearest_points(mnist_study, capsys):
+    assert (
+        main(["export", str(mnist_study), "--best", "accuracy", "--where", "latency_ms <= 0.001"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "no feasible front point has latency_ms <= 0.001. Nearest: trial" in err
+    with pytest.raises(ConfigError, match="expected 'NAME OP VALUE'"):
+        from compsearch.recipes.select import parse_bound
+
+        parse_bound("latency is small", "accuracy")
+
+
+def test_train_top_k_from_a_study_reports_the_best(mnist_study, capsys):
+    assert main(["train", "--from-study", str(mnist_study), "--top-k", "2", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "best after full training" in out
