@@ -75,7 +75,7 @@ def test_resumed_final_run_gives_the_same_artifact(mnist_study, tmp_path):
 
     def content(folder):
         with safe_open(str(folder / "model.safetensors"), "pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+            return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()  # noqa: SIM118
 
     (a, meta_a), (b, meta_b) = content(straight.path), content(resumed.path)
     assert meta_a == meta_b and a.keys() == b.keys()
