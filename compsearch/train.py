@@ -86,11 +86,13 @@ class TrainResult:
 
 @dataclass
 class Checkpointing:
-    """Where and how often to save the training state; ``resume`` continues from the last save."""
+    """Where and how often to save the training state; ``resume`` continues from the last save.
+    ``on_save(directory, step)`` runs after each save (a driver can hand the files on)."""
 
     directory: Path
     every: int = 50
     resume: bool = False
+    on_save: Callable[[Path, int], None] | None = None
 
 
 def schedule(step: int, total: int, warmup: int) -> float:
@@ -172,6 +174,8 @@ def finetune(
                 _save_state(
                     checkpoint.directory, student, distiller, optimizer, scheduler, losses, step
                 )
+                if checkpoint.on_save is not None:
+                    checkpoint.on_save(checkpoint.directory, step)
     student.eval()
     return TrainResult(step, losses, time.perf_counter() - started)
 

@@ -39,6 +39,7 @@ from compsearch.search.halving import Rungs, Stopped, promotable
 from compsearch.search.pareto import normalize
 from compsearch.spaces import Space, discover
 from compsearch.tasks import Task, get_task, move
+from compsearch.train import Checkpointing
 
 log = logging.getLogger(__name__)
 RungRecords = Callable[[int], dict[int, tuple[tuple[float, ...], float]]]
@@ -88,8 +89,14 @@ class SearchContext:
         return {c.name: c.value(measured, self.metric) for c in self.config.constraints}
 
 
-def build_context(config: StudyConfig, folder: Path) -> SearchContext:
-    """Everything a study needs once: the task, its space, and the teacher measured as a reference."""
+def build_context(
+    config: StudyConfig, folder: Path, teacher_values: dict[str, float] | None = None
+) -> SearchContext:
+    """Everything a study needs once: the task, its space, and the teacher measured as a reference.
+
+    A worker joining a study passes the ``teacher_values`` the study recorded, so every worker
+    normalizes against the same reference (and does not spend time measuring it again).
+    """
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         from compsearch.errors import ConfigError
@@ -113,11 +120,21 @@ def build_context(config: StudyConfig, folder: Path) -> SearchContext:
     latency = LatencyObjective(config.device, config.latency.threads, config.latency.warmup,
                                config.latency.repeats, table)  # fmt: skip
     size, macs = SizeObjective(), MacsObjective()
-    values: dict[str, float] = {}
-    for objective in (accuracy, latency, size, macs):
-        objective.prepare(reference)
-        values.update(objective.measure(reference))
-    values[task.primary_metric] = accuracy.teacher[task.primary_metric]
+    if teacher_values is None:
+        values: dict[str, float] = {}
+        for objective in (accuracy, latency, size, macs):
+            objective.prepare(reference)
+            values.update(objective.measure(reference))
+        values[task.primary_metric] = accuracy.teacher[task.primary_metric]
+    else:
+        values = dict(teacher_values)
+        accuracy.teacher = {
+            k: v for k, v in values.items() if not k.startswith(("size", "latency"))
+        }
+        latency.teacher_ms = values["latency_ms"]
+        size.teacher_bytes = int(values["size_bytes"])
+        if table is not None:
+            table.calibrate(shipped, task, values["latency_ms"])
     batch_size = task.default_batch_size
     cache = TeacherCache(
         task,
@@ -141,9 +158,13 @@ def build_context(config: StudyConfig, folder: Path) -> SearchContext:
 
 
 def run_trial(
-    ctx: SearchContext, trial, rung_records: RungRecords | None = None
+    ctx: SearchContext,
+    trial,
+    rung_records: RungRecords | None = None,
+    checkpoint: Checkpointing | None = None,
 ) -> tuple[float, ...]:
-    """One trial. Raises :class:`Stopped` when halving stops it (its values stay in its attributes)."""
+    """One trial. Raises :class:`Stopped` when halving stops it (its values stay in its attributes);
+    with ``checkpoint``, its fine-tuning saves (and, with ``resume``, continues from) checkpoints."""
     started = time.perf_counter()
     recipe = ctx.space.suggest(trial)
     trial_dir = ctx.folder / "trials" / f"{trial.number:05d}"
@@ -189,7 +210,7 @@ def run_trial(
             raise Stopped(rung, step)
 
     result = compress(ctx.task, recipe, device=ctx.device, cache=ctx.cache, progress=progress,
-                      on_structure=capture)  # fmt: skip
+                      checkpoint=checkpoint, on_structure=capture)  # fmt: skip
     measured.update(ctx.accuracy.measure(Candidate(ctx.task, result.deployed, b"")))
     values = ctx.values(measured)
     _record(trial, ctx, measured, result.train.steps)

@@ -1,0 +1,295 @@
+"""The Ray Tune driver: the same search on a Ray cluster, writing to the same study.
+
+Sampling is Ray's ``OptunaSearch`` pointed at the study's own storage and sampler, with the
+objectives as its metric and mode lists; :class:`StudySearch` adds the study's trial budget (under
+the study lock, like every Optuna worker) and keeps its state in the storage, so its pickle only
+names the study. The Tune trainable calls the same trial function as the Optuna driver on the
+Optuna trial the searcher created, so results, attributes and constraints land in the same study:
+``status``, ``pareto``, ``export`` and ``train`` do not care which driver ran, and a study begun with
+one driver continues with the other.
+
+Fine-tuning checkpoints are reported to Tune; ``compsearch search`` on an interrupted Ray study
+restores the experiment (``Tuner.restore``) and its searcher and resumes interrupted trials from
+their last checkpoint. A Ray experiment that exists but cannot be restored is an error — never a
+silent fresh start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import optuna
+import ray
+from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from compsearch.errors import StorageError
+from compsearch.paths import runs_root
+from compsearch.search.driver import Driver, SearchSummary
+from compsearch.search.halving import Stopped
+from compsearch.search.optuna_driver import OptunaDriver, make_sampler, open_study
+from compsearch.search.results import STUDY_ATTR, load_results
+from compsearch.search.storage import (
+    DIED,
+    WorkerIdentity,
+    budget_count,
+    open_storage,
+    recover_stale,
+    study_lock,
+)
+from compsearch.search.study import StudyFolder
+from compsearch.search.trial import build_context, run_trial
+from compsearch.train import Checkpointing
+
+log = logging.getLogger(__name__)
+EXPERIMENT = "tune"
+TRIAL_ID, NUMBER = "compsearch_trial_id", "compsearch_trial_number"
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch on the study's storage and sampler, within the study's trial budget."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = Path(folder)
+        config = StudyFolder(self._folder).frozen()
+        info = _study(self._folder).user_attrs[STUDY_ATTR]
+        modes = ["max" if d == "maximize" else "min" for d in _directions(info)]
+        super().__init__(
+            space=self._define,
+            metric=list(config.objectives),
+            mode=modes,
+            sampler=make_sampler(config),
+            study_name=config.study,
+            storage=open_storage(config.search.storage, self._folder),
+        )
+        self._space_cache = None
+
+    def _define(self, trial) -> None:
+        if self._space_cache is None:
+            folder = StudyFolder(self._folder)
+            info = _study(self._folder).user_attrs[STUDY_ATTR]
+            self._space_cache = build_context(folder.frozen(), self._folder, info["teacher"]).space
+        self._space_cache.suggest(trial)
+
+    def suggest(self, trial_id: str):
+        config = StudyFolder(self._folder).frozen()
+        study = self._ot_study
+        with study_lock(study._storage, self._folder, config.study):
+            if trial_id not in self._ot_trials:
+                counted, waiting = budget_count(study)
+                if (not waiting and counted >= config.search.trials) or _spent(study, config):
+                    return Searcher.FINISHED
+            params = super().suggest(trial_id)
+            trial = self._ot_trials[trial_id]
+            trial.set_user_attr("worker", _driver_id(self._folder))
+        return {**params, TRIAL_ID: trial._trial_id, NUMBER: trial.number}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_space_cache"] = None
+        state["_ot_study"] = None  # reopened from the storage the study names
+        state["_storage"] = None
+        state["_sampler"] = None
+        state["_ot_trials"] = {k: t._trial_id for k, t in self._ot_trials.items()}
+        return state
+
+    def __setstate__(self, state):
+        trials = state.pop("_ot_trials")
+        self.__dict__.update(state)
+        config = StudyFolder(self._folder).frozen()
+        self._storage = open_storage(config.search.storage, self._folder)
+        self._sampler = make_sampler(config)
+        self._ot_study = optuna.load_study(
+            study_name=config.study, storage=self._storage, sampler=self._sampler
+        )
+        self._ot_trials = {k: optuna.trial.Trial(self._ot_study, i) for k, i in trials.items()}
+
+    def save(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "wb") as stream:
+            pickle.dump(self.__getstate__(), stream)
+
+    def restore(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "rb") as stream:
+            self.__setstate__(pickle.load(stream))
+
+
+def _driver_id(folder: Path) -> str:
+    """The live driver's worker id (a restored searcher outlives the driver that pickled it)."""
+    return (folder / "ray" / "driver.id").read_text().strip()
+
+
+def _spent(study: optuna.Study, config) -> bool:
+    trials = study.get_trials(deepcopy=False)
+    failed = sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("fail_reason")
+                 not in (None, DIED))  # fmt: skip
+    if failed >= config.search.failure_limit:
+        return True
+    budget = config.search.step_budget
+    return bool(budget) and sum(t.user_attrs.get("steps", 0) for t in trials) >= budget
+
+
+def _saved_step(root: Path) -> int:
+    import json
+
+    steps = [json.loads(p.read_text())["step"] for p in root.glob("stage-*/train-state.json")]
+    return max(steps, default=0)
+
+
+def _directions(info: dict) -> list[str]:
+    return [info["direction"] if o == "accuracy" else "minimize" for o in info["objectives"]]
+
+
+def _study(folder: Path) -> optuna.Study:
+    study_folder = StudyFolder(folder)
+    return open_study(study_folder.frozen(), study_folder)
+
+
+_CONTEXTS: dict[str, object] = {}
+
+
+def trainable(config: dict, folder: str) -> None:
+    """One Tune trial: the Optuna trial the searcher created, run by the shared trial function."""
+    study_folder = StudyFolder(Path(folder))
+    study_config = study_folder.frozen()
+    study = _study(study_folder.path)
+    if folder not in _CONTEXTS:  # built once per worker process (actors are reused)
+        info = study.user_attrs[STUDY_ATTR]
+        _CONTEXTS[folder] = build_context(study_config, study_folder.path, info["teacher"])
+    ctx = _CONTEXTS[folder]
+    trial = optuna.trial.Trial(study, config[TRIAL_ID])
+    if study._storage.get_trial(config[TRIAL_ID]).state != TrialState.RUNNING:
+        return  # failed as stale while the experiment was down; its retry runs as a new trial
+    root = study_folder.path / "trials" / f"{config[NUMBER]:05d}" / "checkpoints"
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.copytree(directory, root)
+        trial.set_user_attr("resumed_from_step", _saved_step(root))
+    every = max(1, study_config.search.finetune_steps // 4)
+
+    def hand_to_tune(directory: Path, step: int) -> None:
+        tune.report({"fine_tune_step": step}, checkpoint=tune.Checkpoint.from_directory(str(root)))
+
+    checkpoint = Checkpointing(root, every, restored is not None, hand_to_tune)
+
+    def rung_records(rung: int):
+        key = f"rung_{rung}"
+        return {
+            t.number: (tuple(t.user_attrs[key]["point"]), t.user_attrs[key]["violation"])
+            for t in study.get_trials(deepcopy=False)
+            if key in t.user_attrs
+        }
+
+    try:
+        with get_heartbeat_thread(trial._trial_id, study._storage):
+            values = run_trial(ctx, trial, rung_records, checkpoint)
+    except Stopped as stop:
+        trial.set_user_attr("stopped", str(stop))
+        tune.report({"stopped_at_rung": stop.rung})  # no objective values: the searcher prunes it
+        return
+    except Exception as error:
+        with contextlib.suppress(Exception):
+            trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}"[:2000])
+        raise
+    tune.report(dict(zip(study_config.objectives, values, strict=True)))
+
+
+class RayDriver(Driver):
+    name = "ray"
+
+    def run(self) -> SearchSummary:
+        # the study itself (context, storage, attributes, baselines) is prepared as for Optuna
+        preparer = OptunaDriver(self.config, self.folder)
+        ctx, study = preparer.prepare()
+        me = WorkerIdentity(self.folder.path)
+        experiment = (self.folder.path / "ray").resolve()
+        settings = self.config.search.ray
+        try:
+            experiment.mkdir(parents=True, exist_ok=True)
+            (experiment / "driver.id").write_text(me.id + "\n")
+            with study_lock(study._storage, self.folder.path, self.config.study):
+                restoring = (experiment / EXPERIMENT).exists()
+                if restoring:
+                    _adopt(study, me)  # the restored experiment resumes these trials
+                else:
+                    recover_stale(study, me)
+                preparer.enqueue_baselines(ctx, study)
+            # checkpoint reports during fine-tuning carry no objective values yet (and a stopped
+            # trial none at all); the multi-objective searcher reads only the final report
+            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+            self._init(settings.address)
+            trainer = tune.with_resources(
+                tune.with_parameters(trainable, folder=str(self.folder.path.resolve())),
+                {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+            )
+            if restoring:
+                if not tune.Tuner.can_restore(str(experiment / EXPERIMENT)):
+                    raise StorageError(
+                        f"the Ray experiment at {experiment / EXPERIMENT} cannot be restored. "
+                        "Move it aside to start the Ray search afresh on the same study."
+                    )
+                tuner = tune.Tuner.restore(str(experiment / EXPERIMENT), trainer,
+                                           resume_unfinished=True, resume_errored=False)  # fmt: skip
+            else:
+                tuner = tune.Tuner(
+                    trainer,
+                    tune_config=tune.TuneConfig(
+                        search_alg=StudySearch(self.folder.path.resolve()),
+                        num_samples=-1,
+                        max_concurrent_trials=settings.max_concurrent,
+                        time_budget_s=self.config.search.time_limit,
+                        reuse_actors=True,
+                    ),
+                    run_config=tune.RunConfig(
+                        name=EXPERIMENT, storage_path=str(experiment.resolve()), verbose=0,
+                    ),
+                )  # fmt: skip
+            tuner.fit()
+        finally:
+            me.close()
+        with study_lock(study._storage, self.folder.path, self.config.study):
+            _fail_orphans(study, me)
+        results = load_results(study)
+        counts = results.counts()
+        return SearchSummary(
+            counts.get("COMPLETE", 0), counts.get("PRUNED", 0), counts.get("FAIL", 0),
+            reason="the Ray experiment finished",
+        )  # fmt: skip
+
+    def _init(self, address: str) -> None:
+        """Start or join Ray. Every node must see the runs root at the same path (shared storage)."""
+        if ray.is_initialized():
+            return
+        env = {"env_vars": {"COMPSEARCH_RUNS": str(runs_root().resolve())}}
+        if address == "local":
+            ray.init(include_dashboard=False, log_to_driver=False, runtime_env=env)
+        else:
+            ray.init(address=address, log_to_driver=False, runtime_env=env)
+
+
+def _adopt(study: optuna.Study, me: WorkerIdentity) -> None:
+    """RUNNING trials of dead workers become this driver's: the restored experiment resumes them;
+    any it does not are failed (and retried) when it finishes."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if me.is_dead(trial.user_attrs.get("worker", "")):
+            study._storage.set_trial_user_attr(trial._trial_id, "worker", me.id)
+
+
+def _fail_orphans(study: optuna.Study, me: WorkerIdentity) -> None:
+    """Trials this driver's searcher left RUNNING when Tune finished (none, normally)."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker") == me.id:
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", DIED)
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
