@@ -107,7 +107,9 @@ def test_truncated_cache_is_rebuilt(tmp_path):
 def test_unknown_task_names_the_built_ins():
     with pytest.raises(TaskError) as caught:
         get_task("mnsit")
-    assert "expected a built-in task (digits, minilm, mnist)" in str(caught.value)
+    assert "expected a built-in task (digits, minilm, mnist, smollm, vlm-mnist)" in str(
+        caught.value
+    )
 
 
 def test_plugin_module_missing_is_a_task_error():

@@ -211,14 +211,17 @@ def run_trial(
 
     result = compress(ctx.task, recipe, device=ctx.device, cache=ctx.cache, progress=progress,
                       checkpoint=checkpoint, on_structure=capture)  # fmt: skip
+    evaluated = time.perf_counter()
     measured.update(ctx.accuracy.measure(Candidate(ctx.task, result.deployed, b"")))
+    timings = {**result.timings, "measure": ctx.timings.pop("measure", 0.0),
+               "evaluate": time.perf_counter() - evaluated}  # fmt: skip
     values = ctx.values(measured)
     _record(trial, ctx, measured, result.train.steps)
     for name, value in ctx.violations(measured).items():
         trial.set_constraint(name, value)
     write_text_atomic(trial_dir / "metrics.json", json.dumps({
         "values": dict(zip(ctx.config.objectives, values, strict=True)),
-        "measured": measured, "timings": result.timings,
+        "measured": measured, "timings": timings,
         "seconds": time.perf_counter() - started,
         "kernels": result.deploy_report.kernels,
         "skipped": {**result.quant_report.skipped, **result.prune_report.skipped},
