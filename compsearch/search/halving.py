@@ -12,7 +12,7 @@ A stopped trial keeps its rung and values (trial attributes) and is left out of 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from compsearch.search.pareto import crowding, ranks
@@ -64,3 +64,17 @@ def promotable(me: int, records: dict[int, tuple[Sequence[float], float]], eta: 
     )
     keep = max(1, len(numbers) // eta)
     return order.index(numbers.index(me)) < keep
+
+
+def rung_records(study) -> Callable[[int], dict[int, tuple[tuple[float, ...], float]]]:
+    """Reads, from the study storage, every trial's point and violation at a rung."""
+
+    def records(rung: int) -> dict[int, tuple[tuple[float, ...], float]]:
+        key = f"rung_{rung}"
+        return {
+            t.number: (tuple(t.user_attrs[key]["point"]), t.user_attrs[key]["violation"])
+            for t in study.get_trials(deepcopy=False)
+            if key in t.user_attrs
+        }
+
+    return records

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from compsearch.errors import CompsearchError, ConfigError
 from compsearch.search.config import StudyConfig
 from compsearch.search.driver import Driver, SearchSummary
-from compsearch.search.halving import Stopped
+from compsearch.search.halving import Stopped, rung_records
 from compsearch.search.progress import Progress
 from compsearch.search.results import STUDY_ATTR, load_results
 from compsearch.search.storage import (
@@ -148,17 +148,9 @@ class OptunaDriver(Driver):
             return trial
 
     def run_one(self, ctx: SearchContext, study: optuna.Study, trial, summary: SearchSummary):
-        def rung_records(rung: int):
-            key = f"rung_{rung}"
-            return {
-                t.number: (tuple(t.user_attrs[key]["point"]), t.user_attrs[key]["violation"])
-                for t in study.get_trials(deepcopy=False)
-                if key in t.user_attrs
-            }
-
         try:
             with get_heartbeat_thread(trial._trial_id, study._storage):  # no-op without heartbeats
-                values = run_trial(ctx, trial, rung_records)
+                values = run_trial(ctx, trial, rung_records(study))
         except Stopped as stop:
             trial.set_user_attr("stopped", str(stop))
             study.tell(trial, state=TrialState.PRUNED)

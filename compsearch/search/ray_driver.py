@@ -33,7 +33,7 @@ from ray.tune.search.optuna import OptunaSearch
 from compsearch.errors import StorageError
 from compsearch.paths import runs_root
 from compsearch.search.driver import Driver, SearchSummary
-from compsearch.search.halving import Stopped
+from compsearch.search.halving import Stopped, rung_records
 from compsearch.search.optuna_driver import OptunaDriver, make_sampler, open_study
 from compsearch.search.results import STUDY_ATTR, load_results
 from compsearch.search.storage import (
@@ -171,30 +171,28 @@ def trainable(config: dict, folder: str) -> None:
     if study._storage.get_trial(config[TRIAL_ID]).state != TrialState.RUNNING:
         return  # failed as stale while the experiment was down; its retry runs as a new trial
     root = study_folder.path / "trials" / f"{config[NUMBER]:05d}" / "checkpoints"
+    # resume from the newer of the trial's own saves (the runs root is shared by every node) and
+    # the checkpoint Tune restored: Tune records checkpoints in its experiment state only every
+    # few seconds, so after a kill the trial's own files are often ahead of Tune's copy
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
-            shutil.rmtree(root, ignore_errors=True)
-            shutil.copytree(directory, root)
-        trial.set_user_attr("resumed_from_step", _saved_step(root))
+            if _saved_step(Path(directory)) > _saved_step(root):
+                shutil.rmtree(root, ignore_errors=True)
+                shutil.copytree(directory, root)
+    resume_step = _saved_step(root)
+    if resume_step:
+        trial.set_user_attr("resumed_from_step", resume_step)
     every = max(1, study_config.search.finetune_steps // 4)
 
     def hand_to_tune(directory: Path, step: int) -> None:
         tune.report({"fine_tune_step": step}, checkpoint=tune.Checkpoint.from_directory(str(root)))
 
-    checkpoint = Checkpointing(root, every, restored is not None, hand_to_tune)
-
-    def rung_records(rung: int):
-        key = f"rung_{rung}"
-        return {
-            t.number: (tuple(t.user_attrs[key]["point"]), t.user_attrs[key]["violation"])
-            for t in study.get_trials(deepcopy=False)
-            if key in t.user_attrs
-        }
+    checkpoint = Checkpointing(root, every, resume_step > 0, hand_to_tune)
 
     try:
         with get_heartbeat_thread(trial._trial_id, study._storage):
-            values = run_trial(ctx, trial, rung_records, checkpoint)
+            values = run_trial(ctx, trial, rung_records(study), checkpoint)
     except Stopped as stop:
         trial.set_user_attr("stopped", str(stop))
         tune.report({"stopped_at_rung": stop.rung})  # no objective values: the searcher prunes it

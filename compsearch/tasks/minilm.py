@@ -57,7 +57,9 @@ class MiniLMTask(Task):
 
     def teacher(self) -> nn.Module:
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a bar per teacher load is noise in a search's output
         model = AutoModel.from_pretrained(self.model_path, attn_implementation="sdpa")
         return model.eval()
 
