@@ -4,7 +4,9 @@ At an equal budget (the same number of trials, the same fine-tune steps per tria
 that budgets are exactly equal), the hypervolume of the feasible front (normalized objectives, fixed
 reference point; see compsearch.search.pareto), over seeds, median and spread, for:
 
-* the default search (the config's sampler over the joint space);
+* the default search as shipped: the three uniform baselines enqueued first, then the config's
+  sampler over the joint space, all inside the same trial budget;
+* the default search without the baselines (the sampler alone);
 * random search over the same space;
 * the uniform baselines (int8 everywhere; 4-bit weights everywhere; keep 0.5 + int8), each a
   single point, measured by the same trial function;
@@ -33,8 +35,10 @@ from compsearch.search.optuna_driver import BASELINES, open_study
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SETTINGS = {  # per task: trials and fine-tune steps at the equal budget
     "mnist": {"trials": 24, "steps": 100},
-    "minilm": {"trials": 6, "steps": 10},
+    "minilm": {"trials": 8, "steps": 10},
 }
+SHIPPED = "default search, as shipped"  # the three uniform baselines first, inside the same budget
+LATENCY_SLACK = 0.05  # a front point within 5 % of a baseline's latency counts as no slower (noise)
 
 
 def variants(raw: dict) -> dict[str, dict]:
@@ -42,6 +46,7 @@ def variants(raw: dict) -> dict[str, dict]:
     space = raw.get("space", {})
     fixed_distill = {"alpha": 0.5, "temperature": 2.0}
     return {
+        SHIPPED: {"search": {"baselines": True}},
         "default search": {},
         "random search": {"search": {"sampler": "random"}},
         "bits only": {"space": {"keep_ratio": 1.0, "depth": False}},
@@ -87,7 +92,7 @@ def evaluate_task(task: str, seeds: int, trials: int | None, root: Path, plots: 
             config = merged(raw, change)
             config["study"] = f"{task}-{label.replace(' ', '-')}-{seed}"
             config["search"] = {**config["search"], "seed": seed}
-            curve = run(config, root, default_fronts if label == "default search" else None)
+            curve = run(config, root, default_fronts if label == SHIPPED else None)
             curves.setdefault(label, []).append(curve)
             volumes.append(curve[-1])
         rows.append([task, label, " / ".join(f"{v:.4f}" for v in volumes),
@@ -106,10 +111,13 @@ def evaluate_task(task: str, seeds: int, trials: int | None, root: Path, plots: 
         row = results.rows[0]
         feasible = "feasible" if row.feasible else "infeasible"
         point = results.point(row)
-        beaten = sum(any(all(a <= b for a, b in zip(p, point, strict=True)) for p in front)
-                     for front in default_fronts)  # fmt: skip
+        slack = [LATENCY_SLACK * v if o == "latency_ms" else 0.0
+                 for o, v in zip(results.objectives, point, strict=True)]  # fmt: skip
+        beaten = sum(any(all(a <= b + e for a, b, e in zip(p, point, slack, strict=True))
+                         for p in front) for front in default_fronts)  # fmt: skip
         rows.append([task, f"baseline: {label}", f"{results.hypervolume():.4f} ({feasible}; "
-                     f"dominated by the default front in {beaten}/{len(default_fronts)} seeds)",
+                     f"matched or dominated by the as-shipped front in {beaten}/"
+                     f"{len(default_fronts)} seeds)",
                      f"{results.hypervolume():.4f}", "-"])  # fmt: skip
     _plot(task, curves, plots / f"hypervolume_vs_trials_{task}.png")
     return rows

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -204,6 +205,7 @@ def _create_projections(student: nn.Module, distiller: Distiller, device) -> Non
 # -- checkpoints: tensors in safetensors, the rest in JSON (no pickles) ------------------------------
 
 STATE_FILE, META_FILE = "train-state.safetensors", "train-state.json"
+META_KEY = "compsearch.train_state"
 
 
 def _save_state(directory: Path, student, distiller, optimizer, scheduler, losses, step) -> None:
@@ -233,10 +235,12 @@ def _save_state(directory: Path, student, distiller, optimizer, scheduler, losse
         "scalars": scalars,
         "scheduler": scheduler.state_dict()["last_epoch"],
     }
+    # the metadata rides in the safetensors header, so tensors and step change in one atomic rename;
+    # the JSON beside it is a readable marker of the last save (drivers read its step)
     temp = directory / f".{STATE_FILE}.tmp"
-    save_file(_unshare(tensors), str(temp))
+    save_file(_unshare(tensors), str(temp), metadata={META_KEY: json.dumps(meta)})
     temp.replace(directory / STATE_FILE)
-    write_text_atomic(directory / META_FILE, json.dumps(meta))
+    write_text_atomic(directory / META_FILE, json.dumps({"step": step}))
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -250,11 +254,18 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _load_state(directory: Path, student, distiller, optimizer, scheduler, losses) -> int:
-    state_path, meta_path = directory / STATE_FILE, directory / META_FILE
-    if not state_path.exists() or not meta_path.exists():
+    state_path = directory / STATE_FILE
+    if not state_path.exists():
         return 0
     tensors = load_file(str(state_path))
-    meta = json.loads(meta_path.read_text())
+    with safe_open(str(state_path), framework="pt") as handle:
+        header = handle.metadata() or {}
+    if META_KEY not in header:
+        raise TrialError(
+            f"the checkpoint {state_path} has no training state in its header (expected the "
+            f"'{META_KEY}' entry that compsearch writes). Delete {directory} to train from the start."
+        )
+    meta = json.loads(header[META_KEY])
     student.load_state_dict(
         {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True
     )

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import math
 
 import pytest
@@ -108,9 +109,8 @@ def test_training_is_deterministic_on_cpu(digits_task):
         assert torch.equal(x, y), name
 
 
-def test_resumed_run_ends_with_the_same_weights(digits_task, tmp_path):
-    recipe = _recipe(12, prune=PrunePlan(steps=2))
-    straight = compress(digits_task, recipe)
+def _killed_at_step_9(task, recipe, directory) -> Checkpointing:
+    """Run ``recipe`` with checkpoints every 4 steps and kill it at step 9."""
 
     class Killed(Exception):
         pass
@@ -119,11 +119,31 @@ def test_resumed_run_ends_with_the_same_weights(digits_task, tmp_path):
         if step == 9:
             raise Killed
 
-    checkpoint = Checkpointing(tmp_path / "ckpt", every=4)
+    checkpoint = Checkpointing(directory, every=4)
     with pytest.raises(Killed):
-        compress(digits_task, recipe, progress=kill_at_9, checkpoint=checkpoint)
+        compress(task, recipe, progress=kill_at_9, checkpoint=checkpoint)
+    return checkpoint
+
+
+def test_resumed_run_ends_with_the_same_weights(digits_task, tmp_path):
+    recipe = _recipe(12, prune=PrunePlan(steps=2))
+    straight = compress(digits_task, recipe)
+    checkpoint = _killed_at_step_9(digits_task, recipe, tmp_path / "ckpt")
     resumed = compress(digits_task, recipe, checkpoint=dataclasses.replace(checkpoint, resume=True))
     assert resumed.train.steps == 12
+    for key, value in straight.student.state_dict().items():
+        assert torch.equal(value, resumed.student.state_dict()[key]), key
+
+
+def test_a_kill_between_the_state_and_its_marker_still_resumes_exactly(digits_task, tmp_path):
+    recipe = _recipe(12)
+    straight = compress(digits_task, recipe)
+    checkpoint = _killed_at_step_9(digits_task, recipe, tmp_path / "ckpt")
+    markers = list((tmp_path / "ckpt").glob("**/train-state.json"))
+    assert markers and all(json.loads(m.read_text())["step"] == 8 for m in markers)
+    for marker in markers:  # the kill landed after the state's rename, before the marker's
+        marker.write_text(json.dumps({"step": 4}))
+    resumed = compress(digits_task, recipe, checkpoint=dataclasses.replace(checkpoint, resume=True))
     for key, value in straight.student.state_dict().items():
         assert torch.equal(value, resumed.student.state_dict()[key]), key
 
