@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -90,7 +91,7 @@ def evaluate_task(task: str, seeds: int, trials: int | None, root: Path, plots: 
         volumes = []
         for seed in range(seeds):
             config = merged(raw, change)
-            config["study"] = f"{task}-{label.replace(' ', '-')}-{seed}"
+            config["study"] = f"{task}-{re.sub(r'[^A-Za-z0-9]+', '-', label)}-{seed}"
             config["search"] = {**config["search"], "seed": seed}
             curve = run(config, root, default_fronts if label == SHIPPED else None)
             curves.setdefault(label, []).append(curve)
