@@ -45,8 +45,10 @@ def recipe_for(task: str, search: bool) -> Path:
     if search or not knee.exists():
         from compsearch.cli import main
 
-        assert main(["search", str(ROOT / "configs" / f"{task}.yaml")]) == 0
-        assert main(["export", str(runs_root() / task), "--knee"]) == 0
+        for command in (["search", str(ROOT / "configs" / f"{task}.yaml")],
+                        ["export", str(runs_root() / task), "--knee"]):  # fmt: skip
+            if main(command) != 0:
+                raise SystemExit(f"`compsearch {' '.join(command)}` failed; see its message above")
     return knee
 
 

@@ -118,15 +118,11 @@ class ImageClassificationTask(Task):
 
     def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
         generator = torch.Generator().manual_seed(seed)
-        count = len(self.train_labels)
-        while True:
-            order = torch.randperm(count, generator=generator)
-            for start in range(0, count - batch_size + 1, batch_size):
-                index = order[start : start + batch_size]
-                images = self.train_images[index]
-                if self.training.max_shift:
-                    images = _random_shift(images, self.training.max_shift, generator)
-                yield {"images": images, "labels": self.train_labels[index]}
+        for index in shuffled_batches(len(self.train_labels), batch_size, generator):
+            images = self.train_images[index]
+            if self.training.max_shift:
+                images = _random_shift(images, self.training.max_shift, generator)
+            yield {"images": images, "labels": self.train_labels[index]}
 
     def num_train_examples(self) -> int:
         return len(self.train_labels)
@@ -161,6 +157,16 @@ class ImageClassificationTask(Task):
         model.train(was_training)
         count = len(self.eval_labels)
         return {"accuracy": correct / count, "nll": loss_sum / count}
+
+
+def shuffled_batches(
+    count: int, batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Endless example indices: each epoch a fresh permutation, cut into full batches."""
+    while True:
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, count - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
 
 
 def _random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:

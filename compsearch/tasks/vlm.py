@@ -23,7 +23,7 @@ from torch import nn
 from compsearch.paths import teachers_dir
 from compsearch.tasks.base import Batch, Outputs, Task, model_device, move
 from compsearch.tasks.teacher_cache import cached_state_dict
-from compsearch.tasks.vision import TeacherTraining, _random_shift
+from compsearch.tasks.vision import TeacherTraining, _random_shift, shuffled_batches
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 QUESTIONS = (
@@ -197,14 +197,10 @@ class VlmMnistTask(Task):
 
     def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
         generator = torch.Generator().manual_seed(seed)
-        count = len(self.train_labels)
-        while True:
-            order = torch.randperm(count, generator=generator)
-            for start in range(0, count - batch_size + 1, batch_size):
-                index = order[start : start + batch_size]
-                images = _random_shift(self.train_images[index], self.training.max_shift, generator)
-                yield self.encode(images, self.train_labels[index],
-                                  self._questions(batch_size, generator))  # fmt: skip
+        for index in shuffled_batches(len(self.train_labels), batch_size, generator):
+            images = _random_shift(self.train_images[index], self.training.max_shift, generator)
+            yield self.encode(images, self.train_labels[index],
+                              self._questions(batch_size, generator))  # fmt: skip
 
     def example_inputs(self) -> Batch:
         count = self.example_batch_size
