@@ -12,13 +12,20 @@ File layout (``model.safetensors``)::
     <layer>.weight.scale   float16 (rows, groups)
     <layer>.input_scale    float32 ()      static activation scale, when a_bits == 8
     <anything else>        the float tensors of the model's state dict
-    metadata: compsearch.format, compsearch.layers (JSON: spec, shape, ties), and extra entries
-    (e.g. compsearch.recipe) given by the caller.
+    metadata: one entry, ``compsearch``: zlib-compressed, base85-encoded JSON of
+    ``{"compsearch.format", "compsearch.layers" (spec, shape), "compsearch.ties",
+    "compsearch.activation_modes"}`` and the entries the caller adds (``compsearch.recipe``,
+    ``compsearch.prune_record``). Compressed because the header counts in the file's size: on a
+    small model, plain-text metadata was a quarter of the file. :func:`read_packed` returns the
+    decoded entries as a flat dict; artifacts of format ``compsearch-packed/1`` (plain entries)
+    are still read.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +47,9 @@ from compsearch.kernels.quant import (
     weight_codes,
 )
 
-FORMAT = "compsearch-packed/1"
+FORMAT = "compsearch-packed/2"
+FORMATS_READ = ("compsearch-packed/1", FORMAT)
+METADATA_KEY = "compsearch"
 
 
 # -- bit packing -----------------------------------------------------------------------------------
@@ -247,7 +256,21 @@ def packed_to_bytes(packed: PackedModel, metadata: dict[str, str] | None = None)
         "compsearch.activation_modes": json.dumps(packed.activation_modes, sort_keys=True),
     }
     meta.update(metadata or {})
-    return save_bytes(_dedupe_shared(tensors), metadata=meta)
+    return save_bytes(_dedupe_shared(tensors), metadata={METADATA_KEY: encode_metadata(meta)})
+
+
+def encode_metadata(entries: dict[str, str]) -> str:
+    """``entries`` as one header string: JSON, zlib level 9, base85 (no quote or backslash, so
+    JSON stores it unescaped)."""
+    text = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
+    return base64.b85encode(zlib.compress(text, 9)).decode("ascii")
+
+
+def decode_metadata(header: dict[str, str]) -> dict[str, str]:
+    """The flat entries of an artifact's ``__metadata__`` (compressed or, format 1, plain)."""
+    if METADATA_KEY not in header:
+        return dict(header)
+    return json.loads(zlib.decompress(base64.b85decode(header[METADATA_KEY])))
 
 
 def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -274,12 +297,12 @@ def read_packed(path: str | Path) -> tuple[PackedModel, dict[str, str]]:
         data = path.read_bytes()
         tensors = load_bytes(data)
         metadata = _metadata(data)
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, zlib.error) as error:
         raise KernelError(
             f"expected a compsearch safetensors artifact at {str(path)!r}, but it cannot be read "
             f"({error}). The file is missing or damaged; train or export it again."
         ) from None
-    if metadata.get("compsearch.format") != FORMAT:
+    if metadata.get("compsearch.format") not in FORMATS_READ:
         raise KernelError(
             f"expected an artifact in format {FORMAT!r} at {str(path)!r}, but its format is "
             f"{metadata.get('compsearch.format')!r}."
@@ -290,7 +313,7 @@ def read_packed(path: str | Path) -> tuple[PackedModel, dict[str, str]]:
 def _metadata(data: bytes) -> dict[str, str]:
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + length])
-    return header.get("__metadata__", {})
+    return decode_metadata(header.get("__metadata__", {}))
 
 
 def packed_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> PackedModel:
@@ -328,9 +351,3 @@ def packed_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, st
 
 def _quant_names(metadata: dict[str, str]) -> set[str]:
     return set(json.loads(metadata.get("compsearch.activation_modes", "{}")))
-
-
-def header_nbytes(path: str | Path) -> int:
-    """Bytes of a safetensors file that are header (8-byte length + JSON), not tensor data."""
-    with open(path, "rb") as stream:
-        return 8 + int.from_bytes(stream.read(8), "little")

@@ -6,7 +6,7 @@ from compsearch.objectives.constraints import Constraint, parse_constraint
 from compsearch.objectives.latency import LatencyObjective, LatencyResult, measure_latency
 from compsearch.objectives.lut import LatencyTable
 from compsearch.objectives.proxies import MacsObjective, bitops, count_macs, count_macs_by_layer
-from compsearch.objectives.size import SizeObjective, data_bytes, float_artifact
+from compsearch.objectives.size import SizeObjective, float_artifact
 
 __all__ = [
     "AccuracyObjective",
@@ -21,7 +21,6 @@ __all__ = [
     "bitops",
     "count_macs",
     "count_macs_by_layer",
-    "data_bytes",
     "float_artifact",
     "measure_latency",
     "parse_constraint",

@@ -1,4 +1,10 @@
-"""Size: the exact bytes of the packed artifact that would ship (safetensors, header excluded)."""
+"""Size: the exact bytes of the file that would ship — header, metadata and all.
+
+A candidate's artifact is the packed safetensors file its recipe writes (``CompressedModel.save``;
+the final run writes the same bytes), the teacher's is its float state dict as safetensors
+(:func:`float_artifact`). ``size_bytes`` is the length of those bytes: what ``os.path.getsize``
+says of the written file.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,6 @@ from safetensors.torch import save
 from torch import nn
 
 from compsearch.objectives.base import Candidate, Objective
-
-
-def data_bytes(artifact: bytes) -> int:
-    """Bytes of tensor data in a safetensors blob: its length minus the 8-byte length and header."""
-    return len(artifact) - 8 - int.from_bytes(artifact[:8], "little")
 
 
 def float_artifact(model: nn.Module) -> bytes:
@@ -34,10 +35,10 @@ class SizeObjective(Objective):
         self.teacher_bytes = 0
 
     def prepare(self, reference: Candidate) -> None:
-        self.teacher_bytes = data_bytes(reference.artifact)
+        self.teacher_bytes = len(reference.artifact)
 
     def measure(self, candidate: Candidate) -> dict[str, float]:
-        size = data_bytes(candidate.artifact)
+        size = len(candidate.artifact)
         out = {self.name: float(size), "size_mb": size / 1e6}
         if candidate.student is not None:
             out["params"] = float(sum(p.numel() for p in candidate.student.parameters()))
