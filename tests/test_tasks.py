@@ -24,18 +24,68 @@ def test_mnist_example_inputs_are_a_batch_of_256(mnist_task):
     assert mnist_task.example_inputs()["images"].shape == (256, 1, 28, 28)
 
 
-def test_minilm_reproduces_published_scores(minilm_task):
-    metrics = minilm_task.evaluate(minilm_task.teacher())
-    assert metrics["lee50_pearson"] == pytest.approx(0.656, abs=0.01)
-    assert metrics["wordsim353_spearman"] == pytest.approx(0.729, abs=0.01)
+def test_minilm_scores_on_its_two_lee_halves(minilm_task):
+    teacher = minilm_task.teacher()
+    validation = minilm_task.evaluate(teacher, "validation")
+    test = minilm_task.evaluate(teacher, "test")
+    # measured on this teacher: 0.621 on the 300 validation pairs, 0.652 on the 300 test pairs
+    assert validation["lee50_pearson"] == pytest.approx(0.621, abs=0.01)
+    assert test["lee50_pearson"] == pytest.approx(0.652, abs=0.01)
+    assert test["wordsim353_spearman"] == pytest.approx(0.729, abs=0.01)  # published: 0.729
+    assert "wordsim353_spearman" not in validation, "WordSim353 is a test metric only"
 
 
-def test_minilm_training_data_never_contains_evaluated_documents(minilm_task):
-    evaluated = set(minilm_task._lee[0])
-    assert not evaluated & set(minilm_task.sentences)
+def test_minilm_parts_share_no_document_and_no_sentence(minilm_task):
+    from compsearch.tasks.minilm import split_sentences
+
+    validation = set(minilm_task.lee_documents("validation"))
+    test = set(minilm_task.lee_documents("test"))
+    assert len(validation) == len(test) == 25 and not validation & test
+    assert validation | test == set(range(50))
+    documents = minilm_task._lee[0]
+    evaluated = {s for d in documents for s in split_sentences(d)}
+    assert len(evaluated) > 100
+    trained = set(minilm_task.sentences)
+    assert not evaluated & trained, "a Lee-50 sentence is in the training sentences"
+    background = " ".join(minilm_task._read("lee_background.cor"))
+    assert not [d for d in documents if d[:200] in background]
     batch = next(minilm_task.train_batches(8, seed=0))
     assert batch["input_ids"].shape[0] == 8
     assert minilm_task.example_inputs()["input_ids"].shape == (32, 128)
+
+
+def _rows(images: torch.Tensor) -> set[bytes]:
+    return {row.numpy().tobytes() for row in images.flatten(1)}
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist", "vlm-mnist"])
+def test_image_tasks_split_train_validation_test_disjointly(name, runs_root):
+    task = get_task(name, runs_root=runs_root)
+    held_out = len(task.eval_labels)
+    validation = task.eval_images[task.parts["validation"]]
+    test = task.eval_images[task.parts["test"]]
+    assert len(validation) + len(test) == held_out and len(validation) == held_out // 2
+    train, valid, tested = _rows(task.train_images), _rows(validation), _rows(test)
+    assert len(valid) == len(validation) and len(tested) == len(test)
+    assert not train & valid and not train & tested and not valid & tested
+    calibration = torch.cat([b["images"] if "images" in b else b["pixel_values"]
+                             for b in task.calibration_batches(4)])  # fmt: skip
+    assert _rows(calibration) <= train, "calibration must come from the train part"
+
+
+def test_image_task_validation_and_test_scores_differ_because_the_data_does(digits_task):
+    class Constant(torch.nn.Module):
+        """Always answers 0: its accuracy is the share of zeros in each part."""
+
+        def forward(self, images):
+            return torch.nn.functional.one_hot(torch.zeros(len(images), dtype=torch.long), 10)
+
+    zeros = {s: float((digits_task.eval_labels[digits_task.parts[s]] == 0).float().mean())
+             for s in ("validation", "test")}  # fmt: skip
+    for split, share in zeros.items():
+        assert digits_task.evaluate(Constant(), split)["accuracy"] == pytest.approx(share)
+    with pytest.raises(TaskError, match="split: expected one of validation, test"):
+        digits_task.evaluate(Constant(), "train")
 
 
 def test_teachers_are_fresh_and_independent(digits_task):

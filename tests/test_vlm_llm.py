@@ -121,6 +121,20 @@ def test_hf_task_loads_a_users_causal_lm_from_a_folder(tmp_path):
     assert torch.isfinite(torch.tensor(task.evaluate(result.deployed)["perplexity"]))
 
 
+def test_causal_lm_validation_and_test_are_disjoint_halves_of_lee(tmp_path):
+    _tiny_causal_lm(tmp_path)
+    task = get_task(f"hf:{tmp_path}")
+    with open(_lee(), encoding="latin-1") as stream:
+        documents = [line for line in stream.read().splitlines() if line.strip()]
+    validation = task.eval_part("validation").split("\n")
+    test = task.eval_part("test").split("\n")
+    assert len(validation) == len(test) == 25
+    assert not set(validation) & set(test) and set(validation) | set(test) == set(documents)
+    assert not [d for d in documents if d[:200] in task.train_text], "Lee-50 text is trained on"
+    teacher = task.teacher()
+    assert task.evaluate(teacher, "validation") != task.evaluate(teacher, "test")
+
+
 def test_hf_task_from_an_unreachable_hub_says_how_to_fix_it():
     code = (
         "from compsearch.tasks import get_task\n"
@@ -145,7 +159,9 @@ def test_hf_classifier_without_a_data_hook_asks_for_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm_perplexity_matches_the_published_model():
+def test_smollm_perplexity_on_both_halves():
     task = get_task("smollm")
-    perplexity = task.evaluate(task.teacher())["perplexity"]
-    assert perplexity == pytest.approx(30.1, rel=0.05)
+    teacher = task.teacher()
+    validation = task.evaluate(teacher, "validation")["perplexity"]
+    test = task.evaluate(teacher, "test")["perplexity"]
+    assert 10 < validation < 60 and 10 < test < 60 and validation != test

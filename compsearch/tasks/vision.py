@@ -1,8 +1,10 @@
 """Image classification tasks on in-memory tensors: the shared half of ``digits`` and ``mnist``.
 
 A subclass supplies the data (``load_data``), the model (``build_model``) and the teacher's training
-settings; this class splits the data once (a fixed permutation), trains the teacher once and caches
-it (see :mod:`compsearch.tasks.teacher_cache`), and implements the Task protocol on top.
+settings; this class splits the data once (a fixed permutation: ``eval_size`` held-out images, the
+first half validation and the second half test, the rest train), trains the teacher once on the
+train part and caches it (see :mod:`compsearch.tasks.teacher_cache`), and implements the Task
+protocol on top.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from torch import nn
 
 from compsearch.paths import teachers_dir
-from compsearch.tasks.base import Batch, Outputs, Task, model_device, move
+from compsearch.tasks.base import SPLITS as SPLIT_NAMES
+from compsearch.tasks.base import Batch, Outputs, Task, check_split, halves, model_device, move
 from compsearch.tasks.teacher_cache import cached_state_dict
 
 
@@ -47,6 +50,7 @@ class ImageClassificationTask(Task):
         images, labels = images[order], labels[order]
         self.eval_images, self.eval_labels = images[: self.eval_size], labels[: self.eval_size]
         self.train_images, self.train_labels = images[self.eval_size :], labels[self.eval_size :]
+        self.parts = dict(zip(SPLIT_NAMES, halves(self.eval_size), strict=True))
         self._runs_root = runs_root
         self._state: dict[str, torch.Tensor] | None = None
         self.teacher_metrics: dict[str, float] = {}
@@ -128,8 +132,9 @@ class ImageClassificationTask(Task):
         return len(self.train_labels)
 
     def example_inputs(self) -> Batch:
-        repeats = math.ceil(self.example_batch_size / len(self.eval_labels))
-        images = self.eval_images.repeat(repeats, 1, 1, 1)[: self.example_batch_size]
+        part = self.eval_images[self.parts["validation"]]
+        repeats = math.ceil(self.example_batch_size / len(part))
+        images = part.repeat(repeats, 1, 1, 1)[: self.example_batch_size]
         return {"images": images.contiguous()}
 
     # -- running and judging -----------------------------------------------------------------------
@@ -138,24 +143,23 @@ class ImageClassificationTask(Task):
         return Outputs(logits=model(batch["images"]))
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, split: str = "validation") -> dict[str, float]:
+        part = self.parts[check_split(split)]
+        images, labels = self.eval_images[part], self.eval_labels[part]
         device = model_device(model)
         was_training = model.training
         model.eval()
         correct, loss_sum = 0, 0.0
-        for start in range(0, len(self.eval_labels), 256):
+        for start in range(0, len(labels), 256):
             batch = move(
-                {
-                    "images": self.eval_images[start : start + 256],
-                    "labels": self.eval_labels[start : start + 256],
-                },
+                {"images": images[start : start + 256], "labels": labels[start : start + 256]},
                 device,
             )
             logits = self.forward(model, batch).logits.float()
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
             loss_sum += float(nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
         model.train(was_training)
-        count = len(self.eval_labels)
+        count = len(labels)
         return {"accuracy": correct / count, "nll": loss_sum / count}
 
 

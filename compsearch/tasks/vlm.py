@@ -21,7 +21,16 @@ import torch
 from torch import nn
 
 from compsearch.paths import teachers_dir
-from compsearch.tasks.base import Batch, Outputs, Task, model_device, move
+from compsearch.tasks.base import (
+    SPLITS,
+    Batch,
+    Outputs,
+    Task,
+    check_split,
+    halves,
+    model_device,
+    move,
+)
 from compsearch.tasks.teacher_cache import cached_state_dict
 from compsearch.tasks.vision import TeacherTraining, _random_shift, shuffled_batches
 
@@ -102,6 +111,8 @@ class VlmMnistTask(Task):
         images, labels = images[order], labels[order]
         self.eval_images, self.eval_labels = images[: self.eval_size], labels[: self.eval_size]
         self.train_images, self.train_labels = images[self.eval_size :], labels[self.eval_size :]
+        # held out: the first half validation, the second half test (see compsearch.tasks.base)
+        self.parts = dict(zip(SPLITS, halves(self.eval_size), strict=True))
         self.tokenizer = WordTokenizer()
         self._runs_root = runs_root
         self._state: dict[str, torch.Tensor] | None = None
@@ -205,8 +216,9 @@ class VlmMnistTask(Task):
     def example_inputs(self) -> Batch:
         count = self.example_batch_size
         generator = torch.Generator().manual_seed(2)
-        return self.encode(self.eval_images[:count], self.eval_labels[:count],
-                           self._questions(count, generator))  # fmt: skip
+        part = self.parts["validation"]
+        images, labels = self.eval_images[part][:count], self.eval_labels[part][:count]
+        return self.encode(images, labels, self._questions(count, generator))
 
     # -- running and judging -----------------------------------------------------------------------
 
@@ -229,15 +241,17 @@ class VlmMnistTask(Task):
         return nn.functional.cross_entropy(outputs.logits.float(), targets[targets != -100])
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, split: str = "validation") -> dict[str, float]:
+        part = self.parts[check_split(split)]
+        images, all_labels = self.eval_images[part], self.eval_labels[part]
         device = model_device(model)
         was_training = model.training
         model.eval()
         generator = torch.Generator().manual_seed(3)
         exact, words, loss_sum, tokens = 0, 0, 0.0, 0
-        for start in range(0, len(self.eval_labels), 250):
-            labels = self.eval_labels[start : start + 250]
-            batch = self.encode(self.eval_images[start : start + 250], labels,
+        for start in range(0, len(all_labels), 250):
+            labels = all_labels[start : start + 250]
+            batch = self.encode(images[start : start + 250], labels,
                                 self._questions(len(labels), generator))  # fmt: skip
             batch = move(batch, device)
             logits = self.forward(model, batch).logits.float()
@@ -250,7 +264,7 @@ class VlmMnistTask(Task):
             loss_sum += float(nn.functional.cross_entropy(logits, wanted, reduction="sum"))
             tokens += len(wanted)
         model.train(was_training)
-        count = len(self.eval_labels)
+        count = len(all_labels)
         return {"answer_accuracy": exact / count, "digit_accuracy": words / count,
                 "answer_nll": loss_sum / tokens}  # fmt: skip
 
