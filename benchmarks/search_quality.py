@@ -13,6 +13,9 @@ reference point; see compsearch.search.pareto), over seeds, median and spread, f
 * single-knob searches: bits only (no pruning), pruning only (no quantization), distillation fixed.
 
 Also writes ``hypervolume_vs_trials_<task>.png``: the hypervolume after each trial.
+Every search is a study under ``--root`` (default ``runs/_benchmarks/search_quality``): rerunning
+the script resumes unfinished studies and reuses finished ones, so the table can be completed over
+several sittings (delete the folder to measure afresh).
 Run: python benchmarks/search_quality.py [--tasks mnist minilm] [--seeds 3] [--trials 24]
 """
 
@@ -23,7 +26,6 @@ import copy
 import os
 import re
 import statistics
-import tempfile
 from pathlib import Path
 
 import torch
@@ -106,7 +108,8 @@ def evaluate_task(task: str, seeds: int, trials: int | None, root: Path, plots: 
         folder = folder_for(single, root)
         driver = load_driver("optuna")(single, folder)
         ctx, study = driver.prepare()
-        study.enqueue_trial(ctx.space.uniform_params(fmt, keep), user_attrs={"baseline": label})
+        if not study.trials:
+            study.enqueue_trial(ctx.space.uniform_params(fmt, keep), user_attrs={"baseline": label})
         driver.run()
         results = load_results(open_study(single, folder))
         row = results.rows[0]
@@ -148,19 +151,21 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["mnist", "minilm"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=None)
+    parser.add_argument("--root", type=Path, default=None,
+                        help="where the studies live (default: runs/_benchmarks/search_quality)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(2)
     header("Search quality at an equal budget (hypervolume of the feasible front)")
     plots = Path(__file__).resolve().parent
-    teachers = Path(os.environ.get("COMPSEARCH_RUNS", "runs")) / "_teachers"
+    runs = Path(os.environ.get("COMPSEARCH_RUNS", "runs"))
+    root = args.root or runs / "_benchmarks" / "search_quality"
+    root.mkdir(parents=True, exist_ok=True)
+    if (runs / "_teachers").exists() and not (root / "_teachers").exists():
+        (root / "_teachers").symlink_to((runs / "_teachers").resolve())
+    os.environ["COMPSEARCH_RUNS"] = str(root)
     rows = []
-    with tempfile.TemporaryDirectory() as directory:
-        root = Path(directory)
-        if teachers.exists():
-            (root / "_teachers").symlink_to(teachers.resolve())
-        os.environ["COMPSEARCH_RUNS"] = str(root)
-        for task in args.tasks:
-            rows += evaluate_task(task, args.seeds, args.trials, root, plots)
+    for task in args.tasks:
+        rows += evaluate_task(task, args.seeds, args.trials, root, plots)
     table(["task", "search", "hypervolume per seed", "median", "spread"], rows)
     for task in args.tasks:
         print(f"![hypervolume vs trials, {task}](hypervolume_vs_trials_{task}.png)\n")

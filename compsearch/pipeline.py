@@ -11,6 +11,7 @@ the quantized and skipped layers, the kernel of every deployed layer, and the ti
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import time
@@ -23,7 +24,7 @@ from torch import nn
 
 from compsearch.errors import KernelError, RecipeError
 from compsearch.kernels.deploy import DeployReport, to_deploy
-from compsearch.kernels.distill import CacheSpec, TeacherCache
+from compsearch.kernels.distill import CacheSpec, TeacherCache, TeacherStream
 from compsearch.kernels.fuse import fold_batchnorm_, recalibrate_batchnorm_
 from compsearch.kernels.observers import calibrate
 from compsearch.kernels.packing import PackedModel, export_packed, packed_to_bytes, save_packed
@@ -64,10 +65,7 @@ class CompressedModel:
         return export_packed(self.student)
 
     def metadata(self) -> dict[str, str]:
-        return {
-            "compsearch.recipe": dumps(self.recipe),
-            "compsearch.prune_record": json.dumps(self.prune_record.to_dict()),
-        }
+        return artifact_metadata(self.recipe, self.prune_record)
 
     def artifact_bytes(self) -> bytes:
         """The artifact exactly as :meth:`save` writes it."""
@@ -77,8 +75,18 @@ class CompressedModel:
         return save_packed(self.packed(), path, self.metadata())
 
 
-def default_cache(task: Task, recipe: Recipe, steps: int, device) -> TeacherCache:
-    """A private teacher cache sized for one run (a study shares one across its trials)."""
+def artifact_metadata(recipe: Recipe, record: PruneRecord) -> dict[str, str]:
+    """What an artifact carries besides its tensors: the recipe and the pruning record."""
+    return {
+        "compsearch.recipe": dumps(recipe),
+        "compsearch.prune_record": json.dumps(record.to_dict()),
+    }
+
+
+def default_cache(task: Task, recipe: Recipe, steps: int, device) -> TeacherCache | TeacherStream:
+    """Teacher outputs for one run (a study shares one cache across its trials): a pool of one
+    batch per step for a short run; for a run longer than ``DEFAULT_POOL_BATCHES`` steps (the
+    final run) a stream, so every step trains on a new batch of the training data."""
     batch_size = recipe.finetune.batch_size or task.default_batch_size
     spec = CacheSpec(
         batches=max(1, min(steps, DEFAULT_POOL_BATCHES)),
@@ -87,6 +95,8 @@ def default_cache(task: Task, recipe: Recipe, steps: int, device) -> TeacherCach
         feature_layers=tuple(feature_layers(task, recipe, None)),
         attentions=recipe.distill.attn_weight > 0,
     )
+    if steps > DEFAULT_POOL_BATCHES:
+        return TeacherStream(task, spec, device)
     return TeacherCache(task, spec, device=device)
 
 
@@ -108,17 +118,19 @@ def compress(
     recipe: Recipe,
     steps: int | None = None,
     device: str | torch.device = "cpu",
-    cache: TeacherCache | None = None,
+    cache: TeacherCache | TeacherStream | None = None,
     progress: Progress | None = None,
     checkpoint: Checkpointing | None = None,
-    on_structure: Callable[[nn.Module], None] | None = None,
+    on_structure: Callable[[nn.Module, dict[str, str]], None] | None = None,
 ) -> CompressedModel:
     """Compress ``task``'s teacher as ``recipe`` says, with ``steps`` fine-tune steps (default: the
     recipe's budget). Every input is checked before any long work starts.
 
-    ``on_structure(student)`` is called once the architecture and formats are final (after the last
-    pruning step and quantization, before the last fine-tune stage): what depends only on them —
-    size, latency — can be measured there, before the training that decides accuracy.
+    ``on_structure(student, metadata)`` is called once the architecture and formats are final
+    (after the last pruning step and quantization, before the last fine-tune stage): what depends
+    only on them — size, latency — can be measured there, before the training that decides
+    accuracy. ``metadata`` is what the artifact will carry besides its tensors, so
+    ``packed_to_bytes(export_packed(student), metadata)`` has exactly the saved file's length.
     """
     timings: dict[str, float] = {}
     device = torch.device(device)
@@ -189,11 +201,11 @@ def compress(
             remaining = _without_dropped(recipe, record.dropped_blocks)
             quant_report = _quantize(student, remaining, task, run, timings, device)
         if last and on_structure is not None:
-            on_structure(student)
+            on_structure(student, artifact_metadata(recipe, record))
         train_stage(index, student)
-    if quant_modules(student) and total > 0 and not recipe.calibration.learnable_scales:
+    if total > 0:
         with _timed(timings, "calibrate"):
-            _calibrate(student, task, recipe, device)
+            _recalibrate(student, task, recipe, device)
     with _timed(timings, "deploy"):
         deployed, deploy_report = to_deploy(student, device, run)
     result = TrainResult(
@@ -221,6 +233,26 @@ def _quantize(student, recipe, task, run, timings, device) -> QuantReport:
         if recipe.calibration.learnable_scales:
             learn_scales_(student)
     return report
+
+
+def _recalibrate(student: nn.Module, task: Task, recipe: Recipe, device) -> None:
+    """Activation scales measured again after fine-tuning moved the weights (unless learned)."""
+    if quant_modules(student) and not recipe.calibration.learnable_scales:
+        _calibrate(student, task, recipe, device)
+
+
+def deploy_snapshot(
+    student: nn.Module, task: Task, recipe: Recipe, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """The deploy form ``compress`` would return if fine-tuning stopped now — re-calibrated and
+    deployed exactly as at the end — built from a copy, so training continues untouched.
+    Successive halving judges trials at rungs on this form, as the search judges them at the end."""
+    device = torch.device(device)
+    snapshot = copy.deepcopy(student)
+    _recalibrate(snapshot, task, recipe, device)
+    example = move(task.calibration_batches(1)[0], device)
+    deployed, _ = to_deploy(snapshot, device, lambda m: task.forward(m, example))
+    return deployed
 
 
 def _without_dropped(recipe: Recipe, dropped: list[str]) -> Recipe:
@@ -311,7 +343,7 @@ def _check_feature_layers(model: nn.Module, names: list[str]) -> None:
             )
 
 
-def _check_cache(cache: TeacherCache, recipe: Recipe, layers: list[str]) -> None:
+def _check_cache(cache: TeacherCache | TeacherStream, recipe: Recipe, layers: list[str]) -> None:
     missing = [n for n in layers if n not in cache.spec.feature_layers]
     if missing or (recipe.distill.attn_weight > 0 and not cache.spec.attentions):
         raise KernelError(

@@ -25,6 +25,7 @@ from compsearch.errors import TrialError
 from compsearch.kernels.distill import (
     FeatureProjections,
     TeacherCache,
+    TeacherStream,
     attention_loss,
     capture_features,
     eager_attention,
@@ -42,7 +43,7 @@ class Distiller:
     """Everything the loss needs besides the student: the task, the cached teacher, the weights."""
 
     task: Task
-    cache: TeacherCache
+    cache: TeacherCache | TeacherStream
     plan: DistillPlan
     feature_layers: list[str] = field(default_factory=list)
     head_index: torch.Tensor | None = None  # teacher heads the student's last attention kept
@@ -104,13 +105,6 @@ def schedule(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
 
 
-def batch_index(step: int, pool: int, seed: int) -> int:
-    """Which cached batch a step trains on: each pass over the pool in its own fixed order."""
-    epoch, position = divmod(step, pool)
-    order = torch.randperm(pool, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return int(order[position])
-
-
 def finetune(
     student: nn.Module,
     distiller: Distiller,
@@ -152,7 +146,7 @@ def finetune(
     context = eager_attention(student) if distiller.wants_attention else _null()
     with context:
         while step < total:
-            index = batch_index(step, len(distiller.cache), budget.seed)
+            index = distiller.cache.index(step, budget.seed)
             with autocast:
                 loss = distiller.loss(student, index, device)
             value = float(loss.detach())

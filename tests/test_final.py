@@ -1,4 +1,6 @@
 import dataclasses
+import json
+import os
 import uuid
 
 import pytest
@@ -48,7 +50,19 @@ def test_search_export_train_load_evaluate_end_to_end(mnist_study, mnist_task, c
         assert torch.equal(mnist_task.forward(loaded, batch).logits,
                            mnist_task.forward(run.deployed, batch).logits)  # fmt: skip
     measured = evaluate(run.path)
-    assert measured.compressed["accuracy"] == pytest.approx(mnist_task.evaluate(loaded)["accuracy"])
+    test = mnist_task.evaluate(loaded, "test")["accuracy"]
+    validation = mnist_task.evaluate(loaded, "validation")["accuracy"]
+    assert measured.compressed["accuracy"] == pytest.approx(test), "reports are on the test split"
+    assert measured.compressed["accuracy_validation"] == pytest.approx(validation)
+    assert measured.teacher["accuracy"] == pytest.approx(
+        mnist_task.evaluate(mnist_task.teacher(), "test")["accuracy"]
+    )
+    file_bytes = os.path.getsize(run.path / "model.safetensors")
+    assert measured.compressed["size_bytes"] == file_bytes, "size is the shipped file, exactly"
+    assert run.measurements.compressed["size_bytes"] == file_bytes
+    report = json.loads((run.path / "report.json").read_text())
+    assert report["compressed"]["size_bytes"] == file_bytes
+    assert "accuracy (test split)" in (run.path / "report.md").read_text()
     assert measured.compressed["size_bytes"] < measured.teacher["size_bytes"]
     assert "accuracy_drop" in measured.constraints
     assert main(["evaluate", str(run.path)]) == 0
@@ -121,4 +135,38 @@ def test_export_rule_nobody_meets_shows_the_nearest_points(mnist_study, capsys):
 def test_train_top_k_from_a_study_reports_the_best(mnist_study, capsys):
     assert main(["train", "--from-study", str(mnist_study), "--top-k", "2", "--steps", "3"]) == 0
     out = capsys.readouterr().out
-    assert "best after full training" in out
+    reports = {p.parent.name: json.loads(p.read_text())
+               for p in (mnist_study / "final").glob("*/report.json")}  # fmt: skip
+    trained = {n: r for n, r in reports.items() if r["steps"] == 3}  # other runs took 20 steps
+    assert len(trained) == 2, f"two recipes trained with 3 steps, got {sorted(trained)}"
+
+    def rank(name):
+        r = reports[name]
+        feasible = all(c["met"] for c in r["constraints"].values())
+        return (feasible, r["compressed"]["accuracy"], -r["compressed"]["latency_ms"])
+
+    winner = max(trained, key=rank)
+    assert f"best after full training ({mnist_study.name}): {winner} —" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--from-study", "x", "--top-k", "0"], "--top-k: expected a count of at least 1"),
+        (["train", "r.yaml", "--checkpoint-every", "0"], "--checkpoint-every: expected a step count"),
+        (["train", "r.yaml", "--steps", "-1"], "--steps: expected a step count of at least 0"),
+    ],
+)  # fmt: skip
+def test_train_refuses_nonsense_numbers_in_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_evaluate_on_cuda_without_cuda_is_one_clear_line(mnist_study, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["evaluate", str(mnist_study / "final" / "knee"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device: expected a CUDA device for 'cuda', but torch sees none" in err
+    assert len(err.strip().splitlines()) == 1

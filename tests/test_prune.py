@@ -124,14 +124,23 @@ def test_grouped_query_heads_move_with_their_key_value_head():
     analysis = analyze(model, run)
     heads = analysis.groups["model.layers.0.self_attn"]
     assert heads.kind == "heads" and heads.size == 2 and heads.q_per_kv == 4
+    reference = copy.deepcopy(model)
     record, _ = prune_(model, {"model.layers.0.self_attn": LayerPlan(keep_ratio=0.5)}, run)
     attention = model.model.layers[0].self_attn
     assert attention.q_proj.out_features == 4 * 8  # 4 query heads of one kv group, head_dim 8
     assert attention.k_proj.out_features == 8
     assert attention.o_proj.in_features == 32
+    (kept,) = record.groups["model.layers.0.self_attn"]["kept"]
+    # the query heads kept are exactly the four that read the kept key/value head
+    q_rows = reference.model.layers[0].self_attn.q_proj.weight[kept * 32 : (kept + 1) * 32]
+    assert torch.equal(attention.q_proj.weight, q_rows)
+    zero_removed_(reference, analyze(reference, run), {heads.name: torch.tensor([kept])})
     with torch.no_grad():
-        generated = model.generate(torch.randint(3, 99, (1, 5)), max_new_tokens=4, do_sample=False)
-    assert generated.shape == (1, 9)
+        assert relative_error(run(model), run(reference)) < 1e-4, "pruned == removed heads zeroed"
+        prompt = torch.randint(3, 99, (1, 5))
+        generated = model.generate(prompt, max_new_tokens=4, do_sample=False)
+        expected = reference.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated, expected)
 
 
 def test_mnist_resnet_groups_and_depth_pruning():
@@ -163,26 +172,32 @@ def test_rounding_of_kept_channels():
     assert kept_count(4, 0.5, 8, heads=True) == 2
 
 
-@pytest.mark.parametrize("method", ["l1", "l2", "random", "taylor"])
-def test_importance_methods_choose_different_but_valid_channels(method):
+def test_importance_methods_choose_different_but_valid_channels():
     torch.manual_seed(0)
-    model = ResNet((16, 32, 64), (1, 1, 1), stem_stride=2).eval()
+    base = ResNet((16, 32, 64), (1, 1, 1), stem_stride=2).eval()
     x = torch.randn(8, 1, 28, 28)
     labels = torch.randint(0, 10, (8,))
 
     def run(m):
         return m(x)
 
-    grads = None
-    if method == "taylor":
-        grads = taylor_gradients(
-            model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), [(x, labels)]
+    chosen = {}
+    for method in ("l1", "l2", "random", "taylor"):
+        model = copy.deepcopy(base)
+        grads = None
+        if method == "taylor":
+            grads = taylor_gradients(
+                model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), [(x, labels)]
+            )
+        record, _ = prune_(
+            model, {"layer1.0.conv1": LayerPlan(keep_ratio=0.5)}, run, method, grads=grads
         )
-    record, _ = prune_(
-        model, {"layer1.0.conv1": LayerPlan(keep_ratio=0.5)}, run, method, grads=grads
+        kept = record.groups["layer1.0.conv1"]["kept"]
+        assert len(kept) == 8 and kept == sorted(set(kept)) and kept[0] >= 0 and kept[-1] < 16
+        chosen[method] = tuple(kept)
+    assert len({chosen["l1"], chosen["random"], chosen["taylor"]}) == 3, (
+        f"the methods should disagree somewhere: {chosen}"
     )
-    kept = record.groups["layer1.0.conv1"]["kept"]
-    assert len(kept) == 8 and kept == sorted(set(kept))
 
 
 def test_l1_keeps_the_largest_channels():

@@ -14,7 +14,7 @@ from compsearch.errors import ConfigError
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
 
-def config(tmp_path, name, steps, trials=6):
+def config(tmp_path, name, steps, trials=6, **search):
     data = {
         "study": name,
         "task": "digits",
@@ -24,7 +24,7 @@ def config(tmp_path, name, steps, trials=6):
         "space": {"w_bits": [4, 8, 16], "keep_ratio": {"low": 0.5, "high": 1.0, "step": 0.25},
                   "calibration_batches": 1},
         "search": {"driver": "ray", "sampler": "random", "trials": trials, "finetune_steps": steps,
-                   "cache_batches": 2, "ray": {"max_concurrent": 2}},
+                   "cache_batches": 2, "ray": {"max_concurrent": 2}, **search},
     }  # fmt: skip
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -54,6 +54,31 @@ def test_ray_search_runs_the_trials_into_the_same_study(tmp_path, runs_root, cap
     header = (runs_root / name / "pareto.csv").read_text().splitlines()[0]
     assert header.startswith("trial,accuracy,latency_ms,size_bytes,accuracy_drop,speedup")
     assert (runs_root / name / "trials" / "00005" / "metrics.json").exists()
+
+
+def test_halving_under_ray_prunes_stopped_trials_and_reruns_none(tmp_path, runs_root):
+    from compsearch.cli import main
+
+    name = f"rayh-{uuid.uuid4().hex[:6]}"
+    path = config(tmp_path, name, 9, trials=6, baselines=False,
+                  halving={"enabled": True, "eta": 3, "min_steps": 3})  # fmt: skip
+    try:
+        assert main(["search", str(path)]) == 0
+        trials = load(runs_root, name).get_trials()
+        states = [t.state for t in trials]
+        assert (
+            len(trials) == 6 and TrialState.FAIL not in states and TrialState.RUNNING not in states
+        )
+        stopped = [t for t in trials if t.state == TrialState.PRUNED]
+        assert stopped, "with eta 3, some of 6 trials stop early"
+        for trial in stopped:
+            assert "rung_0" in trial.user_attrs and trial.user_attrs["measured"]
+        assert main(["search", str(path)]) == 0
+    finally:
+        ray.shutdown()
+    again = load(runs_root, name).get_trials()
+    assert [(t.number, t.state) for t in again] == [(t.number, t.state) for t in trials]
+    assert not [t for t in again if "retry_of" in t.user_attrs], "no trial was re-run"
 
 
 def _resumable(runs_root, name):

@@ -123,6 +123,21 @@ def test_rungs_and_promotion():
     assert promotable(1, infeasible, 3) and not promotable(0, infeasible, 3)
 
 
+def test_an_infeasible_point_never_demotes_a_feasible_one_at_a_rung():
+    # trial 0 is infeasible and dominates trial 1; among feasible trials 1 and 2 are both on the
+    # front. Ranked together with 0, trial 1 would fall to rank 1 and lose its place to 2.
+    records = {
+        0: ((0.1, 0.1), 1.0),
+        1: ((0.3, 0.3), 0.0),
+        2: ((0.9, 0.05), 0.0),
+        3: ((0.95, 0.95), 0.0),
+    }
+    assert promotable(1, records, 3) and not promotable(2, records, 3)
+    assert not promotable(0, records, 3), "infeasible trials come after every feasible one"
+    worse = {0: ((0.1, 0.1), 2.0), 1: ((0.9, 0.9), 0.5), 2: ((0.95, 0.95), 3.0)}
+    assert promotable(1, worse, 3), "among infeasible trials the smallest violation continues"
+
+
 # -- studies ---------------------------------------------------------------------------------------
 
 
@@ -187,14 +202,74 @@ def test_failing_trials_are_recorded_and_the_failure_limit_stops(tmp_path, runs_
     assert len([t for t in trials if t.state != TrialState.WAITING]) == 2
 
 
-def test_halving_stops_trials_and_keeps_their_rung(tmp_path, runs_root):
+@pytest.mark.parametrize(
+    "error",
+    [IndexError("list index out of range"), KeyError("logits"), OSError("disk full"),
+     TypeError("forward() got an unexpected keyword"), ZeroDivisionError("division by zero")],
+)  # fmt: skip
+def test_any_exception_fails_one_trial_not_the_study(tmp_path, runs_root, monkeypatch, error):
+    from compsearch.search import trial as trial_module
+
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return real(*args, **kwargs)
+
+    real = trial_module.compress
+    monkeypatch.setattr(trial_module, "compress", flaky)
+    name = f"e-{uuid.uuid4().hex[:6]}"
+    assert main(["search", str(write(tmp_path, tiny(name, trials=3, baselines=False)))]) == 0
+    trials = load(runs_root, name).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].user_attrs["fail_reason"] == f"{type(error).__name__}: {error}"
+
+
+def test_a_nan_objective_fails_its_trial_once_and_is_never_retried(
+    tmp_path, runs_root, monkeypatch
+):
+    from compsearch.objectives import AccuracyObjective
+
+    def nan_metric(self, candidate):
+        return {self.name: float("nan")}
+
+    name = f"n-{uuid.uuid4().hex[:6]}"
+    config = write(tmp_path, tiny(name, trials=3, baselines=False, failure_limit=2))
+    monkeypatch.setattr(AccuracyObjective, "measure", nan_metric)
+    assert main(["search", str(config)]) == 0
+    trials = load(runs_root, name).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert trials[0].user_attrs["fail_reason"] == (
+        "TrialError: objective accuracy is nan (not a finite number)"
+    )
+    assert main(["search", str(config)]) == 0, "resuming a study at its failure limit"
+    assert len(load(runs_root, name).get_trials()) == 2, "failed trials are not retried"
+
+
+def test_halving_stops_trials_and_keeps_their_rung(tmp_path, runs_root, monkeypatch):
+    from compsearch.search import trial as trial_module
+
+    snapshots = []
+    real_snapshot = trial_module.deploy_snapshot
+
+    def counted(*args, **kwargs):
+        snapshots.append(1)
+        return real_snapshot(*args, **kwargs)
+
+    monkeypatch.setattr(trial_module, "deploy_snapshot", counted)
     name = f"h-{uuid.uuid4().hex[:6]}"
     data = tiny(name, trials=6, finetune_steps=9, baselines=False,
                 halving={"enabled": True, "eta": 3, "min_steps": 3})  # fmt: skip
-    assert main(["search", str(write(tmp_path, data))]) == 0
+    config = write(tmp_path, data)
+    assert main(["search", str(config)]) == 0
     trials = load(runs_root, name).get_trials()
     stopped = [t for t in trials if t.state == TrialState.PRUNED]
     assert stopped, "with eta 3, some of 6 trials stop early"
+    assert len(snapshots) == sum(1 for t in trials if "rung_0" in t.user_attrs), (
+        "every rung is judged on the deploy form"
+    )
     for trial in stopped:
         assert "rung_0" in trial.user_attrs and trial.user_attrs["steps"] in (3, 9)
         assert "measured" in trial.user_attrs
@@ -202,6 +277,11 @@ def test_halving_stops_trials_and_keeps_their_rung(tmp_path, runs_root):
 
     front = load_results(load(runs_root, name)).front()
     assert all(row.state == "COMPLETE" for row in front)
+    assert main(["search", str(config)]) == 0
+    again = load(runs_root, name).get_trials()
+    assert [(t.number, t.state) for t in again] == [(t.number, t.state) for t in trials], (
+        "resuming re-runs no stopped trial"
+    )
 
 
 def _wait(predicate, timeout: float, what: str):
@@ -251,8 +331,8 @@ def test_killed_search_resumes_and_keeps_completed_trials(tmp_path, runs_root):
     assert retry[0].state == TrialState.COMPLETE
 
 
-def _run_workers(tmp_path, runs_root, name, storage, workers, trials=6):
-    config = write(tmp_path, tiny(name, trials=trials, storage=storage, finetune_steps=30))
+def _run_workers(tmp_path, runs_root, name, storage, workers, trials=6, steps=30):
+    config = write(tmp_path, tiny(name, trials=trials, storage=storage, finetune_steps=steps))
     first = spawn("search", str(config))
     processes = [first]
     try:
@@ -270,13 +350,14 @@ def _run_workers(tmp_path, runs_root, name, storage, workers, trials=6):
 
 
 def test_two_workers_on_a_journal_file_run_exactly_the_requested_trials(tmp_path, runs_root):
-    study = _run_workers(tmp_path, runs_root, f"j-{uuid.uuid4().hex[:6]}", "journal", 2)
+    # trials long enough (a few seconds each) that the second worker joins before the first is done
+    study = _run_workers(tmp_path, runs_root, f"j-{uuid.uuid4().hex[:6]}", "journal", 2, steps=300)
     trials = study.get_trials()
     numbers = [t.number for t in trials]
     assert len(trials) == 6 and sorted(numbers) == list(range(6))
     assert all(t.state == TrialState.COMPLETE for t in trials)
     workers = {t.user_attrs["worker"] for t in trials}
-    assert len(workers) >= 1
+    assert len(workers) == 2, "both workers ran trials of the one study"
 
 
 POSTGRES = os.environ.get("COMPSEARCH_TEST_POSTGRES_URL")
@@ -303,3 +384,18 @@ def test_unreachable_database_is_a_clear_error_before_anything_runs(tmp_path, ru
     err = capsys.readouterr().err
     assert "expected a reachable study storage" in err
     assert not (runs_root / name / "config.yaml").exists(), "nothing frozen: fix the URL, rerun"
+
+
+def test_diverse_export_starts_from_the_most_accurate_wherever_accuracy_is_listed():
+    from compsearch.recipes.select import diverse
+    from compsearch.search.results import StudyResults, TrialRow
+
+    teacher = {"accuracy": 1.0, "latency_ms": 10.0}
+    measured = [(0.99, 9.0), (0.95, 5.0), (0.90, 2.0)]  # the most accurate is the slowest
+    rows = [TrialRow(i, "COMPLETE", {}, {"accuracy": a, "latency_ms": ms}, 0.0, {})
+            for i, (a, ms) in enumerate(measured)]  # fmt: skip
+    for objectives in (["accuracy", "latency_ms"], ["latency_ms", "accuracy"]):
+        results = StudyResults(objectives, "accuracy", "maximize", teacher, rows)
+        assert diverse(results, 1)[0].number == 0, objectives
+    with pytest.raises(ConfigError, match="--diverse: expected a count of at least 1"):
+        diverse(results, -1)

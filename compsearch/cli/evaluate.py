@@ -18,14 +18,26 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            from compsearch.errors import ConfigError
+
+            raise ConfigError(
+                "--device: expected a CUDA device for 'cuda', but torch sees none. Run on a CUDA "
+                "machine, or leave --device out to measure on the CPU."
+            )
     measured = evaluate(args.path, args.task, args.device)
     if args.json:
         print(json.dumps(measured.to_dict(), indent=2, sort_keys=True))
         return 0
     t, c = measured.teacher, measured.compressed
-    print(f"{'':12s} {'teacher':>14s} {'compressed':>14s}")
-    for key in sorted(set(t) & set(c)):
-        print(f"{key:12s} {t[key]:14.6g} {c[key]:14.6g}")
+    print("accuracy on the test split (validation beside it); size is the file's bytes")
+    width = max(len(key) for key in set(t) & set(c))
+    print(f"{'':{width}s} {'teacher':>14s} {'compressed':>14s}")
+    for key in sorted(k for k in set(t) & set(c) if not isinstance(c[k], str)):
+        print(f"{key:{width}s} {t[key]:14.6g} {c[key]:14.6g}")
     print(f"speed-up {c['speedup']:.2f}×, {c.get('size_ratio', 0):.2f}× smaller")
     for state in measured.constraints.values():
         print(f"constraint {state['limit']}: {'met' if state['met'] else 'NOT met'}")

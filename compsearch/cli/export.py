@@ -46,8 +46,14 @@ def recipe_of(
         trial = optuna.trial.FixedTrial(row.params, number=row.number)
         recipe = context.space.suggest(trial)
     measured = {k: float(v) for k, v in row.measured.items() if isinstance(v, (int, float))}
+    source = row.measured.get("latency_source", "measured")
+    predicted = {}
+    if source == "predicted":  # a table's value is never written down as measured
+        predicted = {k: measured.pop(k) for k in ("latency_ms", "speedup", "latency_table_error")
+                     if k in measured}  # fmt: skip
     provenance = dataclasses.replace(recipe.provenance, study=study.study_name, trial=row.number,
-                                     measured=measured)  # fmt: skip
+                                     measured=measured, predicted=predicted,
+                                     latency_source=source)  # fmt: skip
     return dataclasses.replace(recipe, provenance=provenance)
 
 

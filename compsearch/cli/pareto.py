@@ -21,14 +21,16 @@ def add_parser(commands) -> None:
 
 def columns(results: StudyResults) -> list[str]:
     names = [results.metric if o == "accuracy" else o for o in results.objectives]
-    return ["trial", *names, f"{results.metric}_drop", "speedup", "size_ratio", "feasible"]
+    return ["trial", *names, f"{results.metric}_drop", "speedup", "size_ratio", "feasible",
+            "latency_source"]  # fmt: skip
 
 
 def row_values(results: StudyResults, row: TrialRow) -> list[object]:
     names = [results.metric if o == "accuracy" else o for o in results.objectives]
     m = row.measured
     return [row.number, *[m.get(n) for n in names], m.get(f"{results.metric}_drop"),
-            m.get("speedup"), m.get("size_ratio"), row.feasible]  # fmt: skip
+            m.get("speedup"), m.get("size_ratio"), row.feasible,
+            m.get("latency_source", "measured")]  # fmt: skip
 
 
 def show_front(folder: StudyFolder) -> StudyResults:
@@ -40,7 +42,8 @@ def show_front(folder: StudyFolder) -> StudyResults:
     from rich.table import Table
 
     table = Table(title=f"{config.study}: feasible Pareto front ({len(front)} of "
-                        f"{len(results.rows)} trials), hypervolume {results.hypervolume():.4f}")  # fmt: skip
+                        f"{len(results.rows)} trials), hypervolume {results.hypervolume():.4f}; "
+                        f"{results.metric} on the validation split, size in file bytes")  # fmt: skip
     for name in header:
         table.add_column(name, justify="right")
     for row in front:

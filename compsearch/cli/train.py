@@ -54,7 +54,23 @@ def train_one(path: Path, args, name: str | None = None):
     return run.path, run.measurements
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every number is checked before any work starts."""
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k: expected a count of at least 1, but got {args.top_k}.")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise ConfigError(
+            f"--checkpoint-every: expected a step count of at least 1, but got "
+            f"{args.checkpoint_every}. Leave it out for the study's final.checkpoint_every."
+        )
+    if args.steps is not None and args.steps < 0:
+        raise ConfigError(f"--steps: expected a step count of at least 0, but got {args.steps}.")
+    if args.epochs is not None and args.epochs <= 0:
+        raise ConfigError(f"--epochs: expected a number above 0, but got {args.epochs}.")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     if args.from_study:
         return from_study(args)
     if not args.recipe:

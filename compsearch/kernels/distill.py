@@ -238,15 +238,8 @@ class TeacherCache:
 
     def get(self, index: int, device: torch.device | str = "cpu") -> tuple[Batch, TeacherOutputs]:
         outputs = self._load()
-        cached = outputs[index % len(outputs)]
         batch = move(self.batches[index % len(outputs)], device)
-        return batch, TeacherOutputs(
-            cached.main.to(device),
-            cached.kind,
-            {k: v.to(device) for k, v in cached.features.items()},
-            None if cached.attention is None else cached.attention.to(device),
-            None if cached.indices is None else cached.indices.to(device),
-        )
+        return batch, _on(outputs[index % len(outputs)], device)
 
     def _load(self) -> list[TeacherOutputs]:
         if self._outputs is None:
@@ -273,36 +266,21 @@ class TeacherCache:
         indices = tensors.get(f"{i}.indices")
         return TeacherOutputs(tensors[f"{i}.{kind}"], kind, features, attention, indices)
 
+    def index(self, step: int, seed: int) -> int:
+        """Which cached batch a training step uses: each pass over the pool in its own order."""
+        epoch, position = divmod(step, len(self.batches))
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        return int(torch.randperm(len(self.batches), generator=generator)[position])
+
     @torch.no_grad()
     def _compute(self) -> list[TeacherOutputs]:
         teacher = self.task.teacher().to(self.device)
-        device = self.device
         outputs = []
-        names = list(self.spec.feature_layers)
-        attention_context = eager_attention(teacher) if self.spec.attentions else _nothing()
-        with capture_features(teacher, names) as found, attention_context:
+        with _teacher_context(teacher, self.spec) as found:
             for batch in self.batches:
-                result = self.task.forward(
-                    teacher, move(batch, device), attentions=self.spec.attentions
-                )
+                outputs.append(_teacher_outputs(self.task, teacher, batch, self.spec, found,
+                                                self.device))  # fmt: skip
                 self.teacher_runs += 1
-                attention = None
-                if self.spec.attentions:
-                    if not result.attentions:
-                        raise KernelError(
-                            f"attention distillation: expected the {self.task.name} task's model "
-                            "to return attention maps, but it returned none. Set attn_weight: 0."
-                        )
-                    attention = _as_stored(result.attentions[-1])
-                kind = "logits" if result.logits is not None else "embedding"
-                main, indices = result.main.detach().float().cpu(), None
-                if kind == "logits" and main.shape[-1] > SPARSE_VOCAB:
-                    main, indices = main.topk(TOP_LOGITS, dim=-1)
-                outputs.append(
-                    TeacherOutputs(
-                        main, kind, {n: _as_stored(found[n]) for n in names}, attention, indices
-                    )
-                )
         self._write(outputs)
         return outputs
 
@@ -323,6 +301,93 @@ class TeacherCache:
         temp = path.with_suffix(".tmp")
         save_file(tensors, str(temp), metadata={"key": self.key})
         temp.replace(path)
+
+
+class TeacherStream:
+    """Teacher outputs computed as training reaches each batch, for runs longer than a cache pool
+    (the final run): step ``i`` trains on the ``i``-th batch of ``task.train_batches`` — a fresh
+    shuffle every epoch, augmentation included — so a run sees all the data it claims to, at the
+    cost of one teacher forward per step. Same interface as :class:`TeacherCache`; resuming at step
+    ``k`` regenerates the stream up to ``k`` (data only, no teacher forwards)."""
+
+    def __init__(self, task: Task, spec: CacheSpec, device: torch.device | str = "cpu") -> None:
+        self.task, self.spec, self.device = task, spec, torch.device(device)
+        self.teacher_runs = 0
+        self._teacher: nn.Module | None = None
+        self._stream: Iterator[Batch] | None = None
+        self._position = 0
+        self._last: tuple[int, Batch, TeacherOutputs] | None = None
+
+    def __len__(self) -> int:
+        """Batches in one epoch of the training data."""
+        examples = self.task.num_train_examples() or self.spec.batch_size
+        return max(1, examples // self.spec.batch_size)
+
+    def index(self, step: int, seed: int) -> int:
+        return step
+
+    def _batch(self, index: int) -> Batch:
+        if self._stream is None or index < self._position:
+            self._stream = self.task.train_batches(self.spec.batch_size, self.spec.seed)
+            self._position = 0
+        while self._position < index:
+            next(self._stream)
+            self._position += 1
+        self._position += 1
+        return next(self._stream)
+
+    @torch.no_grad()
+    def get(self, index: int, device: torch.device | str = "cpu") -> tuple[Batch, TeacherOutputs]:
+        if self._last is None or self._last[0] != index:
+            if self._teacher is None:
+                self._teacher = self.task.teacher().to(self.device)
+            batch = self._batch(index)
+            with _teacher_context(self._teacher, self.spec) as found:
+                outputs = _teacher_outputs(self.task, self._teacher, batch, self.spec, found,
+                                           self.device)  # fmt: skip
+            self.teacher_runs += 1
+            self._last = (index, batch, outputs)
+        _, batch, cached = self._last
+        return move(batch, device), _on(cached, device)
+
+
+@contextlib.contextmanager
+def _teacher_context(teacher: nn.Module, spec: CacheSpec) -> Iterator[dict[str, torch.Tensor]]:
+    """Feature capture (and eager attention, when attention maps are wanted) around teacher runs."""
+    attention_context = eager_attention(teacher) if spec.attentions else _nothing()
+    with capture_features(teacher, list(spec.feature_layers)) as found, attention_context:
+        yield found
+
+
+def _teacher_outputs(
+    task: Task, teacher: nn.Module, batch: Batch, spec: CacheSpec, found: dict, device
+) -> TeacherOutputs:
+    """The teacher's outputs on one batch, in the stored form the losses read."""
+    result = task.forward(teacher, move(batch, device), attentions=spec.attentions)
+    attention = None
+    if spec.attentions:
+        if not result.attentions:
+            raise KernelError(
+                f"attention distillation: expected the {task.name} task's model to return "
+                "attention maps, but it returned none. Set attn_weight: 0."
+            )
+        attention = _as_stored(result.attentions[-1])
+    kind = "logits" if result.logits is not None else "embedding"
+    main, indices = result.main.detach().float().cpu(), None
+    if kind == "logits" and main.shape[-1] > SPARSE_VOCAB:
+        main, indices = main.topk(TOP_LOGITS, dim=-1)
+    features = {name: _as_stored(found[name]) for name in spec.feature_layers}
+    return TeacherOutputs(main, kind, features, attention, indices)
+
+
+def _on(outputs: TeacherOutputs, device: torch.device | str) -> TeacherOutputs:
+    return TeacherOutputs(
+        outputs.main.to(device),
+        outputs.kind,
+        {k: v.to(device) for k, v in outputs.features.items()},
+        None if outputs.attention is None else outputs.attention.to(device),
+        None if outputs.indices is None else outputs.indices.to(device),
+    )
 
 
 def _as_stored(tensor: torch.Tensor) -> torch.Tensor:

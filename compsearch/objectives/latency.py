@@ -126,14 +126,17 @@ class LatencyObjective(Objective):
         if self.table is not None:
             self.table.calibrate(reference.deployed, reference.task, self.teacher_ms)
 
-    def measure(self, candidate: Candidate) -> dict[str, float]:
+    def measure(
+        self, candidate: Candidate, number: int = 0, errors: list[float] | None = None
+    ) -> dict[str, float | str]:
+        """Measured latency; with a table, possibly its prediction for trial ``number`` given the
+        study's earlier check ``errors`` — labelled by ``latency_source`` either way."""
         if self.table is not None:
-            predicted = self.table.latency(candidate.deployed, candidate.task, self)
-            out = dict(predicted)
+            out = self.table.latency(candidate.deployed, candidate.task, self, number, errors or [])
         else:
             result = self.measure_model(candidate.deployed, candidate.task)
             out = {self.name: result.median_ms, "latency_spread": result.spread,
-                   "latency_source": 0.0}  # fmt: skip
+                   "latency_source": "measured"}  # fmt: skip
         if self.teacher_ms:
             out["speedup"] = self.teacher_ms / out[self.name]
         return out

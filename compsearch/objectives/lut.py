@@ -9,9 +9,12 @@ as JSON under the runs root and shared by every study on the device. What is lef
 and layers (input preparation, pooling) is taken from the teacher: its measured latency minus its
 table sum, scaled by activation volume.
 
-A prediction is only trusted while it is checked: the first trials and every ``check_every``-th are
-also measured end to end; once the median relative error exceeds ``bound``, every later trial is
-measured instead, and the switch is recorded.
+A prediction is only trusted while it is checked: the first ``check_first`` trials and every
+``check_every``-th are also measured end to end; once the median relative error of those checks
+exceeds ``bound``, every later trial is measured instead. The checks are not kept in this object:
+the caller passes the errors the study recorded (``errors``) and the trial's number, so every worker
+of a study decides alike. A value from the table is labelled ``latency_source: predicted``, with
+the table's checked error beside it; a checked trial reports the measured value.
 """
 
 from __future__ import annotations
@@ -104,9 +107,6 @@ class LatencyTable:
                 self.entries = {}
         self.residual_ms = 0.0
         self.teacher_volume = 1.0
-        self.count = 0
-        self.errors: list[float] = []
-        self.switched = False
 
     # -- profiling
 
@@ -191,21 +191,27 @@ class LatencyTable:
         layers_ms, volume = self.layer_sum(model, task)
         return layers_ms + self.residual_ms * volume / self.teacher_volume
 
-    def latency(self, model: nn.Module, task: Task, objective) -> dict[str, float]:
-        """The value the latency objective reports, and where it came from (module docstring)."""
-        self.count += 1
+    def trusted(self, errors: list[float]) -> bool:
+        """Whether predictions may stand in for measurements, given the checks made so far."""
+        return not errors or statistics.median(errors) <= self.bound
+
+    def latency(
+        self, model: nn.Module, task: Task, objective, number: int, errors: list[float]
+    ) -> dict[str, float | str]:
+        """The value the latency objective reports for trial ``number``, and where it came from
+        (see the module docstring); ``errors`` are the relative errors of the study's checks."""
         predicted = self.predict(model, task)
         check = (
-            self.switched or self.count <= self.check_first or self.count % self.check_every == 0
+            not self.trusted(errors)
+            or number < self.check_first
+            or (number + 1) % self.check_every == 0
         )
         if not check:
             return {objective.name: predicted, "latency_predicted_ms": predicted,
-                    "latency_source": 1.0}  # fmt: skip
+                    "latency_table_error": statistics.median(errors),
+                    "latency_source": "predicted"}  # fmt: skip
         measured = objective.measure_model(model, task)
         error = abs(predicted - measured.median_ms) / measured.median_ms
-        self.errors.append(error)
-        if statistics.median(self.errors) > self.bound:
-            self.switched = True
         return {objective.name: measured.median_ms, "latency_predicted_ms": predicted,
-                "latency_table_error": error, "latency_spread": measured.spread,
-                "latency_source": 0.0}  # fmt: skip
+                "latency_check_error": error, "latency_spread": measured.spread,
+                "latency_source": "measured"}  # fmt: skip

@@ -180,6 +180,9 @@ class Provenance:
     study: str | None = None
     trial: int | None = None
     measured: Mapping[str, float] = field(default_factory=dict)
+    #: values that came from a prediction (the latency lookup table), with the table's checked error
+    predicted: Mapping[str, float] = field(default_factory=dict)
+    latency_source: str | None = None  # "measured" or "predicted"
 
 
 _PRUNE_FIELDS = {
@@ -225,6 +228,8 @@ _PROVENANCE_FIELDS = {
     "study": _S.optional(_S.string()),
     "trial": _S.optional(_S.integer(0, None)),
     "measured": _measured,
+    "predicted": _measured,
+    "latency_source": _S.optional(_S.one_of(("measured", "predicted"))),
 }
 
 ORDERS = ("prune_first", "quantize_first")
@@ -267,6 +272,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         provenance = dataclasses.asdict(self.provenance)
         provenance["measured"] = dict(self.provenance.measured)
+        provenance["predicted"] = dict(self.provenance.predicted)
         distill = dataclasses.asdict(self.distill)
         distill["feature_layers"] = list(self.distill.feature_layers)
         return {

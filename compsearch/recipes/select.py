@@ -124,8 +124,11 @@ def diverse(results: StudyResults, count: int) -> list[TrialRow]:
     front = results.front()
     if not front:
         raise ConfigError("the study has no feasible completed trial yet; run more trials first.")
+    if count < 1:
+        raise ConfigError(f"--diverse: expected a count of at least 1, but got {count}.")
     scaled = _scaled(results, front)
-    chosen = [min(range(len(front)), key=lambda i: scaled[i][0])]  # the best accuracy first
+    accuracy = results.objectives.index("accuracy")  # wherever the config lists it
+    chosen = [min(range(len(front)), key=lambda i: scaled[i][accuracy])]  # the most accurate first
     while len(chosen) < min(count, len(front)):
         rest = [i for i in range(len(front)) if i not in chosen]
         chosen.append(max(rest, key=lambda i: min(math.dist(scaled[i], scaled[j]) for j in chosen)))

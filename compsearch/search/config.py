@@ -47,6 +47,11 @@ class LatencySettings:
     threads: int = 2
     warmup: int = 3
     repeats: int = 20
+    # table mode: the median relative error of the checks that keeps the table trusted, and which
+    # trials are checked (the first `check_first`, then every `check_every`-th)
+    table_bound: float = 0.15
+    check_first: int = 5
+    check_every: int = 10
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,9 @@ def parse_config(data: Any, source: str = "config") -> StudyConfig:
         "threads": _S.integer(1, 1024),
         "warmup": _S.integer(0, 1000),
         "repeats": _S.integer(1, 10_000),
+        "table_bound": _S.number(0.0, 1.0, lo_open=True),
+        "check_first": _S.integer(1, 1_000_000),
+        "check_every": _S.integer(1, 1_000_000),
     }
     fields = {
         "study": _S.string(

@@ -5,8 +5,11 @@ this is ours. Rungs are at ``min_steps · eta^k`` fine-tune steps (below the ful
 :meth:`Rungs.plan` for the default first rung). When a
 trial reaches a rung it records its objective point there (accuracy as trained so far; latency
 and size are final once the architecture is) in the study storage, and continues only if it is in
-the top ``1/eta`` of all trials that reached that rung — ranked by feasibility (of the budgets training
-cannot change: latency and size), then non-dominated rank, then crowding distance. With fewer than ``eta`` trials at a rung, the best one continues.
+the top ``1/eta`` of all trials that reached that rung — feasible ones (of the budgets training cannot
+change: latency and size) first, by non-dominated rank and crowding among themselves, then
+infeasible ones by violation (see :func:`promotable`). With fewer than ``eta`` trials at a rung, the
+best one continues. Accuracy at a rung is measured on the deploy form the trial would ship if it
+stopped there.
 A stopped trial keeps its rung and values (trial attributes) and is left out of the final front.
 """
 
@@ -52,18 +55,21 @@ class Rungs:
 
 def promotable(me: int, records: dict[int, tuple[Sequence[float], float]], eta: int) -> bool:
     """Does trial ``me`` continue? ``records`` maps every trial that reached this rung (``me``
-    included) to its point (minimized) and constraint violation (> 0: infeasible)."""
+    included) to its point (minimized) and constraint violation (> 0: infeasible).
+
+    Constrained domination (Deb's rule): every feasible trial ranks before every infeasible one;
+    feasible trials are ordered by non-dominated rank and crowding computed among feasible trials
+    only, so an infeasible point never demotes a feasible one; infeasible trials by violation."""
     numbers = sorted(records)
-    points = [tuple(records[n][0]) for n in numbers]
-    violations = [records[n][1] for n in numbers]
-    rank = ranks(points)
-    distance = crowding(points)
-    order = sorted(
-        range(len(numbers)),
-        key=lambda i: (violations[i] > 0, violations[i], rank[i], -distance[i], numbers[i]),
-    )
+    feasible = [n for n in numbers if records[n][1] <= 0]
+    infeasible = [n for n in numbers if records[n][1] > 0]
+    points = [tuple(records[n][0]) for n in feasible]
+    rank, distance = ranks(points), crowding(points)
+    ordered = [feasible[i] for i in sorted(range(len(feasible)),
+                                           key=lambda i: (rank[i], -distance[i], feasible[i]))]  # fmt: skip
+    ordered += sorted(infeasible, key=lambda n: (records[n][1], n))
     keep = max(1, len(numbers) // eta)
-    return order.index(numbers.index(me)) < keep
+    return ordered.index(me) < keep
 
 
 def rung_records(study) -> Callable[[int], dict[int, tuple[tuple[float, ...], float]]]:

@@ -11,24 +11,21 @@ import logging
 import time
 
 import optuna
-from optuna.storages._heartbeat import get_heartbeat_thread
-from optuna.trial import TrialState
 
-from compsearch.errors import CompsearchError, ConfigError
+from compsearch.errors import ConfigError
 from compsearch.search.config import StudyConfig
 from compsearch.search.driver import Driver, SearchSummary
-from compsearch.search.halving import Stopped, rung_records
 from compsearch.search.progress import Progress
 from compsearch.search.results import STUDY_ATTR, load_results
+from compsearch.search.runner import COMPLETE, PRUNED, execute, stop_reason
 from compsearch.search.storage import (
-    DIED,
     WorkerIdentity,
     budget_count,
     open_storage,
     recover_stale,
     study_lock,
 )
-from compsearch.search.trial import SearchContext, build_context, run_trial
+from compsearch.search.trial import SearchContext, build_context
 
 log = logging.getLogger(__name__)
 BASELINES = (("int8", "w8a8", 1.0), ("4-bit", "w4", 1.0), ("keep 0.5 + int8", "w8a8", 0.5))
@@ -75,8 +72,10 @@ class OptunaDriver(Driver):
     name = "optuna"
 
     def prepare(self) -> tuple[SearchContext, optuna.Study]:
-        """Build everything the trials need, then (and only then) write the study folder."""
-        ctx = build_context(self.config, self.folder.path)
+        """Build everything the trials need, then (and only then) write the study folder. A study
+        that exists already lends its recorded teacher values: every worker judges trials against
+        the same reference, and none spends time measuring the teacher again."""
+        ctx = build_context(self.config, self.folder.path, self.recorded_teacher())
         self.folder.path.mkdir(parents=True, exist_ok=True)
         study = open_study(self.config, self.folder, ctx)
         self.folder.freeze(self.config)
@@ -87,6 +86,16 @@ class OptunaDriver(Driver):
                 "constraints": [c.describe() for c in self.config.constraints],
             })  # fmt: skip
         return ctx, study
+
+    def recorded_teacher(self) -> dict[str, float] | None:
+        """The teacher values the study recorded when it started, or None for a new study."""
+        if not self.folder.exists():
+            return None
+        try:
+            study = open_study(self.config, self.folder)
+        except KeyError:  # the folder exists, the study in its storage does not (yet)
+            return None
+        return study.user_attrs.get(STUDY_ATTR, {}).get("teacher")
 
     def enqueue_baselines(self, ctx: SearchContext, study: optuna.Study) -> None:
         if not self.config.search.baselines or study.user_attrs.get("baselines_enqueued"):
@@ -107,7 +116,7 @@ class OptunaDriver(Driver):
                 self.enqueue_baselines(ctx, study)
             progress.update(load_results(study))
             while True:
-                reason = self.stop_reason(study, summary, started)
+                reason = stop_reason(self.config, study, started)
                 if reason:
                     summary.reason = reason
                     break
@@ -115,27 +124,18 @@ class OptunaDriver(Driver):
                 if trial is None:
                     summary.reason = f"the study has its {self.config.search.trials} trials"
                     break
-                self.run_one(ctx, study, trial, summary)
+                outcome = execute(ctx, study, trial)
+                if outcome == COMPLETE:
+                    summary.completed += 1
+                elif outcome == PRUNED:
+                    summary.stopped += 1
+                else:
+                    summary.failed += 1
                 progress.update(load_results(study))
         finally:
             progress.close()
             me.close()
         return summary
-
-    def stop_reason(self, study: optuna.Study, summary: SearchSummary, started: float) -> str:
-        search = self.config.search
-        if search.time_limit and time.monotonic() - started >= search.time_limit:
-            return f"the time limit ({search.time_limit:g} s) is reached"
-        if summary.failed >= search.failure_limit:
-            return (
-                f"{summary.failed} trials failed (failure_limit {search.failure_limit}); see "
-                "'compsearch status' for the reasons"
-            )
-        if search.step_budget:
-            used = sum(t.user_attrs.get("steps", 0) for t in study.get_trials(deepcopy=False))
-            if used >= search.step_budget:
-                return f"the fine-tune step budget ({search.step_budget}) is spent"
-        return ""
 
     def next_trial(self, study: optuna.Study, me: WorkerIdentity):
         with study_lock(study._storage, self.folder.path, self.config.study):
@@ -146,25 +146,3 @@ class OptunaDriver(Driver):
             trial = study.ask()
             trial.set_user_attr("worker", me.id)
             return trial
-
-    def run_one(self, ctx: SearchContext, study: optuna.Study, trial, summary: SearchSummary):
-        try:
-            with get_heartbeat_thread(trial._trial_id, study._storage):  # no-op without heartbeats
-                values = run_trial(ctx, trial, rung_records(study))
-        except Stopped as stop:
-            trial.set_user_attr("stopped", str(stop))
-            study.tell(trial, state=TrialState.PRUNED)
-            summary.stopped += 1
-        except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", DIED)  # retried when the study resumes
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        except (CompsearchError, RuntimeError, ValueError, ArithmeticError, MemoryError) as error:
-            reason = f"{type(error).__name__}: {error}"
-            log.warning("trial %d failed: %s", trial.number, reason)
-            trial.set_user_attr("fail_reason", reason[:2000])
-            study.tell(trial, state=TrialState.FAIL)
-            summary.failed += 1
-        else:
-            study.tell(trial, values)
-            summary.completed += 1

@@ -16,7 +16,6 @@ silent fresh start.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import optuna
 import ray
-from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search import Searcher
@@ -33,9 +31,9 @@ from ray.tune.search.optuna import OptunaSearch
 from compsearch.errors import StorageError
 from compsearch.paths import runs_root
 from compsearch.search.driver import Driver, SearchSummary
-from compsearch.search.halving import Stopped, rung_records
 from compsearch.search.optuna_driver import OptunaDriver, make_sampler, open_study
 from compsearch.search.results import STUDY_ATTR, load_results
+from compsearch.search.runner import COMPLETE, execute, stop_reason
 from compsearch.search.storage import (
     DIED,
     WorkerIdentity,
@@ -45,7 +43,7 @@ from compsearch.search.storage import (
     study_lock,
 )
 from compsearch.search.study import StudyFolder
-from compsearch.search.trial import build_context, run_trial
+from compsearch.search.trial import build_context
 from compsearch.train import Checkpointing
 
 log = logging.getLogger(__name__)
@@ -84,12 +82,24 @@ class StudySearch(OptunaSearch):
         with study_lock(study._storage, self._folder, config.study):
             if trial_id not in self._ot_trials:
                 counted, waiting = budget_count(study)
-                if (not waiting and counted >= config.search.trials) or _spent(study, config):
+                if (not waiting and counted >= config.search.trials) or stop_reason(config, study):
                     return Searcher.FINISHED
             params = super().suggest(trial_id)
             trial = self._ot_trials[trial_id]
             trial.set_user_attr("worker", _driver_id(self._folder))
         return {**params, TRIAL_ID: trial._trial_id, NUMBER: trial.number}
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        """The trainable told the study how its trial ended (the shared runner); only a trial
+        that never got that far (its actor died) is told here, as failed."""
+        trial = self._ot_trials.get(trial_id)
+        if (
+            trial is not None
+            and self._ot_study._storage.get_trial(trial._trial_id).state.is_finished()
+        ):
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, None, error=True)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -127,16 +137,6 @@ class StudySearch(OptunaSearch):
 def _driver_id(folder: Path) -> str:
     """The live driver's worker id (a restored searcher outlives the driver that pickled it)."""
     return (folder / "ray" / "driver.id").read_text().strip()
-
-
-def _spent(study: optuna.Study, config) -> bool:
-    trials = study.get_trials(deepcopy=False)
-    failed = sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("fail_reason")
-                 not in (None, DIED))  # fmt: skip
-    if failed >= config.search.failure_limit:
-        return True
-    budget = config.search.step_budget
-    return bool(budget) and sum(t.user_attrs.get("steps", 0) for t in trials) >= budget
 
 
 def _saved_step(root: Path) -> int:
@@ -190,18 +190,12 @@ def trainable(config: dict, folder: str) -> None:
 
     checkpoint = Checkpointing(root, every, resume_step > 0, hand_to_tune)
 
-    try:
-        with get_heartbeat_thread(trial._trial_id, study._storage):
-            values = run_trial(ctx, trial, rung_records(study), checkpoint)
-    except Stopped as stop:
-        trial.set_user_attr("stopped", str(stop))
-        tune.report({"stopped_at_rung": stop.rung})  # no objective values: the searcher prunes it
-        return
-    except Exception as error:
-        with contextlib.suppress(Exception):
-            trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}"[:2000])
-        raise
-    tune.report(dict(zip(study_config.objectives, values, strict=True)))
+    outcome = execute(ctx, study, trial, checkpoint)
+    if outcome == COMPLETE:
+        values = study._storage.get_trial(config[TRIAL_ID]).values
+        tune.report(dict(zip(study_config.objectives, values, strict=True)))
+    else:
+        tune.report({"compsearch_state": outcome})
 
 
 class RayDriver(Driver):

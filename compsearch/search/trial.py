@@ -3,13 +3,16 @@
 :func:`build_context` does the per-study work once (task, space, teacher reference measurements,
 teacher cache); :func:`run_trial` is one trial. Latency and size are measured on the deploy form as
 soon as the architecture is final (they do not depend on the trained weights), accuracy on the
-deploy form after fine-tuning. With successive halving, accuracy is also checked at each rung.
+deploy form after fine-tuning. With successive halving, accuracy is also measured at each rung, on
+the deploy form the trial would ship if it stopped there (:func:`compsearch.pipeline.deploy_snapshot`).
+How a trial ends (complete, stopped, failed) is recorded by :mod:`compsearch.search.runner`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from compsearch._files import write_text_atomic
+from compsearch.errors import ConfigError, TrialError
 from compsearch.kernels.deploy import to_deploy
 from compsearch.kernels.distill import CacheSpec, TeacherCache
 from compsearch.kernels.packing import export_packed, packed_to_bytes
@@ -32,7 +36,7 @@ from compsearch.objectives import (
     float_artifact,
 )
 from compsearch.paths import runs_root
-from compsearch.pipeline import compress
+from compsearch.pipeline import compress, deploy_snapshot
 from compsearch.recipes import dumps
 from compsearch.search.config import StudyConfig
 from compsearch.search.halving import Rungs, Stopped, promotable
@@ -43,6 +47,7 @@ from compsearch.train import Checkpointing
 
 log = logging.getLogger(__name__)
 RungRecords = Callable[[int], dict[int, tuple[tuple[float, ...], float]]]
+LatencyChecks = Callable[[], list[float]]
 
 
 @dataclass
@@ -99,8 +104,6 @@ def build_context(
     """
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from compsearch.errors import ConfigError
-
         raise ConfigError("device: expected a CUDA device for 'cuda', but torch sees none.")
     task = get_task(config.task, runs_root=runs_root())
     teacher = task.teacher()
@@ -115,8 +118,10 @@ def build_context(
     table = None
     if config.latency.mode == "table":
         key = f"{config.device}-{torch.__version__}-{config.latency.threads}t".replace("+", "_")
+        settings = config.latency
         table = LatencyTable(runs_root() / "_latency" / f"{key}.json", config.device,
-                             config.latency.threads)  # fmt: skip
+                             settings.threads, settings.table_bound, settings.check_first,
+                             settings.check_every)  # fmt: skip
     latency = LatencyObjective(config.device, config.latency.threads, config.latency.warmup,
                                config.latency.repeats, table)  # fmt: skip
     size, macs = SizeObjective(), MacsObjective()
@@ -126,6 +131,7 @@ def build_context(
             objective.prepare(reference)
             values.update(objective.measure(reference))
         values[task.primary_metric] = accuracy.teacher[task.primary_metric]
+        values = {k: float(v) for k, v in values.items() if not isinstance(v, str)}
     else:
         values = dict(teacher_values)
         accuracy.teacher = {
@@ -162,30 +168,29 @@ def run_trial(
     trial,
     rung_records: RungRecords | None = None,
     checkpoint: Checkpointing | None = None,
+    latency_checks: LatencyChecks | None = None,
 ) -> tuple[float, ...]:
     """One trial. Raises :class:`Stopped` when halving stops it (its values stay in its attributes);
-    with ``checkpoint``, its fine-tuning saves (and, with ``resume``, continues from) checkpoints."""
+    with ``checkpoint``, its fine-tuning saves (and, with ``resume``, continues from) checkpoints.
+    ``latency_checks`` returns the study's latency-table check errors so far (table mode)."""
     started = time.perf_counter()
     recipe = ctx.space.suggest(trial)
     trial_dir = ctx.folder / "trials" / f"{trial.number:05d}"
     write_text_atomic(trial_dir / "recipe.yaml", dumps(recipe))
-    measured: dict[str, float] = {}
+    measured: dict[str, float | str] = {}
+    student_ref: dict[str, nn.Module] = {}
 
-    def on_structure(student: nn.Module) -> None:
+    def on_structure(student: nn.Module, metadata: dict[str, str]) -> None:
         t0 = time.perf_counter()
+        student_ref["model"] = student
         deployed, _ = to_deploy(student, ctx.device, ctx.run)
-        candidate = Candidate(ctx.task, deployed, packed_to_bytes(export_packed(student)), student,
-                              _bits(student))  # fmt: skip
-        measured.update(ctx.latency.measure(candidate))
+        artifact = packed_to_bytes(export_packed(student), metadata)  # the file's exact bytes
+        candidate = Candidate(ctx.task, deployed, artifact, student, _bits(student))
+        errors = latency_checks() if latency_checks is not None else []
+        measured.update(ctx.latency.measure(candidate, trial.number, errors))
         measured.update(ctx.size.measure(candidate))
         measured.update(ctx.macs.measure(candidate))
         ctx.timings["measure"] = ctx.timings.get("measure", 0.0) + time.perf_counter() - t0
-
-    student_ref: dict[str, nn.Module] = {}
-
-    def capture(student: nn.Module) -> None:
-        student_ref["model"] = student
-        on_structure(student)
 
     def progress(step: int, loss: float) -> None:
         if ctx.rungs is None or rung_records is None:
@@ -193,11 +198,11 @@ def run_trial(
         rung = ctx.rungs.index(step)
         if rung is None:
             return
-        model = student_ref["model"]
-        at_rung = {**measured, **ctx.accuracy.measure(Candidate(ctx.task, model, b""))}
+        shipped = deploy_snapshot(student_ref["model"], ctx.task, recipe, ctx.device)
+        at_rung = {**measured, **ctx.accuracy.measure(Candidate(ctx.task, shipped, b""))}
+        point = ctx.point(at_rung)
         # only what training cannot change decides feasibility at a rung: latency and size are
         # final, accuracy is still rising
-        point = ctx.point(at_rung)
         violation = sum(
             max(0.0, v) for k, v in ctx.violations(at_rung).items() if k != "accuracy_drop"
         )
@@ -210,12 +215,15 @@ def run_trial(
             raise Stopped(rung, step)
 
     result = compress(ctx.task, recipe, device=ctx.device, cache=ctx.cache, progress=progress,
-                      checkpoint=checkpoint, on_structure=capture)  # fmt: skip
+                      checkpoint=checkpoint, on_structure=on_structure)  # fmt: skip
     evaluated = time.perf_counter()
     measured.update(ctx.accuracy.measure(Candidate(ctx.task, result.deployed, b"")))
     timings = {**result.timings, "measure": ctx.timings.pop("measure", 0.0),
                "evaluate": time.perf_counter() - evaluated}  # fmt: skip
     values = ctx.values(measured)
+    for name, value in zip(ctx.config.objectives, values, strict=True):
+        if not math.isfinite(value):
+            raise TrialError(f"objective {name} is {value} (not a finite number)")
     _record(trial, ctx, measured, result.train.steps)
     for name, value in ctx.violations(measured).items():
         trial.set_constraint(name, value)
@@ -229,13 +237,14 @@ def run_trial(
     return values
 
 
-def _record(trial, ctx: SearchContext, measured: dict[str, float], steps: int) -> None:
-    trial.set_user_attr("measured", {k: float(v) for k, v in measured.items()})
+def _record(trial, ctx: SearchContext, measured: dict[str, float | str], steps: int) -> None:
+    trial.set_user_attr("measured", {k: v if isinstance(v, str) else float(v)
+                                     for k, v in measured.items()})  # fmt: skip
     trial.set_user_attr("steps", steps)
     trial.set_user_attr("violation", _violation(ctx, measured))
 
 
-def _violation(ctx: SearchContext, measured: dict[str, float]) -> float:
+def _violation(ctx: SearchContext, measured: dict[str, float | str]) -> float:
     return sum(max(0.0, v) for v in ctx.violations(measured).values())
 
 
