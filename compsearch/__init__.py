@@ -19,12 +19,13 @@ from compsearch.tasks import Task, get_task
 __version__ = "0.1.0"
 
 
-def load(path, task=None, device="cpu"):
+def load(path, task=None, device="cpu", trust_task=False):
     """The deploy-form model stored at ``path`` (a ``model.safetensors`` or its folder); see
-    :func:`compsearch.final.load`."""
+    :func:`compsearch.final.load`. A task the artifact names is only imported or fetched when it is
+    built in, comes from a study in this runs root, or ``trust_task=True`` (or ``task=`` given)."""
     from compsearch.final import load as _load
 
-    return _load(path, task, device)
+    return _load(path, task, device, trust_task)
 
 
 __all__ = [

@@ -147,7 +147,13 @@ class Schema:
         missing = [name for name in required if name not in data]
         if missing:
             raise self.error(f"{path}: the key {missing[0]!r} is required but missing.")
-        return {name: fields[name](data[name], f"{path}.{name}") for name in data}
+        return {name: fields[name](data[name], child(path, name)) for name in data}
+
+
+def child(path: str, name: str) -> str:
+    """The path of field ``name`` under ``path``: ``config.search``, or ``digits.yaml: search``
+    when ``path`` is the file itself."""
+    return f"{path}: {name}" if path.endswith((".yaml", ".yml")) else f"{path}.{name}"
 
 
 def _bounds_text(lo: int | None, hi: int | None) -> str:
@@ -165,3 +171,14 @@ def _did_you_mean(word: str, options: Iterable[str]) -> str:
 
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def yaml_error(path: object, error: Exception, what: str = "YAML") -> str:
+    """One line: the file, line and column, then the parser's own words."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    detail = " ".join(str(getattr(error, "problem", None) or error).split())
+    context = getattr(error, "context", None)
+    if context:
+        detail = f"{' '.join(context.split())}, {detail}"
+    return f"{where}: expected {what}, but it does not parse: {detail}."

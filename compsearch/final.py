@@ -22,6 +22,7 @@ from pathlib import Path
 
 from torch import nn
 
+from compsearch._files import publish_folder, recover_folder
 from compsearch.errors import RecipeError, TaskError
 from compsearch.kernels.deploy import to_deploy
 from compsearch.objectives import (
@@ -60,13 +61,33 @@ class Measurements:
         return dataclasses.asdict(self)
 
 
-def task_for(recipe: Recipe, task: str | None) -> Task:
+def task_for(recipe: Recipe, task: str | None, trust_task: bool = False) -> Task:
+    """The task to rebuild ``recipe``'s model with: ``task`` when given, else the one the recipe
+    names. A name the recipe (a file) gives is only acted on when it is safe: a built-in task, the
+    task of a study in this runs root whose frozen config names it (the user's own search), or
+    ``trust_task=True``. Anything else — a ``module:factory`` or ``hf:`` name — would import code
+    or fetch a model because a file said so, and is refused with the fix."""
     name = task or recipe.provenance.task
     if not name:
         raise TaskError(
             "expected the recipe's provenance to name its task, but it names none. Pass --task."
         )
+    if task is None and not trust_task and not _trusted(recipe, name):
+        raise TaskError(
+            f"the recipe names the task {name!r}; loading it would import or fetch what a file "
+            f"names, which compsearch does only when you say so. If you trust this file, pass "
+            f"--task {name!r} or --trust-task (task= or trust_task=True in Python)."
+        )
     return get_task(name, runs_root=runs_root())
+
+
+def _trusted(recipe: Recipe, name: str) -> bool:
+    from compsearch.tasks import BUILTINS
+
+    if name in BUILTINS:
+        return True
+    config = _study_config(recipe)
+    return config is not None and config.task == name
 
 
 def measure(
@@ -162,14 +183,22 @@ def final_dir(recipe: Recipe, name: str) -> Path:
     return runs_root() / "final" / name
 
 
-def study_constraints(recipe: Recipe) -> tuple[tuple[Constraint, ...], str, int]:
-    """The constraints, device and latency threads of the recipe's study, where it has one."""
+def _study_config(recipe: Recipe):
+    """The frozen config of the study the recipe came from, where that study is in this runs root."""
     from compsearch.search.study import StudyFolder
 
-    folder = StudyFolder(runs_root() / recipe.provenance.study) if recipe.provenance.study else None
-    if folder is None or not folder.exists():
+    study = recipe.provenance.study
+    if not study or "/" in study or study.startswith("."):
+        return None
+    folder = StudyFolder(runs_root() / study)
+    return folder.frozen() if folder.exists() else None
+
+
+def study_constraints(recipe: Recipe) -> tuple[tuple[Constraint, ...], str, int]:
+    """The constraints, device and latency threads of the recipe's study, where it has one."""
+    config = _study_config(recipe)
+    if config is None:
         return (), "cpu", 2
-    config = folder.frozen()
     return config.constraints, config.device, config.latency.threads
 
 
@@ -182,10 +211,12 @@ def train_recipe(
     task: str | None = None,
     checkpoint_every: int = 100,
     progress: Progress | None = None,
+    trust_task: bool = False,
 ) -> FinalRun:
-    """Train the recipe at ``recipe_path`` and write its artifact: its folder, report, deploy form."""
+    """Train the recipe at ``recipe_path`` and write its artifact: its folder, report, deploy form.
+    ``task``/``trust_task``: see :func:`task_for`."""
     recipe = read_recipe(recipe_path)
-    the_task = task_for(recipe, task)
+    the_task = task_for(recipe, task, trust_task)
     if epochs is not None:
         examples = the_task.num_train_examples()
         if not examples:
@@ -198,13 +229,16 @@ def train_recipe(
     recipe = dataclasses.replace(recipe, finetune=dataclasses.replace(recipe.finetune, steps=steps))
     name = name or Path(recipe_path).stem
     target = final_dir(recipe, name)
+    recover_folder(target)  # a publish a kill interrupted is finished first
+    for leftover in target.parent.glob(f".{name}.staging-*"):  # the staging folder of a killed run
+        shutil.rmtree(leftover, ignore_errors=True)
     constraints, device, threads = study_constraints(recipe)
     checkpoint = Checkpointing(target / "checkpoints", every=checkpoint_every, resume=resume)
     result = compress(the_task, recipe, steps, device, progress=progress, checkpoint=checkpoint)
     artifact = result.artifact_bytes()
     measured = measure(the_task, result.deployed, artifact, result.student, device, constraints,
                        threads)  # fmt: skip
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent if target.parent.exists()
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=target.parent if target.parent.exists()
                                     else _mkdir(target.parent)))  # fmt: skip
     (staging / ARTIFACT).write_bytes(artifact)
     (staging / "recipe.yaml").write_text(dumps(recipe))
@@ -224,15 +258,15 @@ def _mkdir(path: Path) -> Path:
 
 
 def _publish(staging: Path, target: Path) -> None:
-    """Move the staged files into ``target`` (keeping its checkpoints), all at the end."""
-    target.mkdir(parents=True, exist_ok=True)
-    for item in staging.iterdir():
-        item.replace(target / item.name)
-    shutil.rmtree(staging, ignore_errors=True)
+    """The staged folder becomes ``target`` in one rename (its checkpoints carried over): a kill at
+    any point leaves the old files or the new ones, never a mix."""
+    publish_folder(staging, target, keep=("checkpoints",))
 
 
 def resolve(path: str | Path) -> Path:
     path = Path(path)
+    if path.name != ARTIFACT:
+        recover_folder(path)
     if path.is_dir():
         path = path / ARTIFACT
     if not path.is_file():
@@ -243,27 +277,33 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path, task: str | None = None, device: str = "cpu") -> nn.Module:
-    """The deploy-form model stored at ``path`` (an artifact or its folder)."""
+def load(
+    path: str | Path, task: str | None = None, device: str = "cpu", trust_task: bool = False
+) -> nn.Module:
+    """The deploy-form model stored at ``path`` (an artifact or its folder); ``task`` and
+    ``trust_task`` as in :func:`task_for`."""
     from compsearch.kernels.packing import read_packed
     from compsearch.recipes import loads
 
     artifact = resolve(path)
     _, metadata = read_packed(artifact)
     recipe = loads(metadata.get("compsearch.recipe", ""), source=f"{artifact} (metadata)")
-    deployed, _, _ = rebuild(task_for(recipe, task), artifact, device)
+    deployed, _, _ = rebuild(task_for(recipe, task, trust_task), artifact, device)
     return deployed
 
 
-def evaluate(path: str | Path, task: str | None = None, device: str = "cpu") -> Measurements:
-    """Re-measure an artifact and its teacher on the same measurements."""
+def evaluate(
+    path: str | Path, task: str | None = None, device: str = "cpu", trust_task: bool = False
+) -> Measurements:
+    """Re-measure an artifact and its teacher on the same measurements (test split, validation
+    beside it); ``task`` and ``trust_task`` as in :func:`task_for`."""
     from compsearch.kernels.packing import read_packed
     from compsearch.recipes import loads
 
     artifact = resolve(path)
     _, metadata = read_packed(artifact)
     recipe = loads(metadata.get("compsearch.recipe", ""), source=f"{artifact} (metadata)")
-    the_task = task_for(recipe, task)
+    the_task = task_for(recipe, task, trust_task)
     deployed, _, _ = rebuild(the_task, artifact, device)
     constraints, _, threads = study_constraints(recipe)
     return measure(the_task, deployed, artifact.read_bytes(), None, device, constraints, threads)

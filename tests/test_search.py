@@ -377,15 +377,6 @@ def test_three_workers_on_postgresql_run_exactly_the_requested_trials(tmp_path, 
         optuna.delete_study(study_name=name, storage=POSTGRES)
 
 
-def test_unreachable_database_is_a_clear_error_before_anything_runs(tmp_path, runs_root, capsys):
-    name = f"u-{uuid.uuid4().hex[:6]}"
-    data = tiny(name, storage="postgresql://nobody@127.0.0.1:1/none")
-    assert main(["search", str(write(tmp_path, data))]) == 2
-    err = capsys.readouterr().err
-    assert "expected a reachable study storage" in err
-    assert not (runs_root / name / "config.yaml").exists(), "nothing frozen: fix the URL, rerun"
-
-
 def test_diverse_export_starts_from_the_most_accurate_wherever_accuracy_is_listed():
     from compsearch.recipes.select import diverse
     from compsearch.search.results import StudyResults, TrialRow

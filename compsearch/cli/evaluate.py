@@ -12,6 +12,8 @@ def add_parser(commands) -> None:
     parser = commands.add_parser("evaluate", help="measure an artifact against its teacher")
     parser.add_argument("path", help="model.safetensors, or the folder holding it")
     parser.add_argument("--task", help="override the recipe's task")
+    parser.add_argument("--trust-task", action="store_true",
+                        help="import or fetch the task the file names (plug-ins, hf:)")  # fmt: skip
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=run)
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
                 "--device: expected a CUDA device for 'cuda', but torch sees none. Run on a CUDA "
                 "machine, or leave --device out to measure on the CPU."
             )
-    measured = evaluate(args.path, args.task, args.device)
+    measured = evaluate(args.path, args.task, args.device, args.trust_task)
     if args.json:
         print(json.dumps(measured.to_dict(), indent=2, sort_keys=True))
         return 0

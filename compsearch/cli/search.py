@@ -23,7 +23,7 @@ def with_overrides(config, args):
     search = raw.setdefault("search", {})
     if args.driver:
         search["driver"] = args.driver
-    if args.trials:
+    if args.trials is not None:  # 0 is refused by the config's own check, not ignored
         search["trials"] = args.trials
     if args.time_limit:
         search["time_limit"] = args.time_limit

@@ -24,6 +24,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--name", help="artifact folder name (default: the recipe's file name)")
     parser.add_argument("--task", help="override the recipe's task")
+    parser.add_argument("--trust-task", action="store_true",
+                        help="import or fetch the task the file names (plug-ins, hf:)")  # fmt: skip
     parser.add_argument("--checkpoint-every", type=int, default=None)
     parser.add_argument("--from-study", help="train exported recipes of this study folder")
     parser.add_argument("--top-k", type=int, default=1)
@@ -48,7 +50,8 @@ def train_one(path: Path, args, name: str | None = None):
     steps, every = _defaults(path, args)
     if args.epochs is not None:
         steps = None
-    run = train_recipe(path, steps, args.epochs, name or args.name, args.resume, args.task, every)
+    run = train_recipe(path, steps, args.epochs, name or args.name, args.resume, args.task, every,
+                       trust_task=args.trust_task)  # fmt: skip
     print(f"{run.path}: report {run.path / 'report.md'}")
     print((run.path / "report.md").read_text())
     return run.path, run.measurements
@@ -94,7 +97,7 @@ def from_study(args: argparse.Namespace) -> int:
     config = StudyFolder(folder).frozen()
     from compsearch.final import task_for
 
-    task = task_for(next(iter(recipes.values())), args.task)
+    task = task_for(next(iter(recipes.values())), args.task, args.trust_task)
     metric, sign = task.primary_metric, 1 if task.direction == "maximize" else -1
     unique = {}
     for path, recipe in recipes.items():  # one per trial: several rules may pick the same point
@@ -102,6 +105,10 @@ def from_study(args: argparse.Namespace) -> int:
     ranked = sorted(
         unique.values(), key=lambda item: -sign * item[1].provenance.measured.get(metric, 0)
     )
+    if len(ranked) < args.top_k:
+        print(f"note: --top-k {args.top_k}, but the study has {len(ranked)} distinct exported "
+              f"point{'s' if len(ranked) != 1 else ''}; training {len(ranked)}. Export more with "
+              f"'compsearch export {folder} --diverse K'.")  # fmt: skip
     reports = {}
     for path, _ in ranked[: args.top_k]:
         _, measured = train_one(path, args, name=path.stem)

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from compsearch._files import write_text_atomic
+from compsearch._schema import yaml_error
 from compsearch.errors import RecipeError
 from compsearch.recipes.schema import Recipe
 
@@ -35,10 +36,7 @@ def loads(text: str, source: str = "<string>") -> Recipe:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise RecipeError(
-            f"{source}: expected a YAML recipe, but the file does not parse ({error}). "
-            "If the file was cut short, export it again."
-        ) from None
+        raise RecipeError(yaml_error(source, error, "a YAML recipe")) from None
     if data is None:
         raise RecipeError(f"{source}: expected a YAML recipe, but the file is empty.")
     try:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from compsearch._schema import Schema
+from compsearch._schema import Schema, child, yaml_error
 from compsearch.errors import ConfigError
 from compsearch.objectives.constraints import Constraint, parse_constraint
 from compsearch.spaces.config import SpaceConfig, parse_space
@@ -29,6 +29,7 @@ OBJECTIVES = ("accuracy", "latency_ms", "size_bytes", "macs")
 #: fields that may change when a study is resumed (everything else must match the frozen config)
 SAFE_TO_CHANGE = (
     "search.trials", "search.time_limit", "search.failure_limit", "search.step_budget",
+    "search.heartbeat_grace",
     "search.driver", "search.ray.address", "search.ray.cpus_per_trial", "search.ray.gpus_per_trial",
     "search.ray.max_concurrent",
 )  # fmt: skip
@@ -75,6 +76,8 @@ class SearchSettings:
     cache_batches: int = 64
     baselines: bool = True
     failure_limit: int = 10
+    #: seconds without a heartbeat after which a running trial's worker counts as dead (any host)
+    heartbeat_grace: float = 120.0
     population_size: int = 8
     halving: Halving = field(default_factory=Halving)
     ray: RaySettings = field(default_factory=RaySettings)
@@ -121,6 +124,12 @@ def _storage(value: Any, path: str) -> str | None:
     if value is None:
         return None
     text = _S.string(what="'journal' or a database URL")(value, path)
+    if re.fullmatch(r"sqlite(\+\w+)?://(/(:memory:)?)?", text):
+        raise ConfigError(
+            f"{path}: expected a storage that outlives this process, but {text!r} is an in-memory "
+            "SQLite database. Leave storage out for a SQLite file in the study folder, or give "
+            "sqlite:///path/to/study.db."
+        )
     if text == "journal" or re.match(r"^(sqlite|postgresql|postgres|mysql|redis)(\+\w+)?://", text):
         return text
     raise ConfigError(
@@ -170,6 +179,7 @@ def parse_config(data: Any, source: str = "config") -> StudyConfig:
         "cache_batches": _S.integer(1, 100_000),
         "baselines": _S.boolean(),
         "failure_limit": _S.integer(1, None),
+        "heartbeat_grace": _S.number(5.0, None),
         "population_size": _S.integer(2, 10_000),
         "halving": lambda v, p: Halving(**_S.record(v, p, halving_fields)),
         "ray": lambda v, p: RaySettings(**_S.record(v, p, ray_fields)),
@@ -205,7 +215,7 @@ def parse_config(data: Any, source: str = "config") -> StudyConfig:
     halving = config.search.halving
     if halving.enabled and halving.min_steps and halving.min_steps >= config.search.finetune_steps:
         raise ConfigError(
-            f"{source}.search.halving.min_steps: expected fewer than search.finetune_steps "
+            f"{child(source, 'search')}.halving.min_steps: expected fewer than search.finetune_steps "
             f"({config.search.finetune_steps}), but got {halving.min_steps}."
         )
     return config
@@ -218,7 +228,7 @@ def read_config(path: str | Path) -> StudyConfig:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: expected YAML, but it does not parse ({error}).") from None
+        raise ConfigError(yaml_error(path, error)) from None
     if data is None:
         raise ConfigError(f"{path}: expected a study config, but the file is empty.")
     return parse_config(data, source=str(path))

@@ -12,6 +12,7 @@ import time
 
 import optuna
 
+from compsearch._files import remove_stale_temporaries
 from compsearch.errors import ConfigError
 from compsearch.search.config import StudyConfig
 from compsearch.search.driver import Driver, SearchSummary
@@ -20,7 +21,7 @@ from compsearch.search.results import STUDY_ATTR, load_results
 from compsearch.search.runner import COMPLETE, PRUNED, execute, stop_reason
 from compsearch.search.storage import (
     WorkerIdentity,
-    budget_count,
+    budget_met,
     open_storage,
     recover_stale,
     study_lock,
@@ -72,11 +73,15 @@ class OptunaDriver(Driver):
     name = "optuna"
 
     def prepare(self) -> tuple[SearchContext, optuna.Study]:
-        """Build everything the trials need, then (and only then) write the study folder. A study
+        """Check the storage, build everything the trials need, then (and only then) write the
+        study folder — a bad storage URL fails in a second and leaves nothing behind. A study
         that exists already lends its recorded teacher values: every worker judges trials against
         the same reference, and none spends time measuring the teacher again."""
+        if self.config.search.storage not in (None, "journal"):  # a server: reachable first
+            open_storage(self.config.search.storage, self.folder.path)
         ctx = build_context(self.config, self.folder.path, self.recorded_teacher())
         self.folder.path.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.folder.path)  # what writers killed mid-write left behind
         study = open_study(self.config, self.folder, ctx)
         self.folder.freeze(self.config)
         if STUDY_ATTR not in study.user_attrs:
@@ -100,7 +105,7 @@ class OptunaDriver(Driver):
     def enqueue_baselines(self, ctx: SearchContext, study: optuna.Study) -> None:
         if not self.config.search.baselines or study.user_attrs.get("baselines_enqueued"):
             return
-        for label, fmt, keep in BASELINES:
+        for label, fmt, keep in BASELINES[: self.config.search.trials]:  # never past the budget
             study.enqueue_trial(ctx.space.uniform_params(fmt, keep), user_attrs={"baseline": label})
         study.set_user_attr("baselines_enqueued", True)
 
@@ -112,7 +117,7 @@ class OptunaDriver(Driver):
         progress = Progress(self.config.search.trials, self.config.study)
         try:
             with study_lock(study._storage, self.folder.path, self.config.study):
-                summary.recovered = recover_stale(study, me)
+                summary.recovered = recover_stale(study, me, self.config.search.heartbeat_grace)
                 self.enqueue_baselines(ctx, study)
             progress.update(load_results(study))
             while True:
@@ -139,9 +144,8 @@ class OptunaDriver(Driver):
 
     def next_trial(self, study: optuna.Study, me: WorkerIdentity):
         with study_lock(study._storage, self.folder.path, self.config.study):
-            recover_stale(study, me)
-            counted, waiting = budget_count(study)
-            if not waiting and counted >= self.config.search.trials:
+            recover_stale(study, me, self.config.search.heartbeat_grace)
+            if budget_met(study, self.config.search.trials):
                 return None
             trial = study.ask()
             trial.set_user_attr("worker", me.id)

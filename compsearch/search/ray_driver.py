@@ -33,18 +33,24 @@ from compsearch.paths import runs_root
 from compsearch.search.driver import Driver, SearchSummary
 from compsearch.search.optuna_driver import OptunaDriver, make_sampler, open_study
 from compsearch.search.results import STUDY_ATTR, load_results
-from compsearch.search.runner import COMPLETE, execute, stop_reason
+from compsearch.search.runner import (
+    COMPLETE,
+    checkpointing,
+    checkpoints_of,
+    execute,
+    saved_step,
+    stop_reason,
+)
 from compsearch.search.storage import (
     DIED,
     WorkerIdentity,
-    budget_count,
+    budget_met,
     open_storage,
     recover_stale,
     study_lock,
 )
 from compsearch.search.study import StudyFolder
 from compsearch.search.trial import build_context
-from compsearch.train import Checkpointing
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "tune"
@@ -80,10 +86,9 @@ class StudySearch(OptunaSearch):
         config = StudyFolder(self._folder).frozen()
         study = self._ot_study
         with study_lock(study._storage, self._folder, config.study):
-            if trial_id not in self._ot_trials:
-                counted, waiting = budget_count(study)
-                if (not waiting and counted >= config.search.trials) or stop_reason(config, study):
-                    return Searcher.FINISHED
+            new = trial_id not in self._ot_trials
+            if new and (budget_met(study, config.search.trials) or stop_reason(config, study)):
+                return Searcher.FINISHED
             params = super().suggest(trial_id)
             trial = self._ot_trials[trial_id]
             trial.set_user_attr("worker", _driver_id(self._folder))
@@ -139,13 +144,6 @@ def _driver_id(folder: Path) -> str:
     return (folder / "ray" / "driver.id").read_text().strip()
 
 
-def _saved_step(root: Path) -> int:
-    import json
-
-    steps = [json.loads(p.read_text())["step"] for p in root.glob("stage-*/train-state.json")]
-    return max(steps, default=0)
-
-
 def _directions(info: dict) -> list[str]:
     return [info["direction"] if o == "accuracy" else "minimize" for o in info["objectives"]]
 
@@ -170,26 +168,21 @@ def trainable(config: dict, folder: str) -> None:
     trial = optuna.trial.Trial(study, config[TRIAL_ID])
     if study._storage.get_trial(config[TRIAL_ID]).state != TrialState.RUNNING:
         return  # failed as stale while the experiment was down; its retry runs as a new trial
-    root = study_folder.path / "trials" / f"{config[NUMBER]:05d}" / "checkpoints"
+    root = checkpoints_of(ctx, config[NUMBER])
     # resume from the newer of the trial's own saves (the runs root is shared by every node) and
     # the checkpoint Tune restored: Tune records checkpoints in its experiment state only every
     # few seconds, so after a kill the trial's own files are often ahead of Tune's copy
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
-            if _saved_step(Path(directory)) > _saved_step(root):
+            if saved_step(Path(directory)) > saved_step(root):
                 shutil.rmtree(root, ignore_errors=True)
                 shutil.copytree(directory, root)
-    resume_step = _saved_step(root)
-    if resume_step:
-        trial.set_user_attr("resumed_from_step", resume_step)
-    every = max(1, study_config.search.finetune_steps // 4)
 
     def hand_to_tune(directory: Path, step: int) -> None:
         tune.report({"fine_tune_step": step}, checkpoint=tune.Checkpoint.from_directory(str(root)))
 
-    checkpoint = Checkpointing(root, every, resume_step > 0, hand_to_tune)
-
+    checkpoint = checkpointing(ctx, trial, hand_to_tune)
     outcome = execute(ctx, study, trial, checkpoint)
     if outcome == COMPLETE:
         values = study._storage.get_trial(config[TRIAL_ID]).values
@@ -216,7 +209,7 @@ class RayDriver(Driver):
                 if restoring:
                     _adopt(study, me)  # the restored experiment resumes these trials
                 else:
-                    recover_stale(study, me)
+                    recover_stale(study, me, self.config.search.heartbeat_grace)
                 preparer.enqueue_baselines(ctx, study)
             # checkpoint reports during fine-tuning carry no objective values yet (and a stopped
             # trial none at all); the multi-objective searcher reads only the final report

@@ -10,14 +10,26 @@
 * FAIL with ``fail_reason`` = :data:`~compsearch.search.storage.DIED` on ``KeyboardInterrupt``
   (the process is going away): such a trial is retried when the study resumes.
 
+While it runs, a trial saves fine-tuning checkpoints in its folder (every quarter of the budget)
+and refreshes a ``heartbeat`` timestamp in the study, whatever the storage. A worker that dies —
+here or on another machine — leaves a RUNNING trial whose heartbeat stops; any live worker fails
+it after ``search.heartbeat_grace`` seconds and enqueues a retry, and the retry continues from the
+dead trial's last checkpoint (same parameters, same data order), recording ``resumed_from_step``.
+A finished trial's checkpoints are deleted: they exist only to resume.
+
 :func:`stop_reason` is the rule both drivers stop on; failures are counted over the whole study, so
 ``failure_limit`` means the same under either driver and across resumes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import optuna
 from optuna.storages._heartbeat import get_heartbeat_thread
@@ -25,9 +37,9 @@ from optuna.trial import TrialState
 
 from compsearch.search.config import StudyConfig
 from compsearch.search.halving import Stopped, rung_records
-from compsearch.search.storage import DIED
+from compsearch.search.storage import DIED, HEARTBEAT_ATTR
 from compsearch.search.trial import SearchContext, run_trial
-from compsearch.train import Checkpointing
+from compsearch.train import META_FILE, Checkpointing
 
 log = logging.getLogger(__name__)
 COMPLETE, PRUNED, FAILED = "COMPLETE", "PRUNED", "FAIL"
@@ -40,16 +52,18 @@ def execute(
     checkpoint: Checkpointing | None = None,
 ) -> str:
     """Run ``trial`` and tell ``study`` how it ended; returns COMPLETE, PRUNED or FAIL."""
+    if checkpoint is None:
+        checkpoint = checkpointing(ctx, trial)
     try:
-        with get_heartbeat_thread(trial._trial_id, study._storage):  # no-op without heartbeats
+        with get_heartbeat_thread(trial._trial_id, study._storage), heartbeat(study, trial, ctx):
             values = run_trial(ctx, trial, rung_records(study), checkpoint,
                                lambda: latency_checks(study))  # fmt: skip
     except Stopped as stop:
         trial.set_user_attr("stopped", str(stop))
         study.tell(trial, state=TrialState.PRUNED)
-        return PRUNED
+        outcome = PRUNED
     except KeyboardInterrupt:
-        trial.set_user_attr("fail_reason", DIED)  # retried when the study resumes
+        trial.set_user_attr("fail_reason", DIED)  # retried (from its checkpoint) on resume
         study.tell(trial, state=TrialState.FAIL)
         raise
     except Exception as error:
@@ -57,9 +71,69 @@ def execute(
         log.warning("trial %d failed: %s", trial.number, reason.splitlines()[0][:500])
         trial.set_user_attr("fail_reason", reason[:2000])
         study.tell(trial, state=TrialState.FAIL)
-        return FAILED
-    study.tell(trial, values)
-    return COMPLETE
+        outcome = FAILED
+    else:
+        study.tell(trial, values)
+        outcome = COMPLETE
+    shutil.rmtree(checkpoint.directory, ignore_errors=True)
+    return outcome
+
+
+def checkpoints_of(ctx: SearchContext, number: int) -> Path:
+    return ctx.folder / "trials" / f"{number:05d}" / "checkpoints"
+
+
+def saved_step(root: Path) -> int:
+    """The last fine-tuning step saved under ``root`` (0 when none)."""
+    steps = [json.loads(p.read_text())["step"] for p in root.glob(f"stage-*/{META_FILE}")]
+    return max(steps, default=0)
+
+
+def checkpointing(
+    ctx: SearchContext,
+    trial: optuna.trial.Trial,
+    on_save: Callable[[Path, int], None] | None = None,
+) -> Checkpointing:
+    """Checkpoints in the trial's folder; a retry of a dead trial starts from the dead one's."""
+    root = checkpoints_of(ctx, trial.number)
+    dead = trial.user_attrs.get("retry_of")
+    if dead is not None:
+        source = checkpoints_of(ctx, int(dead))
+        if saved_step(source) > saved_step(root):
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.copytree(source, root)
+    resume_step = saved_step(root)
+    if resume_step:
+        trial.set_user_attr("resumed_from_step", resume_step)
+    every = max(1, ctx.config.search.finetune_steps // 4)
+    return Checkpointing(root, every, resume_step > 0, on_save)
+
+
+class heartbeat:
+    """Refreshes the trial's ``heartbeat`` attribute (a UNIX time) while the block runs."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.trial.Trial, ctx: SearchContext) -> None:
+        self.storage, self.trial_id = study._storage, trial._trial_id
+        self.interval = max(1.0, min(30.0, ctx.config.search.heartbeat_grace / 4))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name="compsearch-heartbeat")
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                self.storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
+            except Exception as error:  # a storage hiccup must not kill the trial
+                log.warning("heartbeat of trial id %d not written: %s", self.trial_id, error)
+            if self.stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def failures(study: optuna.Study) -> int:

@@ -7,8 +7,11 @@
   ``redis://`` for a journal on Redis — a cluster.
 
 Every worker holds an exclusive lock on ``workers/<id>.lock`` while it lives and tags the trials it
-runs with its id; a RUNNING trial whose worker's lock is free belongs to a dead process. On RDB
-storages Optuna's heartbeat catches workers on other machines too. Stale trials are failed and
+runs with its id; a RUNNING trial whose worker's lock is free belongs to a dead process on this
+machine. For workers on other machines, every running trial refreshes a ``heartbeat`` attribute
+(a UNIX time, any storage kind); a RUNNING trial whose heartbeat is older than the grace period
+belongs to a dead worker wherever it ran (clocks of the machines are assumed to agree within the
+grace period). On RDB storages Optuna's own heartbeat is on as well. Stale trials are failed and
 their parameters enqueued again (``retry_of``), so a killed search resumes where it stopped.
 Creating a trial under the trial budget happens under a study-wide lock (a lock file, or a
 PostgreSQL advisory lock), so concurrent workers never overshoot the requested count.
@@ -21,6 +24,7 @@ import fcntl
 import hashlib
 import os
 import socket
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -152,18 +156,31 @@ class WorkerIdentity:
 
 
 DIED = "its worker died"
+HEARTBEAT_ATTR = "heartbeat"
 
 
-def recover_stale(study: optuna.Study, me: WorkerIdentity) -> list[int]:
+def silent(trial, grace_s: float | None, now: float | None = None) -> bool:
+    """A trial whose heartbeat stopped more than ``grace_s`` seconds ago."""
+    beat = trial.user_attrs.get(HEARTBEAT_ATTR)
+    if grace_s is None or beat is None:
+        return False
+    return (time.time() if now is None else now) - float(beat) > grace_s
+
+
+def recover_stale(
+    study: optuna.Study, me: WorkerIdentity, grace_s: float | None = None
+) -> list[int]:
     """Fail RUNNING trials of dead workers and enqueue their parameters again. Returns their numbers.
 
-    A trial the search failed on purpose always carries a ``fail_reason``; a FAIL without one was
+    Dead: its worker's lock on this machine is free, or its heartbeat is older than ``grace_s``. A
+    trial the search failed on purpose always carries a ``fail_reason``; a FAIL without one was
     failed by Optuna's heartbeat check, i.e. its worker died too.
     """
     with contextlib.suppress(NotImplementedError, AttributeError):
         optuna.storages.fail_stale_trials(study)  # heartbeat-based (RDB storages)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if me.is_dead(trial.user_attrs.get("worker", "")):
+        worker = trial.user_attrs.get("worker", "")
+        if me.is_dead(worker) or (worker != me.id and silent(trial, grace_s)):
             study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", DIED)
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
@@ -185,3 +202,11 @@ def budget_count(study: optuna.Study) -> tuple[int, int]:
     counted = [t for t in trials if not (t.state == TrialState.FAIL and t.number in retried)]
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
     return len(counted), waiting
+
+
+def budget_met(study: optuna.Study, trials: int) -> bool:
+    """Whether ``trials`` trials have started (running or finished; a failed trial that is being
+    retried is replaced by its retry). Waiting trials beyond the budget never start, so a budget
+    below the number of enqueued baselines is still exact."""
+    counted, waiting = budget_count(study)
+    return counted - waiting >= trials
