@@ -175,7 +175,8 @@ def bad_inputs(work: Path, runs: Path) -> list[list[object]]:
     variant("bad constraint", {"constraints": {"latency_ms": "fast"}})
     variant("keep ratio above 1", {"space": {"keep_ratio": 1.5}})
     variant("in-memory SQLite", {"search": {"storage": "sqlite://"}})
-    variant("unreachable PostgreSQL", {"search": {"storage": "postgresql://x@127.0.0.1:1/none"}})
+    variant("unreachable PostgreSQL", {"study": "bad-storage",
+                                       "search": {"storage": "postgresql://x@127.0.0.1:1/none"}})  # fmt: skip
     broken = work / "broken.yaml"
     broken.write_text("study: x\ntask: digits\nsearch: {trials: 3\n")
     bad_recipe = work / "bad-recipe.yaml"

@@ -47,12 +47,12 @@ class StudyFolder:
         changes = diff(old, config.raw)
         unsafe = [c for c in changes if c[0] not in SAFE_TO_CHANGE]
         if unsafe:
-            lines = "\n".join(f"  {key}: {a!r} -> {b!r}" for key, a, b in unsafe)
+            changed = "; ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in unsafe)
             raise ConfigError(
-                f"study {config.study!r} exists at {str(self.path)!r} with a different config; "
-                f"resuming would mix trials of two searches. Changed:\n{lines}\n"
-                f"Only {', '.join(SAFE_TO_CHANGE)} may change on resume. Restore the config, or "
-                "give the new search another study name."
+                f"study {config.study!r} exists at {str(self.path)!r} with a different config "
+                f"({changed}); resuming would mix trials of two searches. Restore the config, "
+                "or give the new search another study name (only the search budgets, limits and "
+                "Ray settings may change on resume)."
             )
         return changes
 
