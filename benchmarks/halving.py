@@ -20,7 +20,7 @@ import yaml
 from _common import header, table
 
 from compsearch.search import folder_for, load_driver, load_results, parse_config
-from compsearch.search.optuna_driver import open_study
+from compsearch.search.study import open_study
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist.yaml"
 

@@ -57,7 +57,7 @@ def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 
 def study_of(runs: Path, name: str):
     from compsearch.search import StudyFolder
-    from compsearch.search.optuna_driver import open_study
+    from compsearch.search.study import open_study
 
     folder = StudyFolder(runs / name)
     return open_study(folder.frozen(), folder)

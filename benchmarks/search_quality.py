@@ -33,7 +33,8 @@ import yaml
 from _common import header, table
 
 from compsearch.search import folder_for, load_driver, load_results, parse_config
-from compsearch.search.optuna_driver import BASELINES, open_study
+from compsearch.search.prepare import BASELINES, prepare_study
+from compsearch.search.study import open_study
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SETTINGS = {  # per task: trials and fine-tune steps at the equal budget
@@ -106,11 +107,10 @@ def evaluate_task(task: str, seeds: int, trials: int | None, root: Path, plots: 
         config["search"] = {**config["search"], "trials": 1, "baselines": False}
         single = parse_config(config)
         folder = folder_for(single, root)
-        driver = load_driver("optuna")(single, folder)
-        ctx, study = driver.prepare()
+        ctx, study = prepare_study(single, folder)
         if not study.trials:
             study.enqueue_trial(ctx.space.uniform_params(fmt, keep), user_attrs={"baseline": label})
-        driver.run()
+        load_driver("optuna")(single, folder).run()
         results = load_results(open_study(single, folder))
         row = results.rows[0]
         feasible = "feasible" if row.feasible else "infeasible"

@@ -36,7 +36,7 @@ from compsearch.objectives import (
 from compsearch.paths import runs_root
 from compsearch.pipeline import compress, rebuild
 from compsearch.recipes import Recipe, dumps, read_recipe
-from compsearch.tasks import Task, get_task, move
+from compsearch.tasks import BUILTINS, Task, get_task, move
 from compsearch.train import Checkpointing, Progress
 
 ARTIFACT = "model.safetensors"
@@ -63,31 +63,22 @@ class Measurements:
 
 def task_for(recipe: Recipe, task: str | None, trust_task: bool = False) -> Task:
     """The task to rebuild ``recipe``'s model with: ``task`` when given, else the one the recipe
-    names. A name the recipe (a file) gives is only acted on when it is safe: a built-in task, the
-    task of a study in this runs root whose frozen config names it (the user's own search), or
-    ``trust_task=True``. Anything else — a ``module:factory`` or ``hf:`` name — would import code
-    or fetch a model because a file said so, and is refused with the fix."""
+    names. A name the recipe (a file) gives is only acted on when it is safe: a built-in task, or
+    ``trust_task=True`` (the CLI sets it for the task of the user's own study in this runs root).
+    Anything else — a ``module:factory`` or ``hf:`` name — would import code or fetch a model
+    because a file said so, and is refused with the fix."""
     name = task or recipe.provenance.task
     if not name:
         raise TaskError(
             "expected the recipe's provenance to name its task, but it names none. Pass --task."
         )
-    if task is None and not trust_task and not _trusted(recipe, name):
+    if task is None and not trust_task and name not in BUILTINS:
         raise TaskError(
             f"the recipe names the task {name!r}; loading it would import or fetch what a file "
             f"names, which compsearch does only when you say so. If you trust this file, pass "
             f"--task {name!r} or --trust-task (task= or trust_task=True in Python)."
         )
     return get_task(name, runs_root=runs_root())
-
-
-def _trusted(recipe: Recipe, name: str) -> bool:
-    from compsearch.tasks import BUILTINS
-
-    if name in BUILTINS:
-        return True
-    config = _study_config(recipe)
-    return config is not None and config.task == name
 
 
 def measure(
@@ -183,25 +174,6 @@ def final_dir(recipe: Recipe, name: str) -> Path:
     return runs_root() / "final" / name
 
 
-def _study_config(recipe: Recipe):
-    """The frozen config of the study the recipe came from, where that study is in this runs root."""
-    from compsearch.search.study import StudyFolder
-
-    study = recipe.provenance.study
-    if not study or "/" in study or study.startswith("."):
-        return None
-    folder = StudyFolder(runs_root() / study)
-    return folder.frozen() if folder.exists() else None
-
-
-def study_constraints(recipe: Recipe) -> tuple[tuple[Constraint, ...], str, int]:
-    """The constraints, device and latency threads of the recipe's study, where it has one."""
-    config = _study_config(recipe)
-    if config is None:
-        return (), "cpu", 2
-    return config.constraints, config.device, config.latency.threads
-
-
 def train_recipe(
     recipe_path: str | Path,
     steps: int | None = None,
@@ -212,9 +184,13 @@ def train_recipe(
     checkpoint_every: int = 100,
     progress: Progress | None = None,
     trust_task: bool = False,
+    bounds: tuple[Constraint, ...] = (),
+    device: str = "cpu",
+    threads: int = 2,
 ) -> FinalRun:
     """Train the recipe at ``recipe_path`` and write its artifact: its folder, report, deploy form.
-    ``task``/``trust_task``: see :func:`task_for`."""
+    ``task``/``trust_task``: see :func:`task_for`. The report checks ``bounds`` and measures on
+    ``device`` with ``threads`` CPU threads (the CLI passes the recipe's study settings)."""
     recipe = read_recipe(recipe_path)
     the_task = task_for(recipe, task, trust_task)
     if epochs is not None:
@@ -232,11 +208,10 @@ def train_recipe(
     recover_folder(target)  # a publish a kill interrupted is finished first
     for leftover in target.parent.glob(f".{name}.staging-*"):  # the staging folder of a killed run
         shutil.rmtree(leftover, ignore_errors=True)
-    constraints, device, threads = study_constraints(recipe)
     checkpoint = Checkpointing(target / "checkpoints", every=checkpoint_every, resume=resume)
     result = compress(the_task, recipe, steps, device, progress=progress, checkpoint=checkpoint)
     artifact = result.artifact_bytes()
-    measured = measure(the_task, result.deployed, artifact, result.student, device, constraints,
+    measured = measure(the_task, result.deployed, artifact, result.student, device, bounds,
                        threads)  # fmt: skip
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=target.parent if target.parent.exists()
                                     else _mkdir(target.parent)))  # fmt: skip
@@ -282,31 +257,37 @@ def load(
 ) -> nn.Module:
     """The deploy-form model stored at ``path`` (an artifact or its folder); ``task`` and
     ``trust_task`` as in :func:`task_for`."""
-    from compsearch.kernels.packing import read_packed
-    from compsearch.recipes import loads
-
     artifact = resolve(path)
-    _, metadata = read_packed(artifact)
-    recipe = loads(metadata.get("compsearch.recipe", ""), source=f"{artifact} (metadata)")
-    deployed, _, _ = rebuild(task_for(recipe, task, trust_task), artifact, device)
+    deployed, _, _ = rebuild(
+        task_for(artifact_recipe(artifact), task, trust_task), artifact, device
+    )
     return deployed
 
 
-def evaluate(
-    path: str | Path, task: str | None = None, device: str = "cpu", trust_task: bool = False
-) -> Measurements:
-    """Re-measure an artifact and its teacher on the same measurements (test split, validation
-    beside it); ``task`` and ``trust_task`` as in :func:`task_for`."""
+def artifact_recipe(path: str | Path) -> Recipe:
+    """The recipe an artifact carries in its metadata."""
     from compsearch.kernels.packing import read_packed
     from compsearch.recipes import loads
 
     artifact = resolve(path)
     _, metadata = read_packed(artifact)
-    recipe = loads(metadata.get("compsearch.recipe", ""), source=f"{artifact} (metadata)")
-    the_task = task_for(recipe, task, trust_task)
+    return loads(metadata.get("compsearch.recipe", ""), source=f"{artifact} (metadata)")
+
+
+def evaluate(
+    path: str | Path,
+    task: str | None = None,
+    device: str = "cpu",
+    trust_task: bool = False,
+    bounds: tuple[Constraint, ...] = (),
+    threads: int = 2,
+) -> Measurements:
+    """Re-measure an artifact and its teacher on the same measurements (test split, validation
+    beside it), checking ``bounds``; ``task`` and ``trust_task`` as in :func:`task_for`."""
+    artifact = resolve(path)
+    the_task = task_for(artifact_recipe(artifact), task, trust_task)
     deployed, _, _ = rebuild(the_task, artifact, device)
-    constraints, _, threads = study_constraints(recipe)
-    return measure(the_task, deployed, artifact.read_bytes(), None, device, constraints, threads)
+    return measure(the_task, deployed, artifact.read_bytes(), None, device, bounds, threads)
 
 
 def best_of(reports: dict[str, Measurements], metric: str, direction: str) -> str:

@@ -49,7 +49,10 @@ def test_search_export_train_load_evaluate_end_to_end(mnist_study, mnist_task, c
     with torch.no_grad():
         assert torch.equal(mnist_task.forward(loaded, batch).logits,
                            mnist_task.forward(run.deployed, batch).logits)  # fmt: skip
-    measured = evaluate(run.path)
+    from compsearch.search.study import StudyFolder
+
+    bounds = StudyFolder(mnist_study).frozen().constraints  # the final run takes its bounds
+    measured = evaluate(run.path, bounds=bounds)
     test = mnist_task.evaluate(loaded, "test")["accuracy"]
     validation = mnist_task.evaluate(loaded, "validation")["accuracy"]
     assert measured.compressed["accuracy"] == pytest.approx(test), "reports are on the test split"
@@ -66,7 +69,8 @@ def test_search_export_train_load_evaluate_end_to_end(mnist_study, mnist_task, c
     assert measured.compressed["size_bytes"] < measured.teacher["size_bytes"]
     assert "accuracy_drop" in measured.constraints
     assert main(["evaluate", str(run.path)]) == 0
-    assert "speed-up" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "constraint accuracy drop <= 50%" in out, "the study's bounds"
 
 
 def test_resumed_final_run_gives_the_same_artifact(mnist_study, tmp_path):
@@ -127,7 +131,7 @@ def test_export_rule_nobody_meets_shows_the_nearest_points(mnist_study, capsys):
     err = capsys.readouterr().err
     assert "no feasible front point has latency_ms <= 0.001. Nearest: trial" in err
     with pytest.raises(ConfigError, match="expected 'NAME OP VALUE'"):
-        from compsearch.recipes.select import parse_bound
+        from compsearch.search.select import parse_bound
 
         parse_bound("latency is small", "accuracy")
 

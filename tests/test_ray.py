@@ -33,7 +33,7 @@ def config(tmp_path, name, steps, trials=6, **search):
 
 def load(runs_root, name):
     from compsearch.search import StudyFolder
-    from compsearch.search.optuna_driver import open_study
+    from compsearch.search.study import open_study
 
     folder = StudyFolder(runs_root / name)
     return open_study(folder.frozen(), folder)

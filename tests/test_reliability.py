@@ -210,12 +210,12 @@ def test_a_remote_worker_that_died_is_recovered_and_its_trial_resumed(tmp_path, 
     ref_data = {**data, "study": reference, "search": {**data["search"], "storage": None}}
     ref_config = write(tmp_path, ref_data)
     from compsearch.search import StudyFolder, load_driver, read_config
+    from compsearch.search.prepare import prepare_study
 
     ref = read_config(ref_config)
-    driver = load_driver("optuna")(ref, StudyFolder(runs_root / reference))
-    ctx, ref_study = driver.prepare()
+    _, ref_study = prepare_study(ref, StudyFolder(runs_root / reference))
     ref_study.enqueue_trial(dead.params)
-    driver.run()
+    load_driver("optuna")(ref, StudyFolder(runs_root / reference)).run()
     (straight,) = load(runs_root, reference).get_trials()
     resumed, uninterrupted = retry.user_attrs["measured"], straight.user_attrs["measured"]
     for key in ("accuracy", "nll", "params", "macs"):

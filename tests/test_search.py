@@ -17,9 +17,9 @@ from compsearch.cli import main
 from compsearch.errors import ConfigError
 from compsearch.search import StudyFolder, parse_config
 from compsearch.search.halving import Rungs, promotable
-from compsearch.search.optuna_driver import open_study
 from compsearch.search.pareto import crowding, hypervolume, ranks
 from compsearch.search.storage import budget_count
+from compsearch.search.study import open_study
 
 
 def tiny(study: str, **search) -> dict:
@@ -378,8 +378,8 @@ def test_three_workers_on_postgresql_run_exactly_the_requested_trials(tmp_path, 
 
 
 def test_diverse_export_starts_from_the_most_accurate_wherever_accuracy_is_listed():
-    from compsearch.recipes.select import diverse
     from compsearch.search.results import StudyResults, TrialRow
+    from compsearch.search.select import diverse
 
     teacher = {"accuracy": 1.0, "latency_ms": 10.0}
     measured = [(0.99, 9.0), (0.95, 5.0), (0.90, 2.0)]  # the most accurate is the slowest

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from compsearch.final import evaluate
+from compsearch.final import artifact_recipe, evaluate
+from compsearch.paths import runs_root
+from compsearch.search.study import recipe_study
 
 
 def add_parser(commands) -> None:
@@ -30,7 +32,11 @@ def run(args: argparse.Namespace) -> int:
                 "--device: expected a CUDA device for 'cuda', but torch sees none. Run on a CUDA "
                 "machine, or leave --device out to measure on the CPU."
             )
-    measured = evaluate(args.path, args.task, args.device, args.trust_task)
+    recipe = artifact_recipe(args.path)
+    config = recipe_study(recipe, runs_root())  # the user's own study: its task and bounds
+    trust = args.trust_task or (config is not None and config.task == recipe.provenance.task)
+    bounds, threads = (config.constraints, config.latency.threads) if config else ((), 2)
+    measured = evaluate(args.path, args.task, args.device, trust, bounds, threads)
     if args.json:
         print(json.dumps(measured.to_dict(), indent=2, sort_keys=True))
         return 0

@@ -15,10 +15,10 @@ from pathlib import Path
 import optuna
 
 from compsearch.recipes import Recipe, read_recipe, write_recipe
-from compsearch.recipes.select import best, diverse, knee, parse_bound
 from compsearch.search import StudyFolder, load_results
-from compsearch.search.optuna_driver import open_study
 from compsearch.search.results import StudyResults, TrialRow
+from compsearch.search.select import best, diverse, knee, parse_bound
+from compsearch.search.study import open_study
 
 
 def add_parser(commands) -> None:

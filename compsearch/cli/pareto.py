@@ -9,8 +9,8 @@ from pathlib import Path
 
 from compsearch._files import write_bytes_atomic, write_text_atomic
 from compsearch.search import StudyFolder, load_results
-from compsearch.search.optuna_driver import open_study
 from compsearch.search.results import StudyResults, TrialRow
+from compsearch.search.study import open_study
 
 
 def add_parser(commands) -> None:

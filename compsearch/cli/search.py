@@ -12,7 +12,7 @@ from compsearch.search import folder_for, load_driver, parse_config, read_config
 def add_parser(commands) -> None:
     parser = commands.add_parser("search", help="run or resume a compression search")
     parser.add_argument("config", help="study config (YAML); see configs/")
-    parser.add_argument("--driver", choices=("optuna", "ray"), help="override search.driver")
+    parser.add_argument("--driver", help="override search.driver: optuna, ray or module.path:Class")
     parser.add_argument("--trials", type=int, help="override search.trials")
     parser.add_argument("--time-limit", help="override search.time_limit (e.g. 600, '10m')")
     parser.set_defaults(handler=run)

@@ -8,7 +8,7 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from compsearch.search import StudyFolder, load_results
-from compsearch.search.optuna_driver import open_study
+from compsearch.search.study import open_study
 
 
 def add_parser(commands) -> None:

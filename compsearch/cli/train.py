@@ -7,11 +7,14 @@ exports the defaults first if nothing was exported) and reports which is best af
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from compsearch.errors import ConfigError
 from compsearch.final import best_of, train_recipe
-from compsearch.recipes import read_recipe
+from compsearch.paths import runs_root
+from compsearch.recipes import Recipe, read_recipe
+from compsearch.search.study import recipe_study
 
 
 def add_parser(commands) -> None:
@@ -32,26 +35,39 @@ def add_parser(commands) -> None:
     parser.set_defaults(handler=run)
 
 
-def _defaults(recipe_path: Path, args) -> tuple[int | None, int]:
-    """The study's final-run settings, where the recipe comes from a study."""
-    from compsearch.final import runs_root
-    from compsearch.search.study import StudyFolder
+@dataclass(frozen=True)
+class StudySettings:
+    """What the recipe's study (if it is in this runs root) says about its final run."""
 
-    recipe = read_recipe(recipe_path)
-    folder = StudyFolder(runs_root() / recipe.provenance.study) if recipe.provenance.study else None
-    if folder is not None and folder.exists():
-        final = folder.frozen().final
-        return (args.steps if args.steps is not None else final.steps,
-                args.checkpoint_every or final.checkpoint_every)  # fmt: skip
-    return args.steps, args.checkpoint_every or 100
+    steps: int | None
+    checkpoint_every: int
+    bounds: tuple = ()
+    device: str = "cpu"
+    threads: int = 2
+    trust_task: bool = False
+
+
+def study_settings(recipe: Recipe, args: argparse.Namespace) -> StudySettings:
+    """The final-run settings of the recipe's study; a task the user's own study names is trusted."""
+    config = recipe_study(recipe, runs_root())
+    trust = getattr(args, "trust_task", False)
+    if config is None:
+        return StudySettings(args.steps, args.checkpoint_every or 100, trust_task=trust)
+    return StudySettings(
+        args.steps if args.steps is not None else config.final.steps,
+        args.checkpoint_every or config.final.checkpoint_every,
+        config.constraints, config.device, config.latency.threads,
+        trust or config.task == recipe.provenance.task,
+    )  # fmt: skip
 
 
 def train_one(path: Path, args, name: str | None = None):
-    steps, every = _defaults(path, args)
-    if args.epochs is not None:
-        steps = None
-    run = train_recipe(path, steps, args.epochs, name or args.name, args.resume, args.task, every,
-                       trust_task=args.trust_task)  # fmt: skip
+    settings = study_settings(read_recipe(path), args)
+    steps = None if args.epochs is not None else settings.steps
+    run = train_recipe(path, steps, args.epochs, name or args.name, args.resume, args.task,
+                       settings.checkpoint_every, trust_task=settings.trust_task,
+                       bounds=settings.bounds, device=settings.device,
+                       threads=settings.threads)  # fmt: skip
     print(f"{run.path}: report {run.path / 'report.md'}")
     print((run.path / "report.md").read_text())
     return run.path, run.measurements
@@ -97,7 +113,8 @@ def from_study(args: argparse.Namespace) -> int:
     config = StudyFolder(folder).frozen()
     from compsearch.final import task_for
 
-    task = task_for(next(iter(recipes.values())), args.task, args.trust_task)
+    first = next(iter(recipes.values()))
+    task = task_for(first, args.task, study_settings(first, args).trust_task)
     metric, sign = task.primary_metric, 1 if task.direction == "maximize" else -1
     unique = {}
     for path, recipe in recipes.items():  # one per trial: several rules may pick the same point

@@ -23,8 +23,8 @@ from compsearch.objectives.constraints import Constraint, parse_constraint
 from compsearch.spaces.config import SpaceConfig, parse_space
 
 _S = Schema(ConfigError)
-SAMPLERS = ("nsga2", "tpe", "gp", "random", "qmc")
-DRIVERS = ("optuna", "ray")
+SAMPLERS = ("nsga2", "tpe", "gp", "random", "qmc")  # or a plug-in, "module.path:factory"
+DRIVERS = ("optuna", "ray")  # or a plug-in, "module.path:Class"
 OBJECTIVES = ("accuracy", "latency_ms", "size_bytes", "macs")
 #: fields that may change when a study is resumed (everything else must match the frozen config)
 SAFE_TO_CHANGE = (
@@ -139,6 +139,18 @@ def _storage(value: Any, path: str) -> str | None:
     )
 
 
+def _plugin_or(names: tuple[str, ...], what: str):
+    """A built-in name, or a plug-in named 'module.path:attribute' (imported when it is used)."""
+
+    def check(value: Any, path: str) -> str:
+        if isinstance(value, str) and (value in names or re.fullmatch(r"[\w.]+:\w+", value)):
+            return value
+        raise _S.fail(path, f"one of {', '.join(repr(n) for n in names)} or 'module.path:{what}'",
+                      value)  # fmt: skip
+
+    return check
+
+
 def _objectives(value: Any, path: str) -> tuple[str, ...]:
     names = _S.list_of(_S.one_of(OBJECTIVES))(value, path)
     if "accuracy" not in names or len(set(names)) != len(names) or len(names) < 2:
@@ -168,8 +180,8 @@ def parse_config(data: Any, source: str = "config") -> StudyConfig:
         "max_concurrent": _S.integer(1, 10_000),
     }
     search_fields = {
-        "driver": _S.one_of(DRIVERS),
-        "sampler": _S.one_of(SAMPLERS),
+        "driver": _plugin_or(DRIVERS, "Class"),
+        "sampler": _plugin_or(SAMPLERS, "factory"),
         "trials": _S.integer(1, 1_000_000),
         "time_limit": _duration,
         "step_budget": _S.integer(1, None),

@@ -45,9 +45,17 @@ class Driver(abc.ABC):
 
 
 def load_driver(name: str) -> type[Driver]:
-    if name not in DRIVERS:
-        raise ConfigError(f"driver: expected one of {', '.join(DRIVERS)}, but got {name!r}.")
-    module_name, attribute, extra = DRIVERS[name]
+    """A built-in driver by name, or a plug-in ``module.path:Class`` (a :class:`Driver` subclass;
+    it prepares its study with :func:`compsearch.search.prepare.prepare_study` and runs trials with
+    :func:`compsearch.search.runner.execute`, like the built-ins)."""
+    if name in DRIVERS:
+        module_name, attribute, extra = DRIVERS[name]
+    elif ":" in name:
+        (module_name, _, attribute), extra = name.partition(":"), None
+    else:
+        raise ConfigError(
+            f"driver: expected one of {', '.join(DRIVERS)} or 'module.path:Class', but got {name!r}."
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -56,5 +64,12 @@ def load_driver(name: str) -> type[Driver]:
                 f"driver {name!r}: expected the {extra!r} package, but it is not installed. "
                 f"Install the extra with: pip install 'compsearch[{extra}]'."
             ) from None
-        raise
-    return getattr(module, attribute)
+        if extra:
+            raise
+        raise ConfigError(f"driver {name!r}: expected an importable module ({error}).") from None
+    driver = getattr(module, attribute, None)
+    if not (isinstance(driver, type) and issubclass(driver, Driver)):
+        raise ConfigError(
+            f"driver {name!r}: expected a compsearch.search.Driver subclass, but got {driver!r}."
+        )
+    return driver

@@ -31,7 +31,7 @@ from ray.tune.search.optuna import OptunaSearch
 from compsearch.errors import StorageError
 from compsearch.paths import runs_root
 from compsearch.search.driver import Driver, SearchSummary
-from compsearch.search.optuna_driver import OptunaDriver, make_sampler, open_study
+from compsearch.search.prepare import enqueue_baselines, prepare_study
 from compsearch.search.results import STUDY_ATTR, load_results
 from compsearch.search.runner import (
     COMPLETE,
@@ -41,6 +41,7 @@ from compsearch.search.runner import (
     saved_step,
     stop_reason,
 )
+from compsearch.search.samplers import make_sampler
 from compsearch.search.storage import (
     DIED,
     WorkerIdentity,
@@ -49,7 +50,7 @@ from compsearch.search.storage import (
     recover_stale,
     study_lock,
 )
-from compsearch.search.study import StudyFolder
+from compsearch.search.study import StudyFolder, open_study
 from compsearch.search.trial import build_context
 
 log = logging.getLogger(__name__)
@@ -195,9 +196,7 @@ class RayDriver(Driver):
     name = "ray"
 
     def run(self) -> SearchSummary:
-        # the study itself (context, storage, attributes, baselines) is prepared as for Optuna
-        preparer = OptunaDriver(self.config, self.folder)
-        ctx, study = preparer.prepare()
+        ctx, study = prepare_study(self.config, self.folder)
         me = WorkerIdentity(self.folder.path)
         experiment = (self.folder.path / "ray").resolve()
         settings = self.config.search.ray
@@ -210,7 +209,7 @@ class RayDriver(Driver):
                     _adopt(study, me)  # the restored experiment resumes these trials
                 else:
                     recover_stale(study, me, self.config.search.heartbeat_grace)
-                preparer.enqueue_baselines(ctx, study)
+                enqueue_baselines(self.config, ctx, study)
             # checkpoint reports during fine-tuning carry no objective values yet (and a stopped
             # trial none at all); the multi-objective searcher reads only the final report
             os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"

@@ -10,11 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import yaml
 
 from compsearch._files import write_text_atomic
 from compsearch.errors import ConfigError, StorageError
 from compsearch.search.config import SAFE_TO_CHANGE, StudyConfig, config_digest, diff, parse_config
+from compsearch.search.samplers import make_sampler
+from compsearch.search.storage import open_storage
 
 CONFIG, DIGEST = "config.yaml", "config.sha256"
 
@@ -65,3 +68,36 @@ class StudyFolder:
 
 def folder_for(config: StudyConfig, root: Path) -> StudyFolder:
     return StudyFolder(root / config.study)
+
+
+def open_study(
+    config: StudyConfig, folder: StudyFolder, directions: list[str] | None = None
+) -> optuna.Study:
+    """The study in its storage: for reading (``directions`` None; it must exist), or created or
+    resumed with the config's sampler (``directions`` given; they must match what is stored)."""
+    storage = open_storage(config.search.storage, folder.path)
+    if directions is None:
+        return optuna.load_study(study_name=config.study, storage=storage)
+    study = optuna.create_study(
+        study_name=config.study,
+        storage=storage,
+        directions=directions,
+        sampler=make_sampler(config),
+        load_if_exists=True,
+    )
+    stored = [d.name.lower() for d in study.directions]
+    if stored != directions:
+        raise ConfigError(
+            f"study {config.study!r}: the storage holds it with directions {stored}, but the config "
+            f"gives {directions}. Use another study name."
+        )
+    return study
+
+
+def recipe_study(recipe, root: Path) -> StudyConfig | None:
+    """The frozen config of the study a recipe came from, where that study is under ``root``."""
+    study = recipe.provenance.study
+    if not study or "/" in study or study.startswith("."):
+        return None
+    folder = StudyFolder(root / study)
+    return folder.frozen() if folder.exists() else None

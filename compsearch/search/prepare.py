@@ -1,0 +1,61 @@
+"""Preparing a study for trials — the one place both drivers (and benchmarks) do it.
+
+:func:`prepare_study` checks the storage, builds the trial context (task, space, teacher reference,
+teacher cache), and only then writes the study folder and its attributes; :func:`enqueue_baselines`
+queues the uniform baselines once, never past the trial budget.
+"""
+
+from __future__ import annotations
+
+import optuna
+
+from compsearch._files import remove_stale_temporaries
+from compsearch.search.config import StudyConfig
+from compsearch.search.results import STUDY_ATTR
+from compsearch.search.storage import open_storage
+from compsearch.search.study import StudyFolder, open_study
+from compsearch.search.trial import SearchContext, build_context
+
+#: uniform recipes a search starts from: (label, format on the menu, keep ratio)
+BASELINES = (("int8", "w8a8", 1.0), ("4-bit", "w4", 1.0), ("keep 0.5 + int8", "w8a8", 0.5))
+
+
+def prepare_study(config: StudyConfig, folder: StudyFolder) -> tuple[SearchContext, optuna.Study]:
+    """Check the storage, build everything the trials need, then (and only then) write the study
+    folder — a bad storage URL fails in a second and leaves nothing behind. A study that exists
+    already lends its recorded teacher values: every worker judges trials against the same
+    reference, and none spends time measuring the teacher again."""
+    if config.search.storage not in (None, "journal"):  # a server: reachable first
+        open_storage(config.search.storage, folder.path)
+    ctx = build_context(config, folder.path, recorded_teacher(config, folder))
+    folder.path.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder.path)  # what writers killed mid-write left behind
+    study = open_study(config, folder, ctx.directions)
+    folder.freeze(config)
+    if STUDY_ATTR not in study.user_attrs:
+        study.set_user_attr(STUDY_ATTR, {
+            "objectives": list(config.objectives), "metric": ctx.metric,
+            "direction": ctx.task.direction, "teacher": ctx.teacher, "task": ctx.task.name,
+            "constraints": [c.describe() for c in config.constraints],
+        })  # fmt: skip
+    return ctx, study
+
+
+def recorded_teacher(config: StudyConfig, folder: StudyFolder) -> dict[str, float] | None:
+    """The teacher values the study recorded when it started, or None for a new study."""
+    if not folder.exists():
+        return None
+    try:
+        study = open_study(config, folder)
+    except KeyError:  # the folder exists, the study in its storage does not (yet)
+        return None
+    return study.user_attrs.get(STUDY_ATTR, {}).get("teacher")
+
+
+def enqueue_baselines(config: StudyConfig, ctx: SearchContext, study: optuna.Study) -> None:
+    """Queue the uniform baselines once per study, at most as many as the trial budget."""
+    if not config.search.baselines or study.user_attrs.get("baselines_enqueued"):
+        return
+    for label, fmt, keep in BASELINES[: config.search.trials]:
+        study.enqueue_trial(ctx.space.uniform_params(fmt, keep), user_attrs={"baseline": label})
+    study.set_user_attr("baselines_enqueued", True)
