@@ -18,11 +18,12 @@ import time
 import torch
 from _common import header, table
 
-from compsearch.kernels.distill import CacheSpec, TeacherCache, TeacherOutputs
+from compsearch.kernels.distill import TeacherOutputs
 from compsearch.kernels.prune import analyze
 from compsearch.pipeline import compress
 from compsearch.recipes import DistillPlan, FinetuneBudget, LayerPlan, Recipe
 from compsearch.tasks import get_task
+from compsearch.tasks.teacher_outputs import CacheSpec, TeacherCache
 
 
 def half_width_4_bit(task) -> dict:

@@ -24,7 +24,6 @@ from torch import nn
 
 from compsearch.errors import KernelError, RecipeError
 from compsearch.kernels.deploy import DeployReport, to_deploy
-from compsearch.kernels.distill import CacheSpec, TeacherCache, TeacherStream
 from compsearch.kernels.fuse import fold_batchnorm_, recalibrate_batchnorm_
 from compsearch.kernels.observers import calibrate
 from compsearch.kernels.packing import PackedModel, export_packed, packed_to_bytes, save_packed
@@ -42,6 +41,7 @@ from compsearch.kernels.quant import QuantReport, learn_scales_, quant_modules, 
 from compsearch.recipes import dumps, validate
 from compsearch.recipes.schema import Recipe
 from compsearch.tasks.base import Task, move
+from compsearch.tasks.teacher_outputs import CacheSpec, TeacherCache, TeacherStream
 from compsearch.train import Checkpointing, Distiller, Progress, TrainResult, finetune
 
 DEFAULT_POOL_BATCHES = 64

@@ -24,8 +24,6 @@ from compsearch._files import write_text_atomic
 from compsearch.errors import TrialError
 from compsearch.kernels.distill import (
     FeatureProjections,
-    TeacherCache,
-    TeacherStream,
     attention_loss,
     capture_features,
     eager_attention,
@@ -34,6 +32,7 @@ from compsearch.kernels.distill import (
 )
 from compsearch.recipes.schema import DistillPlan, FinetuneBudget
 from compsearch.tasks.base import Task
+from compsearch.tasks.teacher_outputs import TeacherCache, TeacherStream
 
 Progress = Callable[[int, float], None]
 

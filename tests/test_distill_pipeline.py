@@ -8,9 +8,7 @@ from torch.nn import functional as F
 
 from compsearch.errors import KernelError, RecipeError, TrialError
 from compsearch.kernels.distill import (
-    CacheSpec,
     FeatureProjections,
-    TeacherCache,
     attention_loss,
     feature_loss,
     kd_loss,
@@ -24,6 +22,7 @@ from compsearch.recipes import (
     PrunePlan,
     Recipe,
 )
+from compsearch.tasks.teacher_outputs import CacheSpec, TeacherCache
 from compsearch.train import Checkpointing
 
 

@@ -25,7 +25,6 @@ from compsearch.kernels.quant import (
     grouped,
     learn_scales_,
     quantize_,
-    sqnr_db,
     weight_scale,
 )
 from compsearch.recipes import LayerPlan, Recipe
@@ -43,6 +42,12 @@ class FFN(nn.Module):
 
     def forward(self, x):
         return self.down(self.act(self.up(x)))
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    noise = (reference.double() - approximation.double()).pow(2).sum()
+    return float(10 * torch.log10(reference.double().pow(2).sum() / noise.clamp(min=1e-300)))
 
 
 def w8a8(mode: str = "static") -> dict:

@@ -345,9 +345,9 @@ class DeployReport:
 
 
 def layer_kind(module: nn.Module) -> str:
-    from compsearch.kernels.quant import _conv1d_class
+    from compsearch.kernels.quant import conv1d_class
 
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     if isinstance(module, nn.Embedding):
         return EMBEDDING
     if isinstance(module, nn.Conv2d):

@@ -188,10 +188,9 @@ def fuse_activation_chains_(model: nn.Module, run: Run) -> list[tuple[str, str, 
     local on purpose — a model whose static int8 activations amplify small differences would fail
     an end-to-end comparison for reasons that have nothing to do with the fusion.
     """
-    from compsearch.kernels.deploy import DeployLinear
 
-    def int8(module: nn.Module) -> bool:
-        return isinstance(module, DeployLinear) and module.kernel == "onednn_qlinear"
+    def int8(module: nn.Module) -> bool:  # a deploy-form linear on oneDNN's int8 kernel
+        return getattr(module, "kernel", None) == "onednn_qlinear" and hasattr(module, "post_op")
 
     trace = _Trace(model, lambda m: int8(m) or activation_name(m) is not None)
     try:

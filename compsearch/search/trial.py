@@ -24,7 +24,6 @@ from torch import nn
 from compsearch._files import write_text_atomic
 from compsearch.errors import ConfigError, TrialError
 from compsearch.kernels.deploy import to_deploy
-from compsearch.kernels.distill import CacheSpec, TeacherCache
 from compsearch.kernels.packing import export_packed, packed_to_bytes
 from compsearch.objectives import (
     AccuracyObjective,
@@ -43,6 +42,7 @@ from compsearch.search.halving import Rungs, Stopped, promotable
 from compsearch.search.pareto import normalize
 from compsearch.spaces import Space, discover
 from compsearch.tasks import Task, get_task, move
+from compsearch.tasks.teacher_outputs import CacheSpec, TeacherCache
 from compsearch.train import Checkpointing
 
 log = logging.getLogger(__name__)

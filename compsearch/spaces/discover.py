@@ -15,7 +15,7 @@ from compsearch.errors import SpaceError
 from compsearch.fingerprint import model_fingerprint
 from compsearch.kernels.deploy import layer_kind
 from compsearch.kernels.prune import Analysis, Group, analyze
-from compsearch.kernels.quant import _conv1d_class, is_quantizable, rows_view
+from compsearch.kernels.quant import conv1d_class, is_quantizable, rows_view
 from compsearch.tasks.base import Task
 
 
@@ -53,7 +53,7 @@ def discover(task: Task, model: nn.Module | None = None) -> ModelInfo:
         if name and is_quantizable(module):
             layers[name] = layer_kind(module)
             weight = module.weight
-            conv1d = _conv1d_class()
+            conv1d = conv1d_class()
             transposed = conv1d is not None and isinstance(module, conv1d)
             fan_in[name] = rows_view(weight, transposed).shape[1]
             owners.setdefault(id(weight), set()).add(name)

@@ -125,7 +125,7 @@ class ImageClassificationTask(Task):
         for index in shuffled_batches(len(self.train_labels), batch_size, generator):
             images = self.train_images[index]
             if self.training.max_shift:
-                images = _random_shift(images, self.training.max_shift, generator)
+                images = random_shift(images, self.training.max_shift, generator)
             yield {"images": images, "labels": self.train_labels[index]}
 
     def num_train_examples(self) -> int:
@@ -173,7 +173,7 @@ def shuffled_batches(
             yield order[start : start + batch_size]
 
 
-def _random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each image by up to ``max_shift`` pixels, filling with the background value."""
     padded = nn.functional.pad(images, [max_shift] * 4, value=float(images.min()))
     out = torch.empty_like(images)

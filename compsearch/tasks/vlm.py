@@ -32,7 +32,7 @@ from compsearch.tasks.base import (
     move,
 )
 from compsearch.tasks.teacher_cache import cached_state_dict
-from compsearch.tasks.vision import TeacherTraining, _random_shift, shuffled_batches
+from compsearch.tasks.vision import TeacherTraining, random_shift, shuffled_batches
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 QUESTIONS = (
@@ -209,7 +209,7 @@ class VlmMnistTask(Task):
     def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
         generator = torch.Generator().manual_seed(seed)
         for index in shuffled_batches(len(self.train_labels), batch_size, generator):
-            images = _random_shift(self.train_images[index], self.training.max_shift, generator)
+            images = random_shift(self.train_images[index], self.training.max_shift, generator)
             yield self.encode(images, self.train_labels[index],
                               self._questions(batch_size, generator))  # fmt: skip
 

@@ -1,0 +1,264 @@
+"""Quantizer modules and the Quant layers (Linear, Conv2d, Embedding, GPT-2's Conv1D) that wrap
+them. See :mod:`compsearch.kernels.quant`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compsearch.errors import KernelError
+from compsearch.kernels._quant_grid import (
+    ACT_QMAX,
+    SCALE_MIN,
+    QuantSpec,
+    fake_quantize,
+    fake_quantize_fp8,
+    grid,
+    grouped,
+    rows_view,
+    weight_scale,
+)
+
+# -- quantizer modules -----------------------------------------------------------------------------
+
+
+class WeightQuantizer(nn.Module):
+    """Fake-quantizes one weight. Scales follow the weight (amax × clip ratio) unless learned (LSQ)."""
+
+    def __init__(self, spec: QuantSpec, rows: int, fan_in: int, transposed: bool = False) -> None:
+        super().__init__()
+        self.spec = spec
+        self.transposed = transposed
+        groups = fan_in // spec.group_size if spec.granularity == "per_group" else 1
+        self.register_buffer("clip", torch.ones(rows, groups, 1))
+        self.scale: nn.Parameter | None = None
+
+    def current_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            return self.scale.abs().clamp(min=SCALE_MIN)
+        return weight_scale(rows_view(weight, self.transposed), self.spec, self.clip)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        rows = rows_view(weight, self.transposed)
+        scale = self.current_scale(weight)
+        blocks = grouped(rows, self.spec)
+        if self.spec.w_format == "fp8":
+            out = fake_quantize_fp8(blocks, scale)
+        else:
+            grad_scale = 1.0 / math.sqrt(blocks.shape[-1] * grid(self.spec.w_bits)[1])
+            out = fake_quantize(blocks, scale, self.spec.w_bits, grad_scale)
+        out = out.reshape(rows.shape)
+        return out.t() if self.transposed else out.reshape(weight.shape)
+
+    def learn_scales(self, weight: torch.Tensor) -> None:
+        """Turn the current scales into a trained parameter (LSQ)."""
+        if self.scale is None:
+            self.scale = nn.Parameter(self.current_scale(weight).detach().clone())
+
+    def reset(self, rows: int, fan_in: int) -> None:
+        """Forget clip ratios and learned scales after the weight changed shape (pruning)."""
+        groups = fan_in // self.spec.group_size if self.spec.granularity == "per_group" else 1
+        self.clip = torch.ones(rows, groups, 1, device=self.clip.device)
+        self.scale = None
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        detail = f", group_size={s.group_size}" if s.granularity == "per_group" else ""
+        return f"w_bits={s.w_bits}, format={s.w_format}, {s.granularity}{detail}"
+
+
+class ActQuantizer(nn.Module):
+    """Fake-quantizes a layer's input to int8 levels: static (calibrated scale) or per token."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        if mode not in ("static", "dynamic"):
+            raise KernelError(f"activation_mode: expected 'static' or 'dynamic', but got {mode!r}.")
+        self.mode = mode
+        self.register_buffer("scale", torch.ones(()))
+        self.calibrated = mode == "dynamic"
+        self.observer = None  # set by calibration while it runs
+        self.learned: nn.Parameter | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.observe(x.detach())
+            return x
+        if self.mode == "dynamic":
+            scale = x.detach().abs().amax(-1, keepdim=True).clamp(min=SCALE_MIN) / ACT_QMAX
+            return _fake_act(x, scale.to(torch.float32), 1.0).to(x.dtype)
+        if not self.calibrated:
+            raise KernelError(
+                "a static activation quantizer expected calibrated ranges, but none were observed. "
+                "Run compsearch.kernels.observers.calibrate(model, batches, run) first."
+            )
+        if self.learned is not None:
+            grad_scale = 1.0 / math.sqrt(x[0].numel() * ACT_QMAX)
+            return _fake_act(x, self.learned.abs().clamp(min=SCALE_MIN), grad_scale)
+        return _fake_act(x, self.scale, 1.0)
+
+    def set_scale(self, scale: float | torch.Tensor) -> None:
+        value = torch.as_tensor(scale, dtype=torch.float32, device=self.scale.device)
+        self.scale = value.clamp(min=SCALE_MIN).reshape(())
+        self.calibrated = True
+        if self.learned is not None:
+            self.learned.data.copy_(self.scale)
+
+    def learn_scales(self) -> None:
+        if self.mode == "static" and self.learned is None:
+            self.learned = nn.Parameter(self.scale.detach().clone())
+
+    def current_scale(self) -> torch.Tensor:
+        return (self.learned.detach().abs() if self.learned is not None else self.scale).clamp(
+            min=SCALE_MIN
+        )
+
+    def extra_repr(self) -> str:
+        return f"a_bits=8, mode={self.mode}"
+
+
+def _fake_act(x: torch.Tensor, scale: torch.Tensor, grad_scale: float) -> torch.Tensor:
+    """Symmetric int8 levels [-127, 127]. The forward value is exactly ``q * scale``; the gradient is
+    straight-through inside the range, and LSQ's for a learned ``scale``."""
+    v = x / scale
+    q = torch.round(v).clamp(-ACT_QMAX, ACT_QMAX)
+    inside = (v >= -ACT_QMAX) & (v <= ACT_QMAX)
+    out = (q * scale).detach() + (x - x.detach()) * inside
+    if scale.requires_grad:
+        local = torch.where(inside, q - v, q).detach()
+        scaled = scale * grad_scale
+        out = out + local * (scaled - scaled.detach())
+    return out
+
+
+# -- the Quant modules -----------------------------------------------------------------------------
+
+_float_forward = False
+
+
+@contextlib.contextmanager
+def float_forward():
+    """Within this block Quant modules compute in float with their raw weights (for analyses that
+    must see parameters, such as the pruning tracer)."""
+    global _float_forward
+    previous, _float_forward = _float_forward, True
+    try:
+        yield
+    finally:
+        _float_forward = previous
+
+
+class QuantMixin:
+    """Shared by the Quant modules: ``weight_quant`` always, ``input_quant`` when ``a_bits == 8``."""
+
+    spec: QuantSpec
+    transposed_weight = False
+
+    def _setup(self, spec: QuantSpec, weight_quant: WeightQuantizer | None = None) -> None:
+        self.spec = spec
+        rows = rows_view(self.weight, self.transposed_weight)
+        self.weight_quant = weight_quant or WeightQuantizer(
+            spec, rows.shape[0], rows.shape[1], self.transposed_weight
+        )
+        self.input_quant = ActQuantizer(spec.activation_mode) if spec.quantizes_input else None
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight if _float_forward else self.weight_quant(self.weight)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quant is None or _float_forward else self.input_quant(x)
+
+    def on_resized(self) -> None:
+        """Called by pruning after the weight changed shape."""
+        rows = rows_view(self.weight, self.transposed_weight)
+        self.weight_quant.reset(rows.shape[0], rows.shape[1])
+
+
+class QuantLinear(QuantMixin, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(QuantMixin, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantEmbedding(QuantMixin, nn.Embedding):
+    """Quantizes only the rows it looks up: scales are per row (or per group within a row), so a
+    gathered row quantizes exactly as it would inside the whole table — at a fraction of the cost."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _float_forward:
+            return F.embedding(x, self.weight, self.padding_idx)
+        ids = x.reshape(-1)
+        rows = F.embedding(ids, self.weight, self.padding_idx)
+        quantizer = self.weight_quant
+        if quantizer.scale is not None:
+            scale = quantizer.current_scale(self.weight)[ids]
+        else:
+            scale = weight_scale(rows, quantizer.spec, quantizer.clip[ids])
+        blocks = grouped(rows, quantizer.spec)
+        if quantizer.spec.w_format == "fp8":
+            out = fake_quantize_fp8(blocks, scale)
+        else:
+            grad_scale = 1.0 / math.sqrt(blocks.shape[-1] * grid(quantizer.spec.w_bits)[1])
+            out = fake_quantize(blocks, scale, quantizer.spec.w_bits, grad_scale)
+        return out.reshape(*x.shape, self.embedding_dim)
+
+
+def conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is a core dependency; this only guards odd installs
+        return None
+    return Conv1D
+
+
+def _make_quant_conv1d():
+    base = conv1d_class()
+    if base is None:
+        return None
+
+    class QuantConv1D(QuantMixin, base):
+        """GPT-2's Conv1D: a Linear with a transposed ``(in, out)`` weight."""
+
+        transposed_weight = True
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.quantized_input(x)
+            out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.quantized_weight())
+            return out.reshape(*x.shape[:-1], self.nf)
+
+    return QuantConv1D
+
+
+QuantConv1D = _make_quant_conv1d()
+QUANT_TYPES: tuple[type, ...] = tuple(
+    t for t in (QuantLinear, QuantConv2d, QuantEmbedding, QuantConv1D) if t is not None
+)
+
+
+def quant_class(module: nn.Module) -> type | None:
+    """The Quant module type that replaces ``module``, or None if it is not quantizable."""
+    if isinstance(module, QUANT_TYPES):
+        return None
+    conv1d = conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
+        return QuantConv1D
+    if isinstance(module, nn.Linear):
+        return QuantLinear
+    if isinstance(module, nn.Conv2d):
+        return QuantConv2d
+    if isinstance(module, nn.Embedding):
+        return QuantEmbedding
+    return None
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    return quant_class(module) is not None or isinstance(module, QUANT_TYPES)
