@@ -25,19 +25,20 @@ from torch import nn
 from compsearch._files import publish_folder, recover_folder
 from compsearch.errors import RecipeError, TaskError
 from compsearch.kernels.deploy import to_deploy
+from compsearch.kernels.quant import quant_bits
 from compsearch.objectives import (
-    AccuracyObjective,
     Candidate,
     Constraint,
-    LatencyObjective,
-    SizeObjective,
+    MeasureSetup,
+    build_objectives,
     float_artifact,
+    objective_class,
 )
 from compsearch.paths import runs_root
 from compsearch.pipeline import compress, rebuild
 from compsearch.recipes import Recipe, dumps, read_recipe
 from compsearch.tasks import BUILTINS, Task, get_task, move
-from compsearch.train import Checkpointing, Progress
+from compsearch.train import Checkpointing, StepCallback
 
 ARTIFACT = "model.safetensors"
 
@@ -90,8 +91,11 @@ def measure(
     constraints: tuple[Constraint, ...] = (),
     threads: int = 2,
     repeats: int = 20,
+    objectives: tuple[str, ...] = (),
 ) -> Measurements:
-    """Accuracy, size and latency of the teacher's deploy form and of ``compressed``, alike.
+    """Every objective — accuracy, latency, size, MACs and any named in ``objectives`` (built-in
+    or ``module:Class``, as in a study config) — of the teacher's deploy form and of
+    ``compressed``, alike.
 
     Accuracy is on the test split (the primary metric's own key); the validation split's values
     stand beside it with a ``_validation`` suffix. Constraints are checked on the test values."""
@@ -99,25 +103,21 @@ def measure(
     example = move(task.calibration_batches(1)[0], device)
     shipped, _ = to_deploy(teacher, device, lambda m: task.forward(m, example))
     reference = Candidate(task, shipped, float_artifact(teacher), teacher)
-    candidate = Candidate(task, compressed, artifact, student)
-    test = AccuracyObjective(task.primary_metric, task.direction, "test")
-    validation = AccuracyObjective(task.primary_metric, task.direction, "validation")
-    latency = LatencyObjective(device, threads, repeats=repeats)
-    size = SizeObjective()
-    for objective in (test, validation, latency, size):
-        objective.prepare(reference)
-    teacher_values = {
-        **test.teacher,
-        **_suffixed(validation.teacher, "_validation"),
-        "size_bytes": float(len(reference.artifact)),
-        "latency_ms": latency.teacher_ms,
-        "params": float(sum(p.numel() for p in teacher.parameters())),
-    }
+    candidate = Candidate(task, compressed, artifact, student,
+                          quant_bits(student) if student is not None else {})  # fmt: skip
+    setup = MeasureSetup(task, device, threads, repeats=repeats, split="test")
+    measured_by = build_objectives(objectives, setup)
+    validation = objective_class("accuracy").build(dataclasses.replace(setup, split="validation"))
+    teacher_values: dict[str, float | str] = {}
     compressed_values: dict[str, float | str] = {}
-    compressed_values.update(test.measure(candidate))
-    compressed_values.update(_suffixed(validation.measure(candidate), "_validation"))
-    for objective in (size, latency):
-        compressed_values.update(objective.measure(candidate))
+    for objective in (*measured_by.values(), validation):
+        objective.prepare(reference)
+        suffix = "_validation" if objective is validation else ""
+        teacher_values.update(_suffixed(objective.measure(reference), suffix))
+        compressed_values.update(_suffixed(objective.measure(candidate), suffix))
+    latency = measured_by["latency_ms"]
+    teacher_values.update(latency_ms=latency.teacher_ms, speedup=1.0,
+                          params=float(sum(p.numel() for p in teacher.parameters())))  # fmt: skip
     met = {}
     for constraint in constraints:
         value = constraint.value(compressed_values, task.primary_metric)
@@ -125,7 +125,7 @@ def measure(
     return Measurements(teacher_values, compressed_values, met)
 
 
-def _suffixed(values: dict[str, float], suffix: str) -> dict[str, float]:
+def _suffixed(values: dict[str, float | str], suffix: str) -> dict[str, float | str]:
     return {f"{key}{suffix}": value for key, value in values.items()}
 
 
@@ -182,7 +182,7 @@ def train_recipe(
     resume: bool = False,
     task: str | None = None,
     checkpoint_every: int = 100,
-    progress: Progress | None = None,
+    progress: StepCallback | None = None,
     trust_task: bool = False,
     bounds: tuple[Constraint, ...] = (),
     device: str = "cpu",

@@ -24,6 +24,7 @@ from torch import nn
 
 from compsearch.errors import KernelError, RecipeError
 from compsearch.kernels.deploy import DeployReport, to_deploy
+from compsearch.kernels.formats import get_format
 from compsearch.kernels.fuse import fold_batchnorm_, recalibrate_batchnorm_
 from compsearch.kernels.observers import calibrate
 from compsearch.kernels.packing import PackedModel, export_packed, packed_to_bytes, save_packed
@@ -37,12 +38,18 @@ from compsearch.kernels.prune import (
     scaled_plans,
     taylor_gradients,
 )
-from compsearch.kernels.quant import QuantReport, learn_scales_, quant_modules, quantize_
+from compsearch.kernels.quant import (
+    QuantReport,
+    learn_scales_,
+    quant_modules,
+    quantize_,
+    spec_from_plan,
+)
 from compsearch.recipes import dumps, validate
 from compsearch.recipes.schema import Recipe
 from compsearch.tasks.base import Task, move
 from compsearch.tasks.teacher_outputs import CacheSpec, TeacherCache, TeacherStream
-from compsearch.train import Checkpointing, Distiller, Progress, TrainResult, finetune
+from compsearch.train import Checkpointing, Distiller, StepCallback, TrainResult, finetune
 
 DEFAULT_POOL_BATCHES = 64
 
@@ -109,8 +116,20 @@ def feature_layers(task: Task, recipe: Recipe, model: nn.Module | None) -> list[
 
 
 def checked(recipe: Recipe) -> Recipe:
-    """Recipes built in Python skip the YAML checks; round-trip them through the strict parser."""
-    return Recipe.from_dict(recipe.to_dict())
+    """The recipe through the strict parser (recipes built in Python skip the YAML checks), and
+    every layer's weight format known and able to take the layer's plan."""
+    recipe = Recipe.from_dict(recipe.to_dict())
+    for key, plan in recipe.layers.items():
+        if plan.w_format is None and plan.w_bits in (None, 16):
+            continue
+        path = f"recipe.layers[{key!r}]"
+        try:
+            refused = get_format(plan.w_format).check(spec_from_plan(plan))
+        except KernelError as error:
+            raise RecipeError(f"{path}.{error}") from None
+        if refused:
+            raise RecipeError(f"{path}: {refused}.")
+    return recipe
 
 
 def compress(
@@ -119,7 +138,7 @@ def compress(
     steps: int | None = None,
     device: str | torch.device = "cpu",
     cache: TeacherCache | TeacherStream | None = None,
-    progress: Progress | None = None,
+    progress: StepCallback | None = None,
     checkpoint: Checkpointing | None = None,
     on_structure: Callable[[nn.Module, dict[str, str]], None] | None = None,
 ) -> CompressedModel:
@@ -327,7 +346,7 @@ def _split(total: int, parts: int) -> list[int]:
     return [base + (1 if i >= parts - extra else 0) for i in range(parts)]
 
 
-def _shifted(progress: Progress | None, offset: int) -> Progress | None:
+def _shifted(progress: StepCallback | None, offset: int) -> StepCallback | None:
     if progress is None:
         return None
     return lambda step, loss: progress(offset + step, loss)

@@ -34,7 +34,7 @@ from compsearch.recipes.schema import DistillPlan, FinetuneBudget
 from compsearch.tasks.base import Task
 from compsearch.tasks.teacher_outputs import TeacherCache, TeacherStream
 
-Progress = Callable[[int, float], None]
+StepCallback = Callable[[int, float], None]  # (step, loss) after each fine-tune step
 
 
 @dataclass
@@ -110,7 +110,7 @@ def finetune(
     budget: FinetuneBudget,
     device: torch.device | str = "cpu",
     steps: int | None = None,
-    progress: Progress | None = None,
+    progress: StepCallback | None = None,
     checkpoint: Checkpointing | None = None,
 ) -> TrainResult:
     """Train ``student`` for ``steps`` (default ``budget.steps``) optimizer steps by distillation."""

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from compsearch.errors import KernelError
-from compsearch.kernels.deploy import deploy_table, kernel_for, onednn_available, to_deploy
+from compsearch.kernels.deploy import deploy_table, kernel_for, to_deploy
+from compsearch.kernels.devices import onednn_available
 from compsearch.kernels.fuse import fold_batchnorm_
 from compsearch.kernels.observers import calibrate
 from compsearch.kernels.packing import (

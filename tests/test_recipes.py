@@ -95,7 +95,7 @@ def test_group_size_implies_per_group():
             "recipe.layers['fc1'].group_size: expected one of 32, 64, 128 because granularity",
         ),
         ("  're:(': {w_bits: 4}", "expected a valid regular expression after 're:'"),
-        ("  fc1: {w_bits: 4, w_format: fp8}", "recipe.layers['fc1'].w_bits: expected 8 because"),
+        ("  fc1: {w_format: 'int 4'}", "recipe.layers['fc1'].w_format: expected a weight format"),
     ],
 )
 def test_bad_layer_fields_name_the_field_and_what_is_allowed(layers, message):
@@ -191,3 +191,18 @@ def test_validate_checks_the_model_fingerprint():
     with pytest.raises(RecipeError, match="recipe was made for sha256:"):
         validate(recipe, other)
     validate(recipe, other, check_fingerprint=False)
+
+
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        (LayerPlan(w_bits=4, w_format="fp8"), "recipe.layers['fc1']: expected w_bits 8 with fp8"),
+        (LayerPlan(w_bits=4, w_format="int5"), "recipe.layers['fc1'].w_format: expected one of"),
+    ],
+)
+def test_formats_are_checked_by_their_own_class_before_any_work(plan, message):
+    from compsearch.pipeline import checked
+
+    with pytest.raises(RecipeError) as caught:
+        checked(Recipe(layers={"fc1": plan}))
+    assert message in str(caught.value)

@@ -390,3 +390,16 @@ def test_diverse_export_starts_from_the_most_accurate_wherever_accuracy_is_liste
         assert diverse(results, 1)[0].number == 0, objectives
     with pytest.raises(ConfigError, match="--diverse: expected a count of at least 1"):
         diverse(results, -1)
+
+
+def test_a_study_from_python_is_the_same_as_from_the_cli(runs_root):
+    import compsearch
+
+    name = f"py-{uuid.uuid4().hex[:6]}"
+    results = compsearch.search(tiny(name, trials=2, finetune_steps=2))
+    assert [r.state for r in results.rows] == ["COMPLETE", "COMPLETE"]
+    assert (runs_root / name / "config.yaml").exists()
+    again = compsearch.search(tiny(name, trials=2, finetune_steps=2))
+    assert [r.number for r in again.rows] == [0, 1], "resuming a finished study runs nothing"
+    with pytest.raises(ConfigError, match="space.w_bits"):
+        compsearch.search({**tiny(name, trials=2), "space": {"w_bits": [2]}})

@@ -187,16 +187,20 @@ def test_lookup_table_values_say_whether_they_were_predicted_or_checked(digits_t
     objective = LatencyObjective(repeats=5, table=LatencyTable(tmp_path / "t.json", bound=0.15,
                                                                check_first=2, check_every=10))  # fmt: skip
     objective.prepare(Candidate(digits_task, teacher, b""))
-    candidate = Candidate(digits_task, teacher, b"")
-    first = objective.measure(candidate, number=0, errors=[])
+
+    def measure(number, errors):
+        extra = {"trial": number, "latency_checks": errors}
+        return objective.measure(Candidate(digits_task, teacher, b"", extra=extra))
+
+    first = measure(0, [])
     assert first["latency_source"] == "measured" and "latency_check_error" in first
-    trusted = objective.measure(candidate, number=4, errors=[0.05, 0.1])
+    trusted = measure(4, [0.05, 0.1])
     assert trusted["latency_source"] == "predicted"
     assert trusted["latency_table_error"] == pytest.approx(0.075)
     assert trusted["latency_ms"] == trusted["latency_predicted_ms"]
-    checked = objective.measure(candidate, number=9, errors=[0.05, 0.1])
+    checked = measure(9, [0.05, 0.1])
     assert checked["latency_source"] == "measured", "every check_every-th trial is measured"
-    distrusted = objective.measure(candidate, number=4, errors=[0.3, 0.4, 0.01])
+    distrusted = measure(4, [0.3, 0.4, 0.01])
     assert distrusted["latency_source"] == "measured", "past the bound, every trial is measured"
 
 

@@ -26,6 +26,4 @@ def run(args: argparse.Namespace) -> int:
             f"demo: expected the demo config at {args.config!r}, but it is not there. Run the demo "
             "from a checkout of compsearch, or pass --config PATH."
         )
-    return search.run(
-        argparse.Namespace(config=args.config, driver=None, trials=None, time_limit=None)
-    )
+    return search.search_and_show(args.config)

@@ -9,16 +9,10 @@ before anything is written.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
-import optuna
-
-from compsearch.recipes import Recipe, read_recipe, write_recipe
-from compsearch.search import StudyFolder, load_results
-from compsearch.search.results import StudyResults, TrialRow
-from compsearch.search.select import best, diverse, knee, parse_bound
-from compsearch.search.study import open_study
+from compsearch.search import StudyFolder
+from compsearch.search.export import export_recipes
 
 
 def add_parser(commands) -> None:
@@ -33,61 +27,11 @@ def add_parser(commands) -> None:
     parser.set_defaults(handler=run)
 
 
-def recipe_of(
-    folder: StudyFolder, row: TrialRow, results: StudyResults, study: optuna.Study
-) -> Recipe:
-    path = folder.path / "trials" / f"{row.number:05d}" / "recipe.yaml"
-    if path.exists():
-        recipe = read_recipe(path)
-    else:  # a trial whose files are elsewhere (another machine): replay its parameters
-        from compsearch.search.trial import build_context
-
-        context = build_context(folder.frozen(), folder.path)
-        trial = optuna.trial.FixedTrial(row.params, number=row.number)
-        recipe = context.space.suggest(trial)
-    measured = {k: float(v) for k, v in row.measured.items() if isinstance(v, (int, float))}
-    source = row.measured.get("latency_source", "measured")
-    predicted = {}
-    if source == "predicted":  # a table's value is never written down as measured
-        predicted = {k: measured.pop(k) for k in ("latency_ms", "speedup", "latency_table_error")
-                     if k in measured}  # fmt: skip
-    provenance = dataclasses.replace(recipe.provenance, study=study.study_name, trial=row.number,
-                                     measured=measured, predicted=predicted,
-                                     latency_source=source)  # fmt: skip
-    return dataclasses.replace(recipe, provenance=provenance)
-
-
-def choose(args, results: StudyResults) -> list[tuple[str, TrialRow]]:
-    chosen: list[tuple[str, TrialRow]] = []
-    if args.best:
-        bounds = [parse_bound(text, results.metric) for text in args.where]
-        suffix = "".join(f"-{b.name}{b.op.replace('<', 'lt').replace('>', 'gt').replace('=', 'e')}"
-                         f"{b.limit:g}" for b in bounds)  # fmt: skip
-        chosen.append((f"best-{args.best}{suffix}", best(results, args.best, bounds)))
-    if args.knee:
-        chosen.append(("knee", knee(results)))
-    if args.diverse:
-        chosen += [(f"diverse-{i}", row) for i, row in enumerate(diverse(results, args.diverse))]
-    if not (args.best or args.knee or args.diverse):
-        chosen = [("knee", knee(results)), ("best-accuracy", best(results, "accuracy", []))]
-        chosen += [(f"diverse-{i}", row) for i, row in enumerate(diverse(results, 3))]
-    if args.name:
-        if len(chosen) != 1:
-            from compsearch.errors import ConfigError
-
-            raise ConfigError(f"--name: expected one rule to name, but {len(chosen)} were given.")
-        chosen = [(args.name, chosen[0][1])]
-    return chosen
-
-
 def run(args: argparse.Namespace) -> int:
-    folder = StudyFolder(Path(args.study))
-    study = open_study(folder.frozen(), folder)
-    results = load_results(study)
-    chosen = choose(args, results)
-    recipes = [(name, row, recipe_of(folder, row, results, study)) for name, row in chosen]
-    for name, row, recipe in recipes:
-        path = write_recipe(recipe, folder.path / "recipes" / f"{name}.yaml")
+    written = export_recipes(StudyFolder(Path(args.study)), best_of=args.best,
+                             where=tuple(args.where), take_knee=args.knee, spread=args.diverse,
+                             name=args.name)  # fmt: skip
+    for path, row, results in written:
         m = row.measured
         print(f"{path}: trial {row.number}, {results.metric} {m.get(results.metric, float('nan')):.4f}, "
               f"latency {m.get('latency_ms', float('nan')):.3f} ms, size {m.get('size_bytes', 0):,.0f} B")  # fmt: skip

@@ -19,14 +19,20 @@ def add_parser(commands) -> None:
     parser.set_defaults(handler=run)
 
 
+def _names(results: StudyResults) -> list[str]:
+    """The measured key of each objective (accuracy: the task's metric; a plug-in: its name)."""
+    return [results.metric if o == "accuracy" else results.keys.get(o, (o,))[0]
+            for o in results.objectives]  # fmt: skip
+
+
 def columns(results: StudyResults) -> list[str]:
-    names = [results.metric if o == "accuracy" else o for o in results.objectives]
+    names = _names(results)
     return ["trial", *names, f"{results.metric}_drop", "speedup", "size_ratio", "feasible",
             "latency_source"]  # fmt: skip
 
 
 def row_values(results: StudyResults, row: TrialRow) -> list[object]:
-    names = [results.metric if o == "accuracy" else o for o in results.objectives]
+    names = _names(results)
     m = row.measured
     return [row.number, *[m.get(n) for n in names], m.get(f"{results.metric}_drop"),
             m.get("speedup"), m.get("size_ratio"), row.feasible,
@@ -76,7 +82,7 @@ def _plot(results: StudyResults, front: list[TrialRow]) -> bytes:
     from matplotlib import pyplot as plt
 
     done = [r for r in results.rows if r.state == "COMPLETE" and r.measured]
-    cost = next((o for o in results.objectives if o != "accuracy"), "latency_ms")
+    cost = next((n for n in _names(results)[1:]), "latency_ms")
     figure, axes = plt.subplots(figsize=(7, 5))
     for rows, style, label in (
         ([r for r in done if r.feasible], "o", "feasible"),

@@ -31,7 +31,12 @@ def with_overrides(config, args):
 
 
 def run(args: argparse.Namespace) -> int:
-    config = with_overrides(read_config(args.config), args)
+    return search_and_show(args.config, with_overrides(read_config(args.config), args))
+
+
+def search_and_show(path: str, config=None) -> int:
+    """Run (or resume) the study of the config at ``path``, then show its front."""
+    config = config or read_config(path)
     folder = folder_for(config, runs_root())
     changes = folder.check_resume(config)
     driver_class = load_driver(config.search.driver)

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compsearch.errors import ConfigError
-from compsearch.final import best_of, train_recipe
+from compsearch.final import best_of, task_for, train_recipe
 from compsearch.paths import runs_root
 from compsearch.recipes import Recipe, read_recipe
-from compsearch.search.study import recipe_study
+from compsearch.search.export import export_recipes, rank_exported
+from compsearch.search.study import StudyFolder, recipe_study
 
 
 def add_parser(commands) -> None:
@@ -100,34 +101,21 @@ def run(args: argparse.Namespace) -> int:
 
 def from_study(args: argparse.Namespace) -> int:
     folder = Path(args.from_study)
-    exported = sorted((folder / "recipes").glob("*.yaml"))
-    if not exported:
-        from compsearch.cli import export
-
-        export.run(argparse.Namespace(study=str(folder), best=None, where=[], knee=False,
-                                      diverse=None, name=None))  # fmt: skip
-        exported = sorted((folder / "recipes").glob("*.yaml"))
-    recipes = {path: read_recipe(path) for path in exported}
-    from compsearch.search.study import StudyFolder
-
-    config = StudyFolder(folder).frozen()
-    from compsearch.final import task_for
-
+    study = StudyFolder(folder)
+    config = study.frozen()
+    if not sorted((folder / "recipes").glob("*.yaml")):
+        export_recipes(study)  # the default rules: knee, most accurate, diverse
+    recipes = {path: read_recipe(path) for path in sorted((folder / "recipes").glob("*.yaml"))}
     first = next(iter(recipes.values()))
     task = task_for(first, args.task, study_settings(first, args).trust_task)
-    metric, sign = task.primary_metric, 1 if task.direction == "maximize" else -1
-    unique = {}
-    for path, recipe in recipes.items():  # one per trial: several rules may pick the same point
-        unique.setdefault(recipe.provenance.trial, (path, recipe))
-    ranked = sorted(
-        unique.values(), key=lambda item: -sign * item[1].provenance.measured.get(metric, 0)
-    )
+    metric = task.primary_metric
+    ranked = rank_exported(recipes, metric, task.direction)
     if len(ranked) < args.top_k:
         print(f"note: --top-k {args.top_k}, but the study has {len(ranked)} distinct exported "
               f"point{'s' if len(ranked) != 1 else ''}; training {len(ranked)}. Export more with "
               f"'compsearch export {folder} --diverse K'.")  # fmt: skip
     reports = {}
-    for path, _ in ranked[: args.top_k]:
+    for path in ranked[: args.top_k]:
         _, measured = train_one(path, args, name=path.stem)
         reports[path.stem] = measured
     winner = best_of(reports, metric, task.direction)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from compsearch.kernels._graph_spaces import Layout, Member, Space, TensorInfo
+from compsearch.kernels._graph_spaces import ChannelSpace, Layout, Member, TensorInfo
 
 
 class LayerOps:
-    def layer_out(self, key: str, size: int) -> Space:
+    def layer_out(self, key: str, size: int) -> ChannelSpace:
         space = self.layer_spaces.get(key)
         layer = self.trace.module_of_key[key]
         if layer not in self.trace.order:

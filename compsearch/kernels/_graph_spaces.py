@@ -24,25 +24,25 @@ class Member:
     role: str
 
 
-class Space:
+class ChannelSpace:
     """A set of coupled channels. Union-find node; a refined space is a sequence of parts."""
 
     _ids = itertools.count()
 
     def __init__(self, size: int) -> None:
-        self.id = next(Space._ids)
+        self.id = next(ChannelSpace._ids)
         self.size = size
-        self.parent: Space | None = None
-        self.parts: list[Space] | None = None
+        self.parent: ChannelSpace | None = None
+        self.parts: list[ChannelSpace] | None = None
         self.members: set[Member] = set()
         self.blocked: list[str] = []
         self.pinned: str | None = None
         self.splits: list[HeadSplit] = []
         self.adds = 0  # additions that merged into this space (residual streams)
-        self.part_of: list[tuple[Space, int]] = []  # (refined space, offset inside it)
+        self.part_of: list[tuple[ChannelSpace, int]] = []  # (refined space, offset inside it)
         self.splits_from: frozenset[int] = frozenset()  # head splits a reader of this space saw
 
-    def find(self) -> Space:
+    def find(self) -> ChannelSpace:
         root = self
         while root.parent is not None:
             root = root.parent
@@ -59,7 +59,7 @@ class Space:
         if reason not in root.blocked:
             root.blocked.append(reason)
 
-    def leaves(self, offset: int = 0) -> list[tuple[Space, int]]:
+    def leaves(self, offset: int = 0) -> list[tuple[ChannelSpace, int]]:
         """Atomic parts of this space's root with their offsets inside it."""
         root = self.find()
         if not root.parts:
@@ -70,7 +70,7 @@ class Space:
             start += part.size
         return out
 
-    def refine(self, sizes: list[int]) -> list[Space]:
+    def refine(self, sizes: list[int]) -> list[ChannelSpace]:
         """Split this space into consecutive parts of ``sizes`` (reusing a matching refinement)."""
         root = self.find()
         if root.parts:
@@ -81,7 +81,7 @@ class Space:
                 return [leaf for leaf, _ in leaves]
             root.block("split into parts that do not line up with an earlier split")
             return []
-        root.parts = [Space(size) for size in sizes]
+        root.parts = [ChannelSpace(size) for size in sizes]
         offset = 0
         for part in root.parts:
             part.blocked += root.blocked
@@ -102,7 +102,7 @@ class Space:
         return sorted(found, key=lambda m: (m.key, m.dim, m.offset))
 
 
-def union(a: Space, b: Space, reason: str = "") -> Space:
+def union(a: ChannelSpace, b: ChannelSpace, reason: str = "") -> ChannelSpace:
     a, b = a.find(), b.find()
     if a is b:
         return a
@@ -133,7 +133,7 @@ def union(a: Space, b: Space, reason: str = "") -> Space:
 class HeadSplit:
     """A view that split a space's channels into ``heads × head_dim``."""
 
-    space: Space
+    space: ChannelSpace
     heads: int
     head_dim: int
     owner: str  # innermost module running when it happened
@@ -145,9 +145,9 @@ class Layout:
     """Where a tensor's channel dimension is and which spaces (in order) make it up."""
 
     dim: int
-    spaces: tuple[Space, ...]
+    spaces: tuple[ChannelSpace, ...]
 
-    def parts(self) -> list[tuple[Space, int]]:
+    def parts(self) -> list[tuple[ChannelSpace, int]]:
         out, start = [], 0
         for space in self.spaces:
             for leaf, offset in space.leaves(start):
@@ -176,7 +176,7 @@ class Attention:
     module: str
     q: list[HeadSplit]
     kv: list[HeadSplit]
-    out_space: Space
+    out_space: ChannelSpace
     out_layer: str
     q_heads: int
     kv_heads: int
@@ -193,12 +193,12 @@ class Block:
 
 @dataclass
 class Trace:
-    spaces: list[Space] = field(default_factory=list)
+    spaces: list[ChannelSpace] = field(default_factory=list)
     splits: list[HeadSplit] = field(default_factory=list)
     attentions: list[Attention] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
     producers: dict[int, str] = field(default_factory=dict)  # space id -> producing layer
-    layers_out: dict[str, Space] = field(default_factory=dict)  # layer -> its output space
-    layers_in: dict[str, Space] = field(default_factory=dict)
+    layers_out: dict[str, ChannelSpace] = field(default_factory=dict)  # layer -> its output space
+    layers_in: dict[str, ChannelSpace] = field(default_factory=dict)
     module_of_key: dict[str, str] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)  # layers in the order they first ran

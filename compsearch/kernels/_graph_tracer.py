@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from compsearch.kernels._graph_layers import LayerOps
 from compsearch.kernels._graph_shapes import ShapeOps
-from compsearch.kernels._graph_spaces import Layout, Member, Space, TensorInfo, Trace, union
+from compsearch.kernels._graph_spaces import ChannelSpace, Layout, Member, TensorInfo, Trace, union
 
 # -- op tables -------------------------------------------------------------------------------------
 
@@ -87,7 +87,7 @@ class Tracer(LayerOps, ShapeOps, TorchFunctionMode):
         for key in self.key_of.values():
             self.trace.module_of_key[key] = key.rpartition(".")[0]
         self.stack: list[str] = []
-        self.layer_spaces: dict[str, Space] = {}
+        self.layer_spaces: dict[str, ChannelSpace] = {}
         self.block_inputs: dict[str, int] = {}
         self.block_hits: set[str] = set()
 
@@ -109,8 +109,8 @@ class Tracer(LayerOps, ShapeOps, TorchFunctionMode):
             self.info[id(tensor)] = info
             self.keep.append(tensor)
 
-    def space(self, size: int) -> Space:
-        space = Space(size)
+    def space(self, size: int) -> ChannelSpace:
+        space = ChannelSpace(size)
         self.trace.spaces.append(space)
         return space
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from compsearch.errors import KernelError
-from compsearch.kernels.graph import Member, Space, Trace, trace_model
+from compsearch.kernels.graph import ChannelSpace, Member, Trace, trace_model
 
 IMPORTANCES = ("l1", "l2", "taylor", "random")
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
@@ -102,12 +102,12 @@ def _unique(name: str, taken: dict) -> str:
     return f"{name}#{count}"
 
 
-def _producers(root: Space, trace: Trace) -> list[str]:
+def _producers(root: ChannelSpace, trace: Trace) -> list[str]:
     return sorted({trace.module_of_key[m.key] for m in root.all_members() if m.role == "out"})
 
 
 def _channel_group(
-    root: Space, trace: Trace, order: dict[str, int], embeddings: set[str]
+    root: ChannelSpace, trace: Trace, order: dict[str, int], embeddings: set[str]
 ) -> Group | None:
     members = root.all_members()
     if not members:

@@ -143,15 +143,6 @@ def grouped(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return rows.reshape(rows.shape[0], rows.shape[1] // group, group)
 
 
-def weight_scale(rows: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None) -> torch.Tensor:
-    """Scale per (row, group), shape ``(rows, groups, 1)``, from the (clipped) absolute maximum."""
-    amax = grouped(rows, spec).detach().abs().amax(-1, keepdim=True)
-    if clip is not None:
-        amax = amax * clip
-    half = FP8_MAX if spec.w_format == "fp8" else grid(spec.w_bits)[3]
-    return (amax / half).clamp(min=SCALE_MIN)
-
-
 def weight_codes(rows: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Integer codes ``q`` (int32, shape of ``rows``) as the fake-quant forward rounds them."""
     qmin, qmax, offset, _ = grid(spec.w_bits)

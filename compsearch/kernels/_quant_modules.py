@@ -16,13 +16,10 @@ from compsearch.kernels._quant_grid import (
     ACT_QMAX,
     SCALE_MIN,
     QuantSpec,
-    fake_quantize,
-    fake_quantize_fp8,
-    grid,
     grouped,
     rows_view,
-    weight_scale,
 )
+from compsearch.kernels.formats import get_format, weight_scale
 
 # -- quantizer modules -----------------------------------------------------------------------------
 
@@ -47,11 +44,7 @@ class WeightQuantizer(nn.Module):
         rows = rows_view(weight, self.transposed)
         scale = self.current_scale(weight)
         blocks = grouped(rows, self.spec)
-        if self.spec.w_format == "fp8":
-            out = fake_quantize_fp8(blocks, scale)
-        else:
-            grad_scale = 1.0 / math.sqrt(blocks.shape[-1] * grid(self.spec.w_bits)[1])
-            out = fake_quantize(blocks, scale, self.spec.w_bits, grad_scale)
+        out = get_format(self.spec.w_format).fake_quantize(blocks, scale, self.spec)
         out = out.reshape(rows.shape)
         return out.t() if self.transposed else out.reshape(weight.shape)
 
@@ -204,11 +197,7 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
         else:
             scale = weight_scale(rows, quantizer.spec, quantizer.clip[ids])
         blocks = grouped(rows, quantizer.spec)
-        if quantizer.spec.w_format == "fp8":
-            out = fake_quantize_fp8(blocks, scale)
-        else:
-            grad_scale = 1.0 / math.sqrt(blocks.shape[-1] * grid(quantizer.spec.w_bits)[1])
-            out = fake_quantize(blocks, scale, quantizer.spec.w_bits, grad_scale)
+        out = get_format(quantizer.spec.w_format).fake_quantize(blocks, scale, quantizer.spec)
         return out.reshape(*x.shape, self.embedding_dim)
 
 

@@ -21,7 +21,6 @@ Kernels:
 
 from __future__ import annotations
 
-import functools
 import itertools
 from dataclasses import dataclass
 
@@ -30,45 +29,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from compsearch.kernels._modules import replace_module
+from compsearch.kernels.devices import (
+    CONV2D,
+    EMBEDDING,
+    LINEAR,
+)
+from compsearch.kernels.formats import FORMATS, get_format
 from compsearch.kernels.packing import PackedWeight
 from compsearch.kernels.quant import ACT_QMAX, FP8_MAX, SCALE_MIN, QuantSpec
-
-LINEAR, CONV2D, EMBEDDING = "linear", "conv2d", "embedding"
-
-
-# -- what the device can do ------------------------------------------------------------------------
-
-
-@functools.cache
-def onednn_available() -> bool:
-    """oneDNN's int8 linear runs here (x86 CPU builds of torch)."""
-    try:
-        weight = torch.ones(8, 8, dtype=torch.int8)
-        packed = torch.ops.onednn.qlinear_prepack(weight, None)
-        x = torch.full((2, 8), 129, dtype=torch.uint8)
-        out = torch.ops.onednn.qlinear_pointwise(
-            x, 1.0, 128, packed, torch.ones(8), torch.zeros(8, dtype=torch.int64), None,
-            1.0, 0, torch.float32, "none", [], "",
-        )  # fmt: skip
-        return bool(torch.allclose(out, torch.full((2, 8), 8.0)))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-
-
-@functools.cache
-def int_mm_available(device_type: str) -> bool:
-    try:
-        a = torch.ones(32, 32, dtype=torch.int8, device=device_type)
-        return bool((torch._int_mm(a, a) == 32).all())
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-
-
-@functools.cache
-def fp8_available(device_type: str) -> bool:
-    if device_type != "cuda" or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability() >= (8, 9) and hasattr(torch, "_scaled_mm")
 
 
 @dataclass(frozen=True)
@@ -85,36 +53,24 @@ class FormatSupport:
 
 
 def kernel_for(layer: str, spec: QuantSpec, device_type: str) -> str:
-    """The kernel that runs ``spec`` for a ``layer`` kind on ``device_type`` ('cpu' or 'cuda')."""
+    """The kernel that runs ``spec`` for a ``layer`` kind on ``device_type`` ('cpu' or 'cuda'):
+    the weight format's choice (see compsearch.kernels.formats)."""
     if not spec.quantizes_weight:
         return "float"
-    if layer == EMBEDDING:
-        return "int8_gather" if spec.w_format == "int" else "dequant"
-    if layer != LINEAR or spec.granularity != "per_channel" or not spec.quantizes_input:
-        return "dequant"
-    if spec.w_format == "fp8":
-        return "fp8_scaled_mm" if fp8_available(device_type) else "dequant"
-    if device_type == "cpu" and spec.activation_mode == "static" and onednn_available():
-        return "onednn_qlinear"
-    return "int_mm" if int_mm_available(device_type) else "dequant"
+    return get_format(spec.w_format).kernel(layer, spec, device_type)
 
 
 FAST_KERNELS = frozenset({"onednn_qlinear", "int_mm", "fp8_scaled_mm", "int8_gather"})
 
 
 def deploy_table(device_type: str = "cpu") -> list[FormatSupport]:
-    """Every (layer kind, format) and the kernel that serves it on ``device_type``."""
-    formats = [
-        ("8", "int", 8, "per_channel"),
-        ("2-7", "int", 4, "per_channel"),
-        ("8", "int", 8, "per_group"),
-        ("2-7", "int", 4, "per_group"),
-        ("8", "fp8", 8, "per_channel"),
-    ]
+    """Every (layer kind, registered format) and the kernel that serves it on ``device_type``."""
+    shapes = [("8", 8, "per_channel"), ("2-7", 4, "per_channel"), ("8", 8, "per_group"),
+              ("2-7", 4, "per_group")]  # fmt: skip
     activations = [(8, "static"), (8, "dynamic"), (16, "static")]
     rows = []
-    for layer, (label, w_format, bits, granularity), (a_bits, mode) in itertools.product(
-        (LINEAR, CONV2D, EMBEDDING), formats, activations
+    for layer, (name, fmt), (label, bits, granularity), (a_bits, mode) in itertools.product(
+        (LINEAR, CONV2D, EMBEDDING), FORMATS.items(), shapes, activations
     ):
         if layer == EMBEDDING and a_bits == 8:
             continue
@@ -123,13 +79,15 @@ def deploy_table(device_type: str = "cpu") -> list[FormatSupport]:
             a_bits=a_bits,
             granularity=granularity,
             group_size=32 if granularity == "per_group" else None,
-            w_format=w_format,
+            w_format=name,
             activation_mode=mode,
         )
+        if fmt.check(spec) or granularity not in fmt.offered:
+            continue  # not a width or granularity this format offers (fp8: 8 bits, per channel)
         kernel = kernel_for(layer, spec, device_type)
         shown = granularity + (f", a8 {mode}" if a_bits == 8 else "")
         rows.append(
-            FormatSupport(layer, label, w_format, a_bits, shown, kernel, kernel in FAST_KERNELS)
+            FormatSupport(layer, label, name, a_bits, shown, kernel, kernel in FAST_KERNELS)
         )
     return rows
 
@@ -186,7 +144,7 @@ class DeployLinear(nn.Module):
             self.register_buffer("codes", codes.contiguous())
             self.register_buffer("w_scale", scale.reshape(-1).contiguous())
         elif kernel == "fp8_scaled_mm":
-            self.register_buffer("fp8_weight", packed.fp8.contiguous())
+            self.register_buffer("fp8_weight", packed.data.contiguous())
             self.register_buffer("w_scale", packed.scale.float().reshape(1, -1))
         else:
             weight = packed.dequantize()
@@ -338,10 +296,6 @@ class DeployReport:
 
     kernels: dict[str, str]
     chains: list[tuple[str, str, str]]
-
-    @property
-    def fast_layers(self) -> list[str]:
-        return [name for name, kernel in self.kernels.items() if kernel in FAST_KERNELS]
 
 
 def layer_kind(module: nn.Module) -> str:

@@ -33,10 +33,10 @@ from torch import nn
 from compsearch.kernels._graph_spaces import (  # noqa: F401 - the public names of the analysis
     Attention,
     Block,
+    ChannelSpace,
     HeadSplit,
     Layout,
     Member,
-    Space,
     TensorInfo,
     Trace,
     union,
@@ -142,7 +142,7 @@ def _find_attentions(tracer: _Tracer) -> None:
             split.space.block("split into heads that no output projection reads")
 
 
-def _attention(layer: str, out_space: Space, splits: list[HeadSplit]) -> Attention | None:
+def _attention(layer: str, out_space: ChannelSpace, splits: list[HeadSplit]) -> Attention | None:
     spaces = {id(s.space.find()) for s in splits}
     if len(spaces) != len(splits) or not 2 <= len(splits) <= 3:
         return None

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compsearch.errors import KernelError
+from compsearch.kernels.formats import get_format, weight_scale
 from compsearch.kernels.quant import (
     ACT_QMAX,
     ActQuantizer,
@@ -28,7 +29,6 @@ from compsearch.kernels.quant import (
     quant_modules,
     rows_view,
     weight_codes,
-    weight_scale,
 )
 
 OBSERVERS = ("minmax", "percentile", "mse")
@@ -129,7 +129,7 @@ def calibrate(
         quantizer.set_scale(found / ACT_QMAX)
         ranges[name] = found
     for module in layers.values():
-        if module.spec.quantizes_weight and module.spec.w_format == "int":
+        if module.spec.quantizes_weight and get_format(module.spec.w_format).clip_search:
             if observer == "mse":
                 search_weight_clip_(module)
             else:

@@ -7,8 +7,8 @@ size: no padding beyond the last partial byte of each packed tensor.
 
 File layout (``model.safetensors``)::
 
-    <layer>.weight.codes   uint8  packed codes of a quantized weight (int formats)
-    <layer>.weight.fp8     float8_e4m3fn  (fp8 format)
+    <layer>.weight.<suffix>  the format's stored tensor (see compsearch.kernels.formats):
+                             ``codes`` uint8 packed codes (int), ``fp8`` float8_e4m3fn (fp8)
     <layer>.weight.scale   float16 (rows, groups)
     <layer>.input_scale    float32 ()      static activation scale, when a_bits == 8
     <anything else>        the float tensors of the model's state dict
@@ -37,14 +37,13 @@ from torch import nn
 
 from compsearch._files import write_bytes_atomic
 from compsearch.errors import KernelError
+from compsearch.kernels._bits import pack_codes, packed_nbytes, unpack_codes  # noqa: F401
+from compsearch.kernels.formats import get_format
+from compsearch.kernels.formats.int_grid import signed_codes
 from compsearch.kernels.quant import (
-    FP8_MAX,
     QuantSpec,
-    dequantize_codes,
-    grid,
     quant_modules,
     rows_view,
-    weight_codes,
 )
 
 FORMAT = "compsearch-packed/2"
@@ -55,59 +54,18 @@ METADATA_KEY = "compsearch"
 # -- bit packing -----------------------------------------------------------------------------------
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned ``bits``-wide codes (values < 2**bits) into ``ceil(numel * bits / 8)`` bytes."""
-    if not 2 <= bits <= 8:
-        raise KernelError(f"bits: expected an integer in [2, 8], but got {bits!r}.")
-    flat = codes.reshape(-1).to(torch.int64)
-    if flat.numel() and int(flat.max()) >= 1 << bits:
-        raise KernelError(f"pack_codes: expected codes below {1 << bits}, got {int(flat.max())}.")
-    count = flat.numel()
-    if bits == 8:
-        return flat.to(torch.uint8)
-    padded = torch.zeros((count + 7) // 8 * 8, dtype=torch.int64, device=flat.device)
-    padded[:count] = flat
-    chunks = padded.reshape(-1, 8)  # eight codes make exactly `bits` bytes
-    shifts = torch.arange(8, device=flat.device) * bits
-    words = (chunks << shifts).sum(-1)
-    byte_shifts = torch.arange(bits, device=flat.device) * 8
-    packed = ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).reshape(-1)
-    return packed[: (count * bits + 7) // 8].to(torch.uint8)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``count`` unsigned codes as uint8."""
-    if bits == 8:
-        return packed[:count].clone()
-    data = packed.to(torch.int64)
-    total = (count + 7) // 8 * bits
-    padded = torch.zeros(total, dtype=torch.int64, device=data.device)
-    padded[: data.numel()] = data
-    chunks = padded.reshape(-1, bits)
-    byte_shifts = torch.arange(bits, device=data.device) * 8
-    words = (chunks << byte_shifts).sum(-1)
-    shifts = torch.arange(8, device=data.device) * bits
-    codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(-1)[:count].to(torch.uint8)
-
-
-def packed_nbytes(count: int, bits: int) -> int:
-    return (count * bits + 7) // 8
-
-
 # -- a quantized layer's stored form ---------------------------------------------------------------
 
 
 @dataclass
 class PackedWeight:
-    """One quantized weight as stored: codes (or fp8 values), float16 scales and how to read them."""
+    """One quantized weight as stored: its format's tensor, float16 scales and how to read them."""
 
     spec: QuantSpec
     shape: tuple[int, ...]  # the module's weight shape
     transposed: bool  # Conv1D keeps its weight as (in, out)
     scale: torch.Tensor  # float16 (rows, groups)
-    codes: torch.Tensor | None = None  # unsigned uint8, packed
-    fp8: torch.Tensor | None = None
+    data: torch.Tensor  # what the format stores (int: packed unsigned codes; fp8: float8 values)
 
     @property
     def rows_shape(self) -> tuple[int, int]:
@@ -119,11 +77,8 @@ class PackedWeight:
         return (self.shape[0], fan_in)
 
     def signed_codes(self) -> torch.Tensor:
-        """Codes ``q`` as int32, shape ``rows_shape``."""
-        qmin = grid(self.spec.w_bits)[0]
-        rows, fan_in = self.rows_shape
-        unsigned = unpack_codes(self.codes, self.spec.w_bits, rows * fan_in)
-        return (unsigned.to(torch.int32) + qmin).reshape(rows, fan_in)
+        """Codes ``q`` as int32, shape ``rows_shape`` (int formats)."""
+        return signed_codes(self.data, self.spec, self.rows_shape)
 
     def int8_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(c, sigma)``: int8 codes (rows, fan_in) and float32 scales (rows, groups) with
@@ -136,17 +91,9 @@ class PackedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The float weight, in the module's own layout, bit-equal to the fake-quant weight."""
-        scale3 = self.scale.to(torch.float32).unsqueeze(-1)
-        if self.fp8 is not None:
-            rows = self.fp8.to(torch.float32).reshape(*scale3.shape[:2], -1) * scale3
-            rows = rows.reshape(self.rows_shape)
-        else:
-            rows = dequantize_codes(self.signed_codes(), scale3, self.spec)
+        rows = get_format(self.spec.w_format).unpack(self.data, self.scale, self.spec,
+                                                     self.rows_shape)  # fmt: skip
         return rows.t().contiguous() if self.transposed else rows.reshape(self.shape)
-
-    def nbytes(self) -> int:
-        stored = self.codes if self.codes is not None else self.fp8
-        return stored.numel() * stored.element_size() + self.scale.numel() * 2
 
 
 @torch.no_grad()
@@ -157,20 +104,13 @@ def pack_weight(module: nn.Module) -> PackedWeight:
     rows = rows_view(module.weight.detach(), quantizer.transposed).float()
     scale = quantizer.current_scale(module.weight.detach()).detach().float()
     scale16 = scale.to(torch.float16)
-    packed = PackedWeight(
+    return PackedWeight(
         spec=spec,
         shape=tuple(module.weight.shape),
         transposed=quantizer.transposed,
         scale=scale16.reshape(scale16.shape[0], scale16.shape[1]).contiguous(),
+        data=get_format(spec.w_format).pack(rows, scale, spec),
     )
-    if spec.w_format == "fp8":
-        stored = scale16.to(torch.float32)
-        blocks = rows.reshape(*scale.shape[:2], -1) / stored
-        packed.fp8 = blocks.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(rows.shape)
-    else:
-        q = weight_codes(rows, scale, spec)
-        packed.codes = pack_codes(q - grid(spec.w_bits)[0], spec.w_bits)
-    return packed
 
 
 # -- artifact --------------------------------------------------------------------------------------
@@ -233,10 +173,8 @@ def packed_to_bytes(packed: PackedModel, metadata: dict[str, str] | None = None)
     tensors: dict[str, torch.Tensor] = {}
     layers_meta = {}
     for name, weight in packed.weights.items():
-        if weight.codes is not None:
-            tensors[f"{name}.weight.codes"] = weight.codes.contiguous().cpu()
-        else:
-            tensors[f"{name}.weight.fp8"] = weight.fp8.contiguous().cpu()
+        suffix = get_format(weight.spec.w_format).stored_suffix
+        tensors[f"{name}.weight.{suffix}"] = weight.data.contiguous().cpu()
         tensors[f"{name}.weight.scale"] = weight.scale.contiguous().cpu()
         layers_meta[name] = {
             "spec": weight.spec.to_dict(),
@@ -322,17 +260,15 @@ def packed_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, st
     used = set()
     for name, meta in layers_meta.items():
         spec = QuantSpec(**meta["spec"])
-        codes = tensors.get(f"{name}.weight.codes")
-        fp8 = tensors.get(f"{name}.weight.fp8")
+        stored = f"{name}.weight.{get_format(spec.w_format).stored_suffix}"
         weights[name] = PackedWeight(
             spec=spec,
             shape=tuple(meta["shape"]),
             transposed=meta["transposed"],
             scale=tensors[f"{name}.weight.scale"],
-            codes=codes,
-            fp8=fp8,
+            data=tensors[stored],
         )
-        used.update({f"{name}.weight.codes", f"{name}.weight.fp8", f"{name}.weight.scale"})
+        used.update({stored, f"{name}.weight.scale"})
     input_scales = {
         key[: -len(".input_scale")]: float(value)
         for key, value in tensors.items()

@@ -44,7 +44,6 @@ from compsearch.kernels._quant_grid import (  # noqa: F401 - the public names of
     rows_view,
     spec_from_plan,
     weight_codes,
-    weight_scale,
 )
 from compsearch.kernels._quant_modules import (  # noqa: F401
     QUANT_TYPES,
@@ -59,6 +58,7 @@ from compsearch.kernels._quant_modules import (  # noqa: F401
     is_quantizable,
     quant_class,
 )
+from compsearch.kernels.formats import get_format, weight_scale  # noqa: F401
 from compsearch.recipes.schema import FLOAT_BITS, GROUP_SIZES, LayerPlan, Recipe
 
 # -- quantize_ -------------------------------------------------------------------------------------
@@ -165,8 +165,10 @@ def _check_spec(name: str, module: nn.Module, spec: QuantSpec, report: QuantRepo
                 f"but got group_size={spec.group_size}. Use per_channel or a group size that "
                 "divides it."
             )
-    if spec.w_format == "fp8" and spec.w_bits != 8:
-        raise KernelError(f"layer {name!r}: expected w_bits 8 with fp8, but got {spec.w_bits}.")
+    if spec.quantizes_weight:
+        refused = get_format(spec.w_format).check(spec)
+        if refused:
+            raise KernelError(f"layer {name!r}: {refused}.")
     if isinstance(module, nn.Embedding) and spec.quantizes_input:
         report.skipped[f"{name}:input"] = "an embedding's input is token ids; a_bits does not apply"
         spec = dataclasses.replace(spec, a_bits=FLOAT_BITS)
@@ -205,6 +207,11 @@ def _convert(module: nn.Module, spec: QuantSpec, shared: WeightQuantizer | None)
 
 def quant_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
+
+
+def quant_bits(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{layer: (w_bits, a_bits)}`` of every Quant module (what BitOps weighs MACs by)."""
+    return {name: (m.spec.w_bits, m.spec.a_bits) for name, m in quant_modules(model).items()}
 
 
 def learn_scales_(model: nn.Module) -> None:

@@ -14,6 +14,14 @@ class AccuracyObjective(Objective):
     ``test`` for the final report only (see :mod:`compsearch.tasks.base`)."""
 
     unit = "metric"
+    after_training = True
+
+    @classmethod
+    def build(cls, setup) -> AccuracyObjective:
+        return cls(setup.task.primary_metric, setup.task.direction, setup.split)
+
+    def restore(self, teacher: dict[str, float]) -> None:
+        self.teacher = {k: v for k, v in teacher.items() if not k.startswith(("size", "latency"))}
 
     def __init__(self, metric: str, direction: str, split: str = "validation") -> None:
         self.name = metric

@@ -4,6 +4,12 @@ An :class:`Objective` measures a :class:`Candidate` — the deployed model, its 
 task — and returns ``{name: value}`` (its own value first, then anything it recorded on the way:
 secondary metrics, spread). Proxies (MACs, BitOps) are objectives too, but flagged ``proxy`` and
 never named latency.
+
+Lifecycle: ``build(setup)`` once per study (or final run) → ``prepare(reference)`` with the teacher's
+deploy form, or ``restore(values)`` with the teacher values a study recorded → ``measure(candidate)``
+per trial: at the trial's structure (its architecture and formats final) or, for objectives with
+``after_training``, on the trained deploy form. Built-ins and ``module:Class`` plug-ins are found by
+:func:`compsearch.objectives.registry.objective_class`.
 """
 
 from __future__ import annotations
@@ -26,7 +32,22 @@ class Candidate:
     artifact: bytes
     student: nn.Module | None = None  # the fake-quant model (for proxies counted on its structure)
     quant_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: what the search knows beyond the model: ``trial`` (its number) and ``latency_checks`` (the
+    #: study's latency-table check errors) — see compsearch.objectives.lut
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MeasureSetup:
+    """What building an objective may need: the task, the device, and the latency settings."""
+
+    task: Task
+    device: str = "cpu"
+    threads: int | None = 2
+    warmup: int = 3
+    repeats: int = 20
+    table: Any = None  # a LatencyTable, in table mode
+    split: str = "validation"
 
 
 class Objective(abc.ABC):
@@ -36,9 +57,19 @@ class Objective(abc.ABC):
     direction: Literal["minimize", "maximize"]
     unit: str
     proxy: bool = False
+    #: measured on the trained deploy form (accuracy), not as soon as the structure is final
+    after_training: bool = False
+
+    @classmethod
+    def build(cls, setup: MeasureSetup) -> Objective:
+        """The objective for a study or final run; override where the constructor needs more."""
+        return cls()
 
     def prepare(self, reference: Candidate) -> None:  # noqa: B027 - an optional hook
         """Called once per study with the teacher's deploy form (to record reference values)."""
+
+    def restore(self, teacher: dict[str, float]) -> None:  # noqa: B027 - an optional hook
+        """Take the reference values a study recorded instead of measuring the teacher again."""
 
     @abc.abstractmethod
     def measure(self, candidate: Candidate) -> dict[str, float]:

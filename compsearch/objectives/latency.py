@@ -114,6 +114,13 @@ class LatencyObjective(Objective):
         self.table = table
         self.teacher_ms = 0.0
 
+    @classmethod
+    def build(cls, setup) -> LatencyObjective:
+        return cls(setup.device, setup.threads, setup.warmup, setup.repeats, setup.table)
+
+    def restore(self, teacher: dict[str, float]) -> None:
+        self.teacher_ms = teacher["latency_ms"]
+
     def measure_model(self, model: nn.Module, task: Task) -> LatencyResult:
         return measure_latency(
             model, task, self.device, self.thread_count, self.warmup, self.repeats
@@ -126,13 +133,14 @@ class LatencyObjective(Objective):
         if self.table is not None:
             self.table.calibrate(reference.deployed, reference.task, self.teacher_ms)
 
-    def measure(
-        self, candidate: Candidate, number: int = 0, errors: list[float] | None = None
-    ) -> dict[str, float | str]:
-        """Measured latency; with a table, possibly its prediction for trial ``number`` given the
-        study's earlier check ``errors`` — labelled by ``latency_source`` either way."""
+    def measure(self, candidate: Candidate) -> dict[str, float | str]:
+        """Measured latency; with a table, possibly its prediction for trial ``candidate.extra
+        ['trial']`` given the study's earlier ``latency_checks`` — labelled by ``latency_source``
+        either way."""
         if self.table is not None:
-            out = self.table.latency(candidate.deployed, candidate.task, self, number, errors or [])
+            number = candidate.extra.get("trial", 0)
+            errors = candidate.extra.get("latency_checks", [])
+            out = self.table.latency(candidate.deployed, candidate.task, self, number, errors)
         else:
             result = self.measure_model(candidate.deployed, candidate.task)
             out = {self.name: result.median_ms, "latency_spread": result.spread,

@@ -63,3 +63,14 @@ class MacsObjective(Objective):
             by_layer = count_macs_by_layer(model, lambda m: candidate.task.forward(m, batch))
             total = count_macs(model, lambda m: candidate.task.forward(m, batch))
         return {self.name: float(total), "bitops": float(bitops(by_layer, candidate.quant_bits))}
+
+
+class BitOpsObjective(MacsObjective):
+    """Σ MACs × w_bits × a_bits (a proxy; it is not latency)."""
+
+    name = "bitops"
+    unit = "bit-ops"
+
+    def measure(self, candidate: Candidate) -> dict[str, float]:
+        counted = super().measure(candidate)
+        return {self.name: counted["bitops"], "macs": counted["macs"]}

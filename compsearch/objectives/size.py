@@ -34,6 +34,9 @@ class SizeObjective(Objective):
     def __init__(self) -> None:
         self.teacher_bytes = 0
 
+    def restore(self, teacher: dict[str, float]) -> None:
+        self.teacher_bytes = int(teacher["size_bytes"])
+
     def prepare(self, reference: Candidate) -> None:
         self.teacher_bytes = len(reference.artifact)
 

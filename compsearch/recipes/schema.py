@@ -25,7 +25,6 @@ RECIPE_VERSION = 1
 W_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 A_BITS = (8, 16)
 GROUP_SIZES = (32, 64, 128)
-W_FORMATS = ("int", "fp8")
 FLOAT_BITS = 16  # w_bits / a_bits of 16 mean "leave in float"
 REGEX_PREFIX = "re:"
 
@@ -39,7 +38,8 @@ class LayerPlan:
     ``w_bits`` 2..8 quantize the weight to that many bits (16 leaves it in float); ``a_bits`` 8
     quantizes the layer's input activations (16 leaves them in float); ``granularity`` is
     ``per_channel`` or ``per_group`` (then ``group_size`` input features share one scale);
-    ``w_format`` is ``int`` (integer levels) or ``fp8`` (float8 e4m3, with ``w_bits: 8``);
+    ``w_format`` names a registered weight format: ``int`` (integer levels), ``fp8`` (float8
+    e4m3, with ``w_bits: 8``) or one of your own (compsearch.kernels.formats);
     ``keep_ratio`` is the fraction of output channels / neurons / heads that pruning keeps;
     ``keep: false`` on a residual block or transformer layer removes it (depth pruning).
     """
@@ -90,11 +90,6 @@ class LayerPlan:
                 f"{path}.group_size: expected no group_size with granularity 'per_channel', but got "
                 f"{plan.group_size!r}. Remove group_size or set granularity: per_group."
             )
-        if plan.w_format == "fp8" and plan.w_bits not in (None, 8):
-            raise RecipeError(
-                f"{path}.w_bits: expected 8 because w_format is 'fp8', but got {plan.w_bits!r}. "
-                "Use w_bits: 8 with fp8, or w_format: int for other widths."
-            )
         return plan
 
 
@@ -103,7 +98,9 @@ _LAYER_FIELDS = {
     "a_bits": _S.optional(_S.one_of(A_BITS, note="16 keeps activations in float")),
     "granularity": _S.optional(_S.one_of(("per_channel", "per_group"))),
     "group_size": _S.optional(_S.one_of(GROUP_SIZES)),
-    "w_format": _S.optional(_S.one_of(W_FORMATS)),
+    # the name of a registered weight format; which names exist, and what each accepts, is the
+    # kernels' to say (compsearch.kernels.formats), checked before any work by pipeline.checked
+    "w_format": _S.optional(_S.string(r"[A-Za-z][A-Za-z0-9_-]{0,39}", "a weight format name")),
     "keep_ratio": _S.optional(_S.number(0.0, 1.0, lo_open=True)),
     "keep": _S.optional(_S.boolean()),
 }

@@ -20,12 +20,12 @@ import yaml
 from compsearch._schema import Schema, child, yaml_error
 from compsearch.errors import ConfigError
 from compsearch.objectives.constraints import Constraint, parse_constraint
+from compsearch.objectives.registry import OBJECTIVES
 from compsearch.spaces.config import SpaceConfig, parse_space
 
 _S = Schema(ConfigError)
 SAMPLERS = ("nsga2", "tpe", "gp", "random", "qmc")  # or a plug-in, "module.path:factory"
 DRIVERS = ("optuna", "ray")  # or a plug-in, "module.path:Class"
-OBJECTIVES = ("accuracy", "latency_ms", "size_bytes", "macs")
 #: fields that may change when a study is resumed (everything else must match the frozen config)
 SAFE_TO_CHANGE = (
     "search.trials", "search.time_limit", "search.failure_limit", "search.step_budget",
@@ -102,10 +102,6 @@ class StudyConfig:
     final: FinalSettings = field(default_factory=FinalSettings)
     raw: dict = field(default_factory=dict, compare=False)  # the plain data it was read from
 
-    @property
-    def digest(self) -> str:
-        return config_digest(self.raw)
-
 
 def config_digest(raw: dict) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -152,11 +148,12 @@ def _plugin_or(names: tuple[str, ...], what: str):
 
 
 def _objectives(value: Any, path: str) -> tuple[str, ...]:
-    names = _S.list_of(_S.one_of(OBJECTIVES))(value, path)
+    names = _S.list_of(_plugin_or(tuple(OBJECTIVES), "Class"))(value, path)
     if "accuracy" not in names or len(set(names)) != len(names) or len(names) < 2:
         raise ConfigError(
             f"{path}: expected 'accuracy' and at least one cost objective "
-            f"({', '.join(OBJECTIVES[1:])}), each once, but got {list(names)}."
+            f"({', '.join(n for n in OBJECTIVES if n != 'accuracy')} or 'module.path:Class'), "
+            f"each once, but got {list(names)}."
         )
     return names
 

@@ -14,7 +14,7 @@ import optuna
 
 from compsearch.search.driver import Driver, SearchSummary
 from compsearch.search.prepare import enqueue_baselines, prepare_study
-from compsearch.search.progress import Progress
+from compsearch.search.progress import ProgressBar
 from compsearch.search.results import load_results
 from compsearch.search.runner import COMPLETE, PRUNED, execute, stop_reason
 from compsearch.search.storage import (
@@ -35,7 +35,7 @@ class OptunaDriver(Driver):
         me = WorkerIdentity(self.folder.path)
         summary = SearchSummary()
         started = time.monotonic()
-        progress = Progress(self.config.search.trials, self.config.study)
+        progress = ProgressBar(self.config.search.trials, self.config.study)
         try:
             with study_lock(study._storage, self.folder.path, self.config.study):
                 summary.recovered = recover_stale(study, me, self.config.search.heartbeat_grace)

@@ -9,6 +9,7 @@ teacher adds no volume; the 10 % absorbs timer noise on models compression barel
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 Point = tuple[float, ...]
@@ -88,16 +89,21 @@ def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float]) -
 
 
 def normalize(values: dict[str, float], objectives: Sequence[str], metric: str, direction: str,
-              teacher: dict[str, float]) -> Point:  # fmt: skip
-    """A trial's objectives as a point to minimize (see the module docstring)."""
+              teacher: dict[str, float],
+              keys: dict[str, tuple[str, str]] | None = None) -> Point:  # fmt: skip
+    """A trial's objectives as a point to minimize (see the module docstring). ``keys`` maps a
+    plug-in objective's config name to its measured key and direction (built-ins: the name itself,
+    minimized); a maximized cost is taken as the teacher's value over the trial's."""
     point = []
     for name in objectives:
         if name == "accuracy":
             base, value = teacher[metric], values[metric]
             drop = base - value if direction == "maximize" else value - base
             point.append(drop / abs(base) if base else drop)
-        else:
-            point.append(values[name] / teacher[name] if teacher.get(name) else values[name])
+            continue
+        key, sense = (keys or {}).get(name, (name, "minimize"))
+        ratio = values[key] / teacher[key] if teacher.get(key) else values[key]
+        point.append(ratio if sense == "minimize" else (1 / ratio if ratio else math.inf))
     return tuple(point)
 
 

@@ -37,6 +37,7 @@ def prepare_study(config: StudyConfig, folder: StudyFolder) -> tuple[SearchConte
             "objectives": list(config.objectives), "metric": ctx.metric,
             "direction": ctx.task.direction, "teacher": ctx.teacher, "task": ctx.task.name,
             "constraints": [c.describe() for c in config.constraints],
+            "keys": {n: list(k) for n, k in ctx.keys.items() if n in config.objectives},
         })  # fmt: skip
     return ctx, study
 

@@ -10,7 +10,7 @@ from rich.progress import Progress as RichProgress
 from compsearch.search.results import StudyResults
 
 
-class Progress:
+class ProgressBar:
     def __init__(self, total: int, study: str) -> None:
         self.bar = RichProgress(
             TextColumn(f"[bold]{study}[/bold]"),

@@ -146,7 +146,9 @@ def _driver_id(folder: Path) -> str:
 
 
 def _directions(info: dict) -> list[str]:
-    return [info["direction"] if o == "accuracy" else "minimize" for o in info["objectives"]]
+    keys = info.get("keys", {})
+    return [info["direction"] if o == "accuracy" else keys.get(o, (o, "minimize"))[1]
+            for o in info["objectives"]]  # fmt: skip
 
 
 def _study(folder: Path) -> optuna.Study:

@@ -38,6 +38,8 @@ class StudyResults:
     direction: str
     teacher: dict[str, float]
     rows: list[TrialRow] = field(default_factory=list)
+    #: plug-in objectives: config name -> (measured key, direction)
+    keys: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -46,7 +48,8 @@ class StudyResults:
         return out
 
     def point(self, row: TrialRow) -> tuple[float, ...]:
-        return normalize(row.measured, self.objectives, self.metric, self.direction, self.teacher)
+        return normalize(row.measured, self.objectives, self.metric, self.direction, self.teacher,
+                         self.keys)  # fmt: skip
 
     def front(self) -> list[TrialRow]:
         """Completed, feasible, non-dominated trials (stopped and failed ones never count)."""
@@ -86,7 +89,9 @@ def load_results(study: optuna.Study) -> StudyResults:
             f"study {study.study_name!r}: expected a compsearch study (with its '{STUDY_ATTR}' "
             "attributes), but this storage holds another kind of study."
         )
-    results = StudyResults(info["objectives"], info["metric"], info["direction"], info["teacher"])
+    keys = {name: tuple(entry) for name, entry in info.get("keys", {}).items()}
+    results = StudyResults(info["objectives"], info["metric"], info["direction"], info["teacher"],
+                           keys=keys)  # fmt: skip
     for trial in study.get_trials(deepcopy=False):
         if trial.state in (TrialState.WAITING,):
             continue

@@ -25,15 +25,9 @@ from compsearch._files import write_text_atomic
 from compsearch.errors import ConfigError, TrialError
 from compsearch.kernels.deploy import to_deploy
 from compsearch.kernels.packing import export_packed, packed_to_bytes
-from compsearch.objectives import (
-    AccuracyObjective,
-    Candidate,
-    LatencyObjective,
-    LatencyTable,
-    MacsObjective,
-    SizeObjective,
-    float_artifact,
-)
+from compsearch.kernels.quant import quant_bits
+from compsearch.objectives import Candidate, LatencyTable, MeasureSetup, Objective, float_artifact
+from compsearch.objectives.registry import build_objectives
 from compsearch.paths import runs_root
 from compsearch.pipeline import compress, deploy_snapshot
 from compsearch.recipes import dumps
@@ -56,10 +50,7 @@ class SearchContext:
     folder: Path
     task: Task
     space: Space
-    accuracy: AccuracyObjective
-    latency: LatencyObjective
-    size: SizeObjective
-    macs: MacsObjective
+    objectives: dict[str, Objective]  # by config name; the core set and the config's own
     cache: TeacherCache
     teacher: dict[str, float]  # the teacher's values of every objective
     rungs: Rungs | None
@@ -75,20 +66,25 @@ class SearchContext:
         return self.task.primary_metric
 
     @property
+    def accuracy(self) -> Objective:
+        return self.objectives["accuracy"]
+
+    @property
     def directions(self) -> list[str]:
-        return [
-            self.task.direction if name == "accuracy" else "minimize"
-            for name in self.config.objectives
-        ]
+        return [self.objectives[name].direction for name in self.config.objectives]
 
     def values(self, measured: dict[str, float]) -> tuple[float, ...]:
-        return tuple(
-            measured[self.metric if name == "accuracy" else name] for name in self.config.objectives
-        )
+        return tuple(measured[self.objectives[name].name] for name in self.config.objectives)
 
     def point(self, measured: dict[str, float]) -> tuple[float, ...]:
         return normalize(measured, self.config.objectives, self.metric, self.task.direction,
-                         self.teacher)  # fmt: skip
+                         self.teacher, self.keys)  # fmt: skip
+
+    @property
+    def keys(self) -> dict[str, tuple[str, str]]:
+        """Every cost objective's measured key and direction (see search.pareto.normalize)."""
+        return {name: (o.name, o.direction) for name, o in self.objectives.items()
+                if name != "accuracy"}  # fmt: skip
 
     def violations(self, measured: dict[str, float]) -> dict[str, float]:
         return {c.name: c.value(measured, self.metric) for c in self.config.constraints}
@@ -114,7 +110,6 @@ def build_context(
     teacher.to(device)
     shipped, _ = to_deploy(teacher, device, lambda m: task.forward(m, move(example, device)))
     reference = Candidate(task, shipped, float_artifact(teacher), teacher)
-    accuracy = AccuracyObjective(task.primary_metric, task.direction)
     table = None
     if config.latency.mode == "table":
         key = f"{config.device}-{torch.__version__}-{config.latency.threads}t".replace("+", "_")
@@ -122,23 +117,19 @@ def build_context(
         table = LatencyTable(runs_root() / "_latency" / f"{key}.json", config.device,
                              settings.threads, settings.table_bound, settings.check_first,
                              settings.check_every)  # fmt: skip
-    latency = LatencyObjective(config.device, config.latency.threads, config.latency.warmup,
-                               config.latency.repeats, table)  # fmt: skip
-    size, macs = SizeObjective(), MacsObjective()
+    setup = MeasureSetup(task, config.device, config.latency.threads, config.latency.warmup,
+                         config.latency.repeats, table)  # fmt: skip
+    objectives = build_objectives(config.objectives, setup)
     if teacher_values is None:
-        values: dict[str, float] = {}
-        for objective in (accuracy, latency, size, macs):
+        values: dict[str, float | str] = {}
+        for objective in objectives.values():
             objective.prepare(reference)
             values.update(objective.measure(reference))
-        values[task.primary_metric] = accuracy.teacher[task.primary_metric]
         values = {k: float(v) for k, v in values.items() if not isinstance(v, str)}
     else:
         values = dict(teacher_values)
-        accuracy.teacher = {
-            k: v for k, v in values.items() if not k.startswith(("size", "latency"))
-        }
-        latency.teacher_ms = values["latency_ms"]
-        size.teacher_bytes = int(values["size_bytes"])
+        for objective in objectives.values():
+            objective.restore(values)
         if table is not None:
             table.calibrate(shipped, task, values["latency_ms"])
     batch_size = task.default_batch_size
@@ -159,8 +150,8 @@ def build_context(
     rungs = None
     if halving.enabled and config.search.finetune_steps > 0:
         rungs = Rungs.plan(config.search.finetune_steps, halving.eta, halving.min_steps)
-    return SearchContext(config, folder, task, space, accuracy, latency, size, macs, cache,
-                         values, rungs, device, move(example, device))  # fmt: skip
+    return SearchContext(config, folder, task, space, objectives, cache, values, rungs, device,
+                         move(example, device))  # fmt: skip
 
 
 def run_trial(
@@ -185,11 +176,12 @@ def run_trial(
         student_ref["model"] = student
         deployed, _ = to_deploy(student, ctx.device, ctx.run)
         artifact = packed_to_bytes(export_packed(student), metadata)  # the file's exact bytes
-        candidate = Candidate(ctx.task, deployed, artifact, student, _bits(student))
-        errors = latency_checks() if latency_checks is not None else []
-        measured.update(ctx.latency.measure(candidate, trial.number, errors))
-        measured.update(ctx.size.measure(candidate))
-        measured.update(ctx.macs.measure(candidate))
+        extra = {"trial": trial.number,
+                 "latency_checks": latency_checks() if latency_checks is not None else []}  # fmt: skip
+        candidate = Candidate(ctx.task, deployed, artifact, student, quant_bits(student), extra)
+        for objective in ctx.objectives.values():
+            if not objective.after_training:
+                measured.update(objective.measure(candidate))
         ctx.timings["measure"] = ctx.timings.get("measure", 0.0) + time.perf_counter() - t0
 
     def progress(step: int, loss: float) -> None:
@@ -199,7 +191,7 @@ def run_trial(
         if rung is None:
             return
         shipped = deploy_snapshot(student_ref["model"], ctx.task, recipe, ctx.device)
-        at_rung = {**measured, **ctx.accuracy.measure(Candidate(ctx.task, shipped, b""))}
+        at_rung = {**measured, **_after_training(ctx, Candidate(ctx.task, shipped, b""))}
         point = ctx.point(at_rung)
         # only what training cannot change decides feasibility at a rung: latency and size are
         # final, accuracy is still rising
@@ -217,7 +209,7 @@ def run_trial(
     result = compress(ctx.task, recipe, device=ctx.device, cache=ctx.cache, progress=progress,
                       checkpoint=checkpoint, on_structure=on_structure)  # fmt: skip
     evaluated = time.perf_counter()
-    measured.update(ctx.accuracy.measure(Candidate(ctx.task, result.deployed, b"")))
+    measured.update(_after_training(ctx, Candidate(ctx.task, result.deployed, b"")))
     timings = {**result.timings, "measure": ctx.timings.pop("measure", 0.0),
                "evaluate": time.perf_counter() - evaluated}  # fmt: skip
     values = ctx.values(measured)
@@ -237,6 +229,14 @@ def run_trial(
     return values
 
 
+def _after_training(ctx: SearchContext, candidate: Candidate) -> dict[str, float | str]:
+    measured: dict[str, float | str] = {}
+    for objective in ctx.objectives.values():
+        if objective.after_training:
+            measured.update(objective.measure(candidate))
+    return measured
+
+
 def _record(trial, ctx: SearchContext, measured: dict[str, float | str], steps: int) -> None:
     trial.set_user_attr("measured", {k: v if isinstance(v, str) else float(v)
                                      for k, v in measured.items()})  # fmt: skip
@@ -246,9 +246,3 @@ def _record(trial, ctx: SearchContext, measured: dict[str, float | str], steps: 
 
 def _violation(ctx: SearchContext, measured: dict[str, float | str]) -> float:
     return sum(max(0.0, v) for v in ctx.violations(measured).values())
-
-
-def _bits(student: nn.Module) -> dict[str, tuple[int, int]]:
-    from compsearch.kernels.quant import quant_modules
-
-    return {name: (m.spec.w_bits, m.spec.a_bits) for name, m in quant_modules(student).items()}

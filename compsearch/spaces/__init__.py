@@ -2,10 +2,10 @@
 
 from compsearch.spaces.config import Menu, Range, Rule, SpaceConfig, parse_space
 from compsearch.spaces.discover import ModelInfo, discover
-from compsearch.spaces.space import Format, Space, menu_formats
+from compsearch.spaces.space import Choice, Space, menu_formats
 
 __all__ = [
-    "Format",
+    "Choice",
     "Menu",
     "ModelInfo",
     "Range",

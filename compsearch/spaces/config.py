@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compsearch._schema import Schema
-from compsearch.errors import ConfigError, SpaceError
+from compsearch.errors import ConfigError, KernelError, SpaceError
+from compsearch.kernels.formats import FORMATS, load_format
 from compsearch.recipes.schema import A_BITS, GROUP_SIZES, W_BITS
 
 _S = Schema(ConfigError)
@@ -187,6 +188,17 @@ def _rules(value: Any, path: str) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
+def _format_name(value: Any, path: str) -> str:
+    """A registered format's name, or ``module.path:Class`` of the user's own (imported and
+    registered here: the user's config names it)."""
+    if isinstance(value, str) and ":" in value:
+        try:
+            return load_format(value).name
+        except KernelError as error:
+            raise SpaceError(f"{path}: {error}") from None
+    return _S.one_of(tuple(FORMATS), "or 'module.path:Class'")(value, path)
+
+
 def parse_space(value: Any, path: str = "space") -> SpaceConfig:
     """Parse the ``space:`` mapping of a study config into a :class:`SpaceConfig`."""
     value = {} if value is None else value
@@ -202,9 +214,7 @@ def parse_space(value: Any, path: str = "space") -> SpaceConfig:
         "attn_weight": _range(0.0, None),
     }
     fields = {
-        "w_formats": lambda v, p: tuple(
-            _S.one_of(("int", "fp8"))(x, f"{p}[{i}]") for i, x in enumerate(v)
-        ),
+        "w_formats": lambda v, p: _S.list_of(_format_name)(v, p),
         "activation_mode": _S.one_of(("static", "dynamic")),
         "round_to": _S.integer(1, 1024),
         "importance": _S.one_of(("l1", "l2", "taylor", "random")),

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from compsearch import __version__
 from compsearch.errors import SpaceError
-from compsearch.kernels.deploy import EMBEDDING, FAST_KERNELS, LINEAR, fp8_available, kernel_for
+from compsearch.kernels.deploy import EMBEDDING, FAST_KERNELS, kernel_for
+from compsearch.kernels.formats import FORMATS, get_format
 from compsearch.kernels.quant import QuantSpec
 from compsearch.recipes.schema import (
     CalibrationPlan,
@@ -42,8 +43,9 @@ FLOAT = "float"
 
 
 @dataclass(frozen=True)
-class Format:
-    """One quantization choice for a layer, named by a short label (``w4a8``, ``w4g128``, ``fp8``)."""
+class Choice:
+    """One quantization choice for a layer, named by a short label (``w4a8``, ``w4g128``, ``fp8``);
+    the weight format's own label (see compsearch.kernels.formats)."""
 
     w_bits: int
     a_bits: int = 16
@@ -55,11 +57,11 @@ class Format:
     def label(self) -> str:
         if self.w_bits == 16:
             return FLOAT
-        if self.w_format == "fp8":
-            return "fp8"
-        group = f"g{self.group_size}" if self.granularity == "per_group" else ""
-        act = "a8" if self.a_bits == 8 else ""
-        return f"w{self.w_bits}{group}{act}"
+        return get_format(self.w_format).label(self.spec())
+
+    def spec(self, activation_mode: str = "static") -> QuantSpec:
+        return QuantSpec(self.w_bits, self.a_bits, self.granularity, self.group_size,
+                         self.w_format, activation_mode)  # fmt: skip
 
     def plan(self) -> LayerPlan:
         if self.w_bits == 16:
@@ -69,30 +71,34 @@ class Format:
             a_bits=self.a_bits if self.a_bits == 8 else None,
             granularity=self.granularity if self.granularity == "per_group" else None,
             group_size=self.group_size,
-            w_format="fp8" if self.w_format == "fp8" else None,
+            w_format=None if self.w_format == "int" else self.w_format,
         )
 
 
-def menu_formats(kind: str, menu: Menu, config: SpaceConfig, device: str) -> list[Format]:
-    """The formats a layer of ``kind`` may take on ``device``: those a real kernel runs, and packed
-    weight-only formats that save size (computed in float) — never int8 activations without a kernel."""
-    found: list[Format] = []
+def menu_formats(kind: str, menu: Menu, config: SpaceConfig, device: str) -> list[Choice]:
+    """The choices a layer of ``kind`` may take on ``device``, from every format the config names:
+    those a real kernel runs, and packed weight-only choices that save size (computed in float) —
+    never int8 activations without a kernel."""
+    found: list[Choice] = []
     for bits in menu.w_bits:
         if bits == 16:
-            found.append(Format(16))
+            found.append(Choice(16))
             continue
-        for granularity in menu.granularity:
-            group = menu.group_size if granularity == "per_group" else None
-            for a_bits in menu.a_bits:
-                if a_bits == 8:
-                    if kind == EMBEDDING or granularity == "per_group":
+        for name in config.w_formats:
+            fmt = get_format(name)
+            for granularity in [g for g in menu.granularity if g in fmt.offered]:
+                group = menu.group_size if granularity == "per_group" else None
+                for a_bits in menu.a_bits:
+                    choice = Choice(bits, a_bits, granularity, group, name)
+                    spec = choice.spec(config.activation_mode)
+                    if fmt.check(spec) is not None:
                         continue
-                    spec = QuantSpec(bits, 8, granularity, group, "int", config.activation_mode)
-                    if kernel_for(kind, spec, device) not in FAST_KERNELS:
+                    fast = kernel_for(kind, spec, device) in FAST_KERNELS
+                    if a_bits == 8 and (kind == EMBEDDING or not fast):
                         continue
-                found.append(Format(bits, a_bits, granularity, group))
-        if bits == 8 and "fp8" in config.w_formats and kind == LINEAR and fp8_available(device):
-            found.append(Format(8, 8, "per_channel", None, "fp8"))
+                    if a_bits != 8 and not fmt.weight_only:
+                        continue
+                    found.append(choice)
     unique = []
     for item in found:
         if item not in unique:
@@ -100,17 +106,17 @@ def menu_formats(kind: str, menu: Menu, config: SpaceConfig, device: str) -> lis
     return unique
 
 
-def fit(fmt: Format, kind: str, fan_in: int, menu: list[Format]) -> Format:
+def fit(fmt: Choice, kind: str, fan_in: int, menu: list[Choice]) -> Choice:
     """``fmt`` as this layer can take it: int8 activations only where a kernel runs them, a group
     size only where it divides the fan-in."""
     if fmt in menu or fmt.w_bits == 16:
         return fmt
-    if fmt.w_format == "fp8":
-        fmt = Format(8, 8)
+    if fmt.w_format != "int":  # another format this layer does not offer: the int equivalent
+        fmt = Choice(fmt.w_bits, fmt.a_bits)
     if fmt.granularity == "per_group" and fan_in % fmt.group_size:
-        fmt = Format(fmt.w_bits, fmt.a_bits)
+        fmt = Choice(fmt.w_bits, fmt.a_bits)
     if fmt.a_bits == 8 and fmt not in menu:
-        fmt = Format(fmt.w_bits, 16, fmt.granularity, fmt.group_size)
+        fmt = Choice(fmt.w_bits, 16, fmt.granularity, fmt.group_size)
     return fmt
 
 
@@ -121,7 +127,7 @@ def fit(fmt: Format, kind: str, fan_in: int, menu: list[Format]) -> Format:
 class QuantUnit:
     name: str
     layers: list[str]
-    choices: list[Format]
+    choices: list[Choice]
 
 
 @dataclass
@@ -144,7 +150,7 @@ class Space:
     keep_units: list[KeepUnit] = field(default_factory=list)
     drop_blocks: list[str] = field(default_factory=list)
     study: str | None = None
-    layer_menus: dict[str, list[Format]] = field(default_factory=dict)
+    layer_menus: dict[str, list[Choice]] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -330,35 +336,25 @@ class Space:
                 params[name] = _middle(value)
         return params
 
-    def describe(self) -> list[str]:
-        lines = [f"{len(self.quant_units)} quantization units, {len(self.keep_units)} keep-ratio "
-                 f"units, {len(self.drop_blocks)} droppable blocks; {self.dimensions} searched "
-                 "dimensions"]  # fmt: skip
-        for unit in self.quant_units:
-            lines.append(f"  fmt:{unit.name} ({len(unit.layers)} layers): "
-                         f"{', '.join(f.label for f in unit.choices)}")  # fmt: skip
-        for unit in self.keep_units:
-            lines.append(f"  keep:{unit.name} ({len(unit.groups)} groups): "
-                         f"{unit.keep.low}..{unit.keep.high}")  # fmt: skip
-        return lines
 
-
-def _parse_label(label: str) -> Format:
+def _parse_label(label: str) -> Choice:
+    """A menu label back to its choice. Formats other than ``int`` label their one offered choice
+    by their name: 8-bit weights with int8-or-narrower activations (like fp8)."""
     if label == FLOAT:
-        return Format(16)
-    if label == "fp8":
-        return Format(8, 8, w_format="fp8")
+        return Choice(16)
+    if label in FORMATS and label != "int":
+        return Choice(8, 8, w_format=label)
     match = re.fullmatch(r"w(\d)(?:g(\d+))?(a8)?", label)
     if match is None:
         raise SpaceError(
             f"expected a format label like 'w4', 'w8a8', 'w4g128' or 'float', got {label!r}."
         )
     group = int(match.group(2)) if match.group(2) else None
-    return Format(int(match.group(1)), 8 if match.group(3) else 16,
+    return Choice(int(match.group(1)), 8 if match.group(3) else 16,
                   "per_group" if group else "per_channel", group)  # fmt: skip
 
 
-def _nearest(target: Format, choices: list[Format]) -> Format:
+def _nearest(target: Choice, choices: list[Choice]) -> Choice:
     """The choice closest to ``target``: same activation bits first, then the nearest width
     (ties towards more bits), then the same granularity."""
     return min(
@@ -415,7 +411,7 @@ def _rule_matches(rule: Rule, name: str, info: ModelInfo) -> bool:
     return rule.match == name
 
 
-def _apply_format_rules(name, formats, rules, info) -> tuple[list[Format], Rule | None]:
+def _apply_format_rules(name, formats, rules, info) -> tuple[list[Choice], Rule | None]:
     for rule in rules:
         if (rule.w_bits or rule.a_bits) and _rule_matches(rule, name, info):
             kept = [

@@ -27,15 +27,22 @@ def get_task(spec: str, runs_root: Path | None = None) -> Task:
     return a :class:`Task`.
     """
     factory = _factory(spec)
+    refused = TaskError(
+        f"task {spec!r}: expected a factory that takes the keyword argument runs_root and "
+        f"returns a compsearch.tasks.Task, but {spec.partition(':')[2] or spec!r} does not take "
+        "it. Point the task at a function like make_task(runs_root=None)."
+    )
     try:
         inspect.signature(factory).bind(runs_root=runs_root)
-    except (TypeError, ValueError):  # ValueError: a builtin without a readable signature
-        raise TaskError(
-            f"task {spec!r}: expected a factory that takes the keyword argument runs_root and "
-            f"returns a compsearch.tasks.Task, but {spec.partition(':')[2] or spec!r} does not "
-            "take it. Point the task at a function like make_task(runs_root=None)."
-        ) from None
-    task = factory(runs_root=runs_root)
+    except TypeError:
+        raise refused from None
+    except ValueError:  # a builtin without a readable signature: try it
+        try:
+            task = factory(runs_root=runs_root)
+        except TypeError:
+            raise refused from None
+    else:
+        task = factory(runs_root=runs_root)
     if not isinstance(task, Task):
         raise TaskError(
             f"task {spec!r}: expected the factory to return a compsearch.tasks.Task, but it "

@@ -53,7 +53,6 @@ class ImageClassificationTask(Task):
         self.parts = dict(zip(SPLIT_NAMES, halves(self.eval_size), strict=True))
         self._runs_root = runs_root
         self._state: dict[str, torch.Tensor] | None = None
-        self.teacher_metrics: dict[str, float] = {}
 
     # -- what a subclass supplies ----------------------------------------------------------------
 
@@ -76,9 +75,7 @@ class ImageClassificationTask(Task):
                 "torch": torch.__version__.split("+")[0],
             }
             directory = teachers_dir(self._runs_root)
-            self._state, self.teacher_metrics = cached_state_dict(
-                directory, self.name, settings, self._train_teacher
-            )
+            self._state, _ = cached_state_dict(directory, self.name, settings, self._train_teacher)
         model = self.build_model()
         model.load_state_dict(self._state, strict=True)
         return model.eval()

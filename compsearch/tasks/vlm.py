@@ -116,7 +116,6 @@ class VlmMnistTask(Task):
         self.tokenizer = WordTokenizer()
         self._runs_root = runs_root
         self._state: dict[str, torch.Tensor] | None = None
-        self.teacher_metrics: dict[str, float] = {}
 
     # -- prompts -----------------------------------------------------------------------------------
 
@@ -164,7 +163,7 @@ class VlmMnistTask(Task):
                 "torch": torch.__version__.split("+")[0],
                 "transformers": __import__("transformers").__version__,
             }
-            self._state, self.teacher_metrics = cached_state_dict(
+            self._state, _ = cached_state_dict(
                 teachers_dir(self._runs_root), self.name, settings, self._train_teacher
             )
         model = build_llava()

@@ -1,0 +1,44 @@
+"""What the device can do: which low-precision kernels run here (checked by running them once)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+LINEAR, CONV2D, EMBEDDING = "linear", "conv2d", "embedding"
+
+
+# -- what the device can do ------------------------------------------------------------------------
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """oneDNN's int8 linear runs here (x86 CPU builds of torch)."""
+    try:
+        weight = torch.ones(8, 8, dtype=torch.int8)
+        packed = torch.ops.onednn.qlinear_prepack(weight, None)
+        x = torch.full((2, 8), 129, dtype=torch.uint8)
+        out = torch.ops.onednn.qlinear_pointwise(
+            x, 1.0, 128, packed, torch.ones(8), torch.zeros(8, dtype=torch.int64), None,
+            1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+        return bool(torch.allclose(out, torch.full((2, 8), 8.0)))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+@functools.cache
+def int_mm_available(device_type: str) -> bool:
+    try:
+        a = torch.ones(32, 32, dtype=torch.int8, device=device_type)
+        return bool((torch._int_mm(a, a) == 32).all())
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+@functools.cache
+def fp8_available(device_type: str) -> bool:
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability() >= (8, 9) and hasattr(torch, "_scaled_mm")
