@@ -11,7 +11,7 @@ import uuid
 import optuna
 import pytest
 from optuna.trial import TrialState
-from test_search import load, spawn, tiny, write
+from test_search import _wait, load, spawn, tiny, write
 
 from compsearch._files import publish_folder, recover_folder, remove_stale_temporaries
 from compsearch.cli import main
@@ -161,15 +161,6 @@ def test_a_final_folder_is_published_whole_and_a_kill_part_way_is_finished(tmp_p
 
 
 # -- dead workers on any host ------------------------------------------------------------------------
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_remote_worker_that_died_is_recovered_and_its_trial_resumed(tmp_path, runs_root):

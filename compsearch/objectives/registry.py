@@ -8,8 +8,7 @@ trial, the final report and ``pareto`` all find them here, so a new objective is
 
 from __future__ import annotations
 
-import importlib
-
+from compsearch._plugins import import_target
 from compsearch.errors import ConfigError
 from compsearch.objectives.accuracy import AccuracyObjective
 from compsearch.objectives.base import MeasureSetup, Objective
@@ -41,11 +40,7 @@ def objective_class(name: str) -> type[Objective]:
             f"objective: expected one of {', '.join(OBJECTIVES)} or 'module.path:Class', but got "
             f"{name!r}."
         )
-    module_name, _, attribute = name.partition(":")
-    try:
-        found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(f"objective {name!r}: expected an importable class ({error}).") from None
+    found = import_target(name, "objectives", ConfigError)
     if not (isinstance(found, type) and issubclass(found, Objective)):
         raise ConfigError(
             f"objective {name!r}: expected a compsearch.objectives.Objective subclass, but got "

@@ -8,11 +8,11 @@ same sampler to ``OptunaSearch``). A spec is imported only because the user's ow
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import optuna
 
+from compsearch._plugins import import_target
 from compsearch.errors import ConfigError
 
 SamplerFactory = Callable[..., optuna.samplers.BaseSampler]
@@ -49,15 +49,7 @@ def make_sampler(config) -> optuna.samplers.BaseSampler:
     name = config.search.sampler
     if name in SAMPLERS:
         return SAMPLERS[name](config)
-    module_name, _, attribute = name.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(
-            f"search.sampler: expected a built-in sampler ({', '.join(SAMPLERS)}) or an importable "
-            f"'module.path:factory', but loading {name!r} failed ({error})."
-        ) from None
-    sampler = factory(config)
+    sampler = import_target(name, "search.sampler", ConfigError)(config)
     if not isinstance(sampler, optuna.samplers.BaseSampler):
         raise ConfigError(
             f"search.sampler {name!r}: expected the factory to return an optuna BaseSampler, but it "

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compsearch._plugins import import_target
 from compsearch.errors import TaskError
 from compsearch.tasks.base import Batch, Outputs, Task, check_split, model_device, move
 
@@ -306,15 +307,7 @@ class HFTask(Task):
 
 
 def _hook(target: str) -> Callable:
-    module_name, _, attribute = target.partition(":")
-    try:
-        function = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise TaskError(
-            f"hf task data hook {target!r}: expected 'module.path:function', importable, but "
-            f"loading it failed ({error})."
-        ) from None
-    return function
+    return import_target(target, "hf task data hook", TaskError)
 
 
 def make_hf(spec: str, runs_root: Path | None = None) -> Task:

@@ -9,10 +9,9 @@ unregistered name is an error that lists the registered ones.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
+from compsearch._plugins import import_target
 from compsearch.errors import KernelError
 from compsearch.kernels._quant_grid import SCALE_MIN, QuantSpec, grouped
 from compsearch.kernels.formats.base import WeightFormat
@@ -33,12 +32,7 @@ def register_format(fmt: WeightFormat) -> WeightFormat:
 def load_format(target: str) -> WeightFormat:
     """Import ``module.path:Class`` (a WeightFormat subclass the user's own config names),
     register an instance and return it."""
-    module_name, _, attribute = target.partition(":")
-    try:
-        found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise KernelError(f"w_formats: expected an importable 'module.path:Class', but loading "
-                          f"{target!r} failed ({error}).") from None  # fmt: skip
+    found = import_target(target, "w_formats", KernelError)
     if not (isinstance(found, type) and issubclass(found, WeightFormat)):
         raise KernelError(
             f"w_formats: expected a WeightFormat subclass, but {target!r} is {found!r}."
