@@ -165,3 +165,32 @@ def test_smollm_perplexity_on_both_halves():
     validation = task.evaluate(teacher, "validation")["perplexity"]
     test = task.evaluate(teacher, "test")["perplexity"]
     assert 10 < validation < 60 and 10 < test < 60 and validation != test
+
+
+def tiny_classifier_data(model_path, kind, processor):
+    """A data hook for a tiny sequence classifier: fixed random token batches, labels 0-2."""
+    from compsearch.tasks.language import HFData
+
+    generator = torch.Generator().manual_seed(0)
+
+    def batch():
+        ids = torch.randint(3, 50, (8, 12), generator=generator)
+        labels = torch.randint(0, 3, (8,), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    return HFData(train=[batch() for _ in range(4)], eval=[batch() for _ in range(4)])
+
+
+def test_an_hf_task_with_a_data_hook_keeps_the_hook_in_its_name_and_splits(tmp_path):
+    import transformers as tf
+
+    config = tf.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, num_labels=3)  # fmt: skip
+    tf.BertForSequenceClassification(config).save_pretrained(tmp_path)
+    spec = f"hf:{tmp_path}@test_vlm_llm:tiny_classifier_data"
+    task = get_task(spec)
+    assert task.name == spec, "recipes name the task with its hook, so train and evaluate replay it"
+    validation, test = task.data.part("validation"), task.data.part("test")
+    assert len(validation) == len(test) == 2 and not any(v is t for v in validation for t in test)
+    teacher = task.teacher()
+    assert task.evaluate(teacher, "validation") != task.evaluate(teacher, "test")

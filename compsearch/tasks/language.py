@@ -226,8 +226,10 @@ class HFTask(Task):
     output_kind = "logits"
     default_batch_size = 8
 
-    def __init__(self, path: str, kind: str, model_class: str, data: HFData) -> None:
-        self.name = f"hf:{path}"
+    def __init__(
+        self, path: str, kind: str, model_class: str, data: HFData, spec: str = ""
+    ) -> None:
+        self.name = spec or f"hf:{path}"  # the full spec, data hook included: recipes replay it
         self.path, self.kind, self.model_class, self.data = path, kind, model_class, data
         self.primary_metric = "perplexity" if kind == "causal-lm" else "accuracy"
         self.direction = "minimize" if kind == "causal-lm" else "maximize"
@@ -369,4 +371,4 @@ def make_hf(spec: str, runs_root: Path | None = None) -> Task:
             f"task {spec!r}: a {kind} model needs its data from a hook: "
             f"hf:{location}@module.path:function (see compsearch.tasks.language.HFData)."
         )
-    return HFTask(location, kind, model_class, data)
+    return HFTask(location, kind, model_class, data, spec)
