@@ -1,9 +1,11 @@
 """Reliability, tried as an operator would, against the real CLI in subprocesses:
 
-1. Kill points: a search (digits, 6 trials) and a final run are SIGKILLed at points spread over
-   their run time, then rerun until done. Survived = the study ends with exactly the requested
-   trials, every trial completed before a kill keeps its values, no temporary file is left, and
-   the final artifact is bit-identical to one trained without interruption.
+1. Kill points: a search (digits, 6 trials of 600 steps) is SIGKILLed at 20, 40, 60 and 80 % of the
+   run time an uninterrupted search took, and a final run (1,500 steps) twice at half of its run
+   time; then each is rerun until done. Survived = the study ends with exactly the requested
+   trials, every trial completed before a kill keeps its values, no temporary file is left (a
+   killed trial's retry resumes from its checkpoint), and the final artifact is bit-identical to
+   one trained without interruption.
 2. Concurrent workers per storage (SQLite file, journal file, PostgreSQL, Redis journal): one
    `search` and more `worker` processes on one study; exact = requested trials, numbers 0..n-1.
 3. Bad inputs: configs and commands a user gets wrong. Clean = exit code 2, one line on stderr,
@@ -39,9 +41,9 @@ def config(name: str, **search) -> dict:
         "latency": {"repeats": 3, "warmup": 1}, "constraints": {"accuracy_drop": "50%"},
         "space": {"w_bits": [4, 8, 16], "keep_ratio": {"low": 0.5, "high": 1.0, "step": 0.25},
                   "calibration_batches": 1},
-        "search": {"sampler": "random", "trials": 6, "finetune_steps": 200, "cache_batches": 4,
+        "search": {"sampler": "random", "trials": 6, "finetune_steps": 600, "cache_batches": 4,
                    **search},
-        "final": {"steps": 300, "checkpoint_every": 25},
+        "final": {"steps": 1500, "checkpoint_every": 100},
     }  # fmt: skip
 
 
@@ -72,24 +74,33 @@ def killed_after(args: list[str], seconds: float) -> None:
 
 
 def kill_points(work: Path, runs: Path) -> list[list[object]]:
+    """Kill points spread over the run time, measured on an uninterrupted run first."""
     rows = []
-    for index, seconds in enumerate((4, 8, 12, 16, 24)):
+    started = time.monotonic()
+    cli("search", str(write(work, config("kill-reference"))))
+    total = time.monotonic() - started
+    for index, share in enumerate((0.2, 0.4, 0.6, 0.8)):
         name = f"kill-search-{index}"
         path = write(work, config(name))
-        killed_after(["search", str(path)], seconds)
-        before = {}
+        killed_after(["search", str(path)], share * total)
+        before, running = {}, 0
         if (runs / name / "config.yaml").exists():
-            before = {t.number: t.values for t in study_of(runs, name).get_trials()
-                      if t.state.name == "COMPLETE"}  # fmt: skip
+            trials = study_of(runs, name).get_trials()
+            before = {t.number: t.values for t in trials if t.state.name == "COMPLETE"}
+            running = sum(t.state.name == "RUNNING" for t in trials)
         done = cli("search", str(path))
-        study = study_of(runs, name)
-        trials = study.get_trials()
+        trials = study_of(runs, name).get_trials()
         complete = [t for t in trials if t.state.name == "COMPLETE"]
         kept = all(trials[n].values == v for n, v in before.items())
         leftovers = list((runs / name).rglob(".*.tmp"))
+        resumed = [
+            t.user_attrs.get("resumed_from_step", 0) for t in trials if "retry_of" in t.user_attrs
+        ]
         survived = done.returncode == 0 and len(complete) == 6 and kept and not leftovers
-        rows.append([f"search killed {seconds} s in", f"{len(before)} done before the kill",
-                     f"{len(complete)}/6 complete, values kept: {kept}, temporaries: {len(leftovers)}",
+        rows.append([f"search killed at {share:.0%} of its run time ({share * total:.0f} s)",
+                     f"{len(before)} complete, {running} mid-trial",
+                     f"{len(complete)}/6 complete, values kept: {kept}, temporaries: "
+                     f"{len(leftovers)}, retried trials resumed from steps {resumed or '-'}",
                      "survived" if survived else "FAILED"])  # fmt: skip
     # a final run, killed twice, resumed, against one that ran straight through
     name = "kill-final"
@@ -97,15 +108,18 @@ def kill_points(work: Path, runs: Path) -> list[list[object]]:
     cli("search", str(path))
     cli("export", str(runs / name), "--best", "accuracy", "--name", "pick")
     recipe = runs / name / "recipes" / "pick.yaml"
+    started = time.monotonic()
     cli("train", str(recipe), "--name", "straight")
-    for seconds in (6, 9):
-        killed_after(["train", str(recipe), "--name", "resumed", "--resume"], seconds)
+    total = time.monotonic() - started
+    for share in (0.5, 0.5):
+        killed_after(["train", str(recipe), "--name", "resumed", "--resume"], share * total)
     resumed = cli("train", str(recipe), "--name", "resumed", "--resume")
     final = runs / name / "final"
     same = resumed.returncode == 0 and _digest(final / "straight" / "model.safetensors") == _digest(
         final / "resumed" / "model.safetensors"
     )
-    rows.append(["final run killed at 6 s and 9 s", "resumed with --resume",
+    rows.append([f"final run killed twice, each at half its run time ({0.5 * total:.0f} s)",
+                 "resumed with --resume",
                  f"artifact bit-identical to an uninterrupted run: {same}",
                  "survived" if same else "FAILED"])  # fmt: skip
     return rows
