@@ -52,10 +52,10 @@ def execute(
     checkpoint: Checkpointing | None = None,
 ) -> str:
     """Run ``trial`` and tell ``study`` how it ended; returns COMPLETE, PRUNED or FAIL."""
-    if checkpoint is None:
-        checkpoint = checkpointing(ctx, trial)
     try:
-        with get_heartbeat_thread(trial._trial_id, study._storage), heartbeat(study, trial, ctx):
+        if checkpoint is None:
+            checkpoint = checkpointing(ctx, trial)
+        with get_heartbeat_thread(trial._trial_id, study._storage), Heartbeat(study, trial, ctx):
             values = run_trial(ctx, trial, rung_records(study), checkpoint,
                                lambda: latency_checks(study))  # fmt: skip
     except Stopped as stop:
@@ -75,7 +75,8 @@ def execute(
     else:
         study.tell(trial, values)
         outcome = COMPLETE
-    shutil.rmtree(checkpoint.directory, ignore_errors=True)
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint.directory, ignore_errors=True)
     return outcome
 
 
@@ -109,7 +110,7 @@ def checkpointing(
     return Checkpointing(root, every, resume_step > 0, on_save)
 
 
-class heartbeat:
+class Heartbeat:
     """Refreshes the trial's ``heartbeat`` attribute (a UNIX time) while the block runs."""
 
     def __init__(self, study: optuna.Study, trial: optuna.trial.Trial, ctx: SearchContext) -> None:
@@ -127,7 +128,7 @@ class heartbeat:
             if self.stop.wait(self.interval):
                 return
 
-    def __enter__(self) -> heartbeat:
+    def __enter__(self) -> Heartbeat:
         self.thread.start()
         return self
 
