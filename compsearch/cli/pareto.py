@@ -61,7 +61,8 @@ def show_front(folder: StudyFolder) -> StudyResults:
     on_front = {r.number for r in front}
     for row in results.rows:
         if row.state in ("COMPLETE", "PRUNED"):
-            writer.writerow([*row_values(results, row), row.number in on_front, row.state])
+            state = "SCREENED" if row.screened else row.state
+            writer.writerow([*row_values(results, row), row.number in on_front, state])
     write_text_atomic(folder.path / "pareto.csv", buffer.getvalue())
     write_bytes_atomic(folder.path / "pareto.png", _plot(results, front))
     print(f"front: {folder.path / 'pareto.csv'}, plot: {folder.path / 'pareto.png'}, "
@@ -86,13 +87,15 @@ def _plot(results: StudyResults, front: list[TrialRow]) -> bytes:
     figure, axes = plt.subplots(figsize=(7, 5))
     for rows, style, label in (
         ([r for r in done if r.feasible], "o", "feasible"),
-        ([r for r in done if not r.feasible], "x", "infeasible"),
+        ([r for r in done if not r.feasible and not r.screened], "x", "infeasible"),
+        ([r for r in done if r.screened], "+", "screened (bound broken, not fine-tuned)"),
     ):
         if rows:
             sizes = [max(8.0, 1.5e3 * r.measured.get("size_bytes", 0) / max(
                 results.teacher.get("size_bytes", 1), 1)) for r in rows]  # fmt: skip
             axes.scatter([r.measured[cost] for r in rows], [r.measured[results.metric] for r in rows],
-                         s=sizes, marker=style, alpha=0.6, label=label)  # fmt: skip
+                         s=sizes, marker=style, alpha=0.25 if style == "+" else 0.6,
+                         label=label)  # fmt: skip
     ordered = sorted(front, key=lambda r: r.measured[cost])
     axes.plot([r.measured[cost] for r in ordered], [r.measured[results.metric] for r in ordered],
               "k--", linewidth=1, label="feasible front")  # fmt: skip

@@ -28,6 +28,10 @@ def run(args: argparse.Namespace) -> int:
     done = sum(counts.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL"))
     print(f"study {config.study} ({config.task}, {config.search.driver}/{config.search.sampler})")
     print("  " + ", ".join(f"{state.lower()} {n}" for state, n in sorted(counts.items())))
+    screened = sum(1 for r in results.rows if r.screened)
+    if screened:
+        print(f"  of those complete, {screened} screened: a latency or size bound broken before "
+              "training, so not fine-tuned (zero-shot accuracy)")  # fmt: skip
     front = results.front()
     print(f"  feasible front: {len(front)} trials, hypervolume {results.hypervolume(front):.4f}")
     if finished:

@@ -24,7 +24,14 @@ from compsearch.objectives.registry import OBJECTIVES
 from compsearch.spaces.config import SpaceConfig, parse_space
 
 _S = Schema(ConfigError)
-SAMPLERS = ("nsga2", "tpe", "gp", "random", "qmc")  # or a plug-in, "module.path:factory"
+SAMPLERS = (
+    "surrogate",
+    "nsga2",
+    "tpe",
+    "gp",
+    "random",
+    "qmc",
+)  # or a plug-in, "module.path:factory"
 DRIVERS = ("optuna", "ray")  # or a plug-in, "module.path:Class"
 #: fields that may change when a study is resumed (everything else must match the frozen config)
 SAFE_TO_CHANGE = (
@@ -75,6 +82,12 @@ class SearchSettings:
     finetune_steps: int = 100
     cache_batches: int = 64
     baselines: bool = True
+    #: a candidate whose latency or size breaks a hard bound is recorded, not fine-tuned
+    screen: bool = True
+    #: one-shot ILP recipes (along a ladder of cost bounds) enqueued after the baselines; 0 = none
+    plans: int = 4
+    #: teacher-cache batches each sensitivity measurement averages over
+    sensitivity_batches: int = 4
     failure_limit: int = 10
     #: seconds without a heartbeat after which a running trial's worker counts as dead (any host)
     heartbeat_grace: float = 120.0
@@ -187,6 +200,9 @@ def parse_config(data: Any, source: str = "config") -> StudyConfig:
         "finetune_steps": _S.integer(0, None),
         "cache_batches": _S.integer(1, 100_000),
         "baselines": _S.boolean(),
+        "screen": _S.boolean(),
+        "plans": _S.integer(0, 20),
+        "sensitivity_batches": _S.integer(1, 1000),
         "failure_limit": _S.integer(1, None),
         "heartbeat_grace": _S.number(5.0, None),
         "population_size": _S.integer(2, 10_000),

@@ -13,7 +13,12 @@ import time
 import optuna
 
 from compsearch.search.driver import Driver, SearchSummary
-from compsearch.search.prepare import enqueue_baselines, prepare_study
+from compsearch.search.prepare import (
+    enqueue_baselines,
+    enqueue_plans,
+    prepare_study,
+    study_sensitivity,
+)
 from compsearch.search.progress import ProgressBar
 from compsearch.search.results import load_results
 from compsearch.search.runner import COMPLETE, PRUNED, execute, stop_reason
@@ -32,6 +37,7 @@ class OptunaDriver(Driver):
 
     def run(self) -> SearchSummary:
         ctx, study = prepare_study(self.config, self.folder)
+        table = study_sensitivity(self.config, ctx, study)
         me = WorkerIdentity(self.folder.path)
         summary = SearchSummary()
         started = time.monotonic()
@@ -40,6 +46,7 @@ class OptunaDriver(Driver):
             with study_lock(study._storage, self.folder.path, self.config.study):
                 summary.recovered = recover_stale(study, me, self.config.search.heartbeat_grace)
                 enqueue_baselines(self.config, ctx, study)
+                enqueue_plans(self.config, ctx, study, table)
             progress.update(load_results(study))
             while True:
                 reason = stop_reason(self.config, study, started)

@@ -2,7 +2,9 @@
 
 :func:`prepare_study` checks the storage, builds the trial context (task, space, teacher reference,
 teacher cache), and only then writes the study folder and its attributes; :func:`enqueue_baselines`
-queues the uniform baselines once, never past the trial budget.
+queues the uniform baselines once, never past the trial budget; :func:`study_sensitivity` measures
+(or reads back) the study's sensitivity table where the plans or the sampler use it, and
+:func:`enqueue_plans` queues the one-shot ILP recipes after the baselines, within the same budget.
 """
 
 from __future__ import annotations
@@ -11,7 +13,15 @@ import optuna
 
 from compsearch._files import remove_stale_temporaries
 from compsearch.search.config import StudyConfig
+from compsearch.search.plan import ladder
 from compsearch.search.results import STUDY_ATTR
+from compsearch.search.sensitivity import (
+    COSTS,
+    Sensitivity,
+    compressed_costs,
+    load_or_measure,
+    reference_params,
+)
 from compsearch.search.storage import open_storage
 from compsearch.search.study import StudyFolder, open_study
 from compsearch.search.trial import SearchContext, build_context
@@ -60,3 +70,29 @@ def enqueue_baselines(config: StudyConfig, ctx: SearchContext, study: optuna.Stu
     for label, fmt, keep in BASELINES[: config.search.trials]:
         study.enqueue_trial(ctx.space.uniform_params(fmt, keep), user_attrs={"baseline": label})
     study.set_user_attr("baselines_enqueued", True)
+
+
+def study_sensitivity(config: StudyConfig, ctx: SearchContext, study: optuna.Study
+                      ) -> Sensitivity | None:  # fmt: skip
+    """The study's sensitivity table where the plans or the surrogate sampler need one."""
+    wanted = config.search.plans > 0 or config.search.sampler == "surrogate"
+    if not wanted or not ctx.space.dimensions:
+        return None
+    return load_or_measure(ctx, study, config.search.sensitivity_batches)
+
+
+def enqueue_plans(config: StudyConfig, ctx: SearchContext, study: optuna.Study,
+                  table: Sensitivity | None) -> None:  # fmt: skip
+    """Queue the one-shot ILP recipes once per study, within what the baselines left of the budget."""
+    if table is None or not config.search.plans or study.user_attrs.get("plans_enqueued"):
+        return
+    limits = {c.name: c.limit for c in config.constraints if c.name in COSTS}
+    room = config.search.trials - (len(BASELINES) if config.search.baselines else 0)
+    reference = reference_params(ctx.space)
+
+    def measure(params):
+        return compressed_costs(ctx, {**reference, **params})[0]
+
+    for plan in ladder(table, limits, config.search.plans, measure)[: max(0, room)]:
+        study.enqueue_trial({**reference, **plan.params}, user_attrs={"plan": plan.describe()})
+    study.set_user_attr("plans_enqueued", True)

@@ -31,7 +31,12 @@ from ray.tune.search.optuna import OptunaSearch
 from compsearch.errors import StorageError
 from compsearch.paths import runs_root
 from compsearch.search.driver import Driver, SearchSummary
-from compsearch.search.prepare import enqueue_baselines, prepare_study
+from compsearch.search.prepare import (
+    enqueue_baselines,
+    enqueue_plans,
+    prepare_study,
+    study_sensitivity,
+)
 from compsearch.search.results import STUDY_ATTR, load_results
 from compsearch.search.runner import (
     COMPLETE,
@@ -199,6 +204,7 @@ class RayDriver(Driver):
 
     def run(self) -> SearchSummary:
         ctx, study = prepare_study(self.config, self.folder)
+        table = study_sensitivity(self.config, ctx, study)
         me = WorkerIdentity(self.folder.path)
         experiment = (self.folder.path / "ray").resolve()
         settings = self.config.search.ray
@@ -212,6 +218,7 @@ class RayDriver(Driver):
                 else:
                     recover_stale(study, me, self.config.search.heartbeat_grace)
                 enqueue_baselines(self.config, ctx, study)
+                enqueue_plans(self.config, ctx, study, table)
             # checkpoint reports during fine-tuning carry no objective values yet (and a stopped
             # trial none at all); the multi-objective searcher reads only the final report
             os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"

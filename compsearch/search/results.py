@@ -25,6 +25,7 @@ class TrialRow:
     params: dict
     reason: str = ""
     rung: int | None = None
+    screened: str = ""  # the hard bounds it broke before training (then it was not fine-tuned)
 
     @property
     def feasible(self) -> bool:
@@ -77,6 +78,7 @@ def _row(trial: FrozenTrial, objectives: list[str], metric: str) -> TrialRow:
         dict(trial.params),
         trial.user_attrs.get("fail_reason", ""),
         max(rungs) if rungs else None,
+        trial.user_attrs.get("screened", ""),
     )
 
 

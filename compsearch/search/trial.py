@@ -5,6 +5,13 @@ teacher cache); :func:`run_trial` is one trial. Latency and size are measured on
 soon as the architecture is final (they do not depend on the trained weights), accuracy on the
 deploy form after fine-tuning. With successive halving, accuracy is also measured at each rung, on
 the deploy form the trial would ship if it stopped there (:func:`compsearch.pipeline.deploy_snapshot`).
+
+Screening (``search.screen``, on by default): a candidate whose latency or size — known once the
+structure is final — already breaks a hard bound is not fine-tuned. It is told to the study as
+COMPLETE with its measured latency and size and its *zero-shot* accuracy (the deploy form before any
+fine-tuning), its constraints set (so it is infeasible and never on a front), ``steps`` 0 and the
+user attribute ``screened`` naming the broken bounds: samplers learn from it at a small fraction of
+a trained trial's cost.
 How a trial ends (complete, stopped, failed) is recorded by :mod:`compsearch.search.runner`.
 """
 
@@ -88,6 +95,21 @@ class SearchContext:
 
     def violations(self, measured: dict[str, float]) -> dict[str, float]:
         return {c.name: c.value(measured, self.metric) for c in self.config.constraints}
+
+    def cost_violations(self, measured: dict[str, float]) -> dict[str, float]:
+        """The bounds training cannot change (every constraint but the accuracy drop)."""
+        return {c.name: c.value(measured, self.metric) for c in self.config.constraints
+                if c.name != "accuracy_drop"}  # fmt: skip
+
+
+class Screened(Exception):
+    """The candidate breaks a hard latency or size bound: it is not fine-tuned."""
+
+    def __init__(self, broken: dict[str, float]) -> None:
+        self.broken = broken
+        super().__init__(
+            ", ".join(f"{name} over by {excess:.4g}" for name, excess in broken.items())
+        )
 
 
 def build_context(
@@ -174,15 +196,14 @@ def run_trial(
     def on_structure(student: nn.Module, metadata: dict[str, str]) -> None:
         t0 = time.perf_counter()
         student_ref["model"] = student
-        deployed, _ = to_deploy(student, ctx.device, ctx.run)
-        artifact = packed_to_bytes(export_packed(student), metadata)  # the file's exact bytes
         extra = {"trial": trial.number,
                  "latency_checks": latency_checks() if latency_checks is not None else []}  # fmt: skip
-        candidate = Candidate(ctx.task, deployed, artifact, student, quant_bits(student), extra)
-        for objective in ctx.objectives.values():
-            if not objective.after_training:
-                measured.update(objective.measure(candidate))
+        candidate = measure_structure(ctx, student, metadata, measured, extra)
         ctx.timings["measure"] = ctx.timings.get("measure", 0.0) + time.perf_counter() - t0
+        broken = {k: v for k, v in ctx.cost_violations(measured).items() if v > 0}
+        if broken and ctx.config.search.screen:
+            measured.update(_after_training(ctx, candidate))  # zero-shot: before any fine-tune
+            raise Screened(broken)
 
     def progress(step: int, loss: float) -> None:
         if ctx.rungs is None or rung_records is None:
@@ -195,9 +216,7 @@ def run_trial(
         point = ctx.point(at_rung)
         # only what training cannot change decides feasibility at a rung: latency and size are
         # final, accuracy is still rising
-        violation = sum(
-            max(0.0, v) for k, v in ctx.violations(at_rung).items() if k != "accuracy_drop"
-        )
+        violation = sum(max(0.0, v) for v in ctx.cost_violations(at_rung).values())
         trial.set_user_attr(f"rung_{rung}", {"step": step, "point": list(point),
                                              "violation": violation})  # fmt: skip
         records = rung_records(rung)
@@ -206,27 +225,54 @@ def run_trial(
             _record(trial, ctx, at_rung, step)
             raise Stopped(rung, step)
 
-    result = compress(ctx.task, recipe, device=ctx.device, cache=ctx.cache, progress=progress,
-                      checkpoint=checkpoint, on_structure=on_structure)  # fmt: skip
+    try:
+        result = compress(ctx.task, recipe, device=ctx.device, cache=ctx.cache, progress=progress,
+                          checkpoint=checkpoint, on_structure=on_structure)  # fmt: skip
+    except Screened as screened:
+        trial.set_user_attr("screened", str(screened))
+        timings = {"measure": ctx.timings.pop("measure", 0.0)}
+        return _finish(ctx, trial, measured, 0, {"timings": timings, "screened": str(screened),
+                                                 "seconds": time.perf_counter() - started})  # fmt: skip
     evaluated = time.perf_counter()
     measured.update(_after_training(ctx, Candidate(ctx.task, result.deployed, b"")))
     timings = {**result.timings, "measure": ctx.timings.pop("measure", 0.0),
                "evaluate": time.perf_counter() - evaluated}  # fmt: skip
+    return _finish(ctx, trial, measured, result.train.steps, {
+        "timings": timings, "seconds": time.perf_counter() - started,
+        "kernels": result.deploy_report.kernels,
+        "skipped": {**result.quant_report.skipped, **result.prune_report.skipped},
+    })  # fmt: skip
+
+
+def _finish(ctx: SearchContext, trial, measured: dict[str, float | str], steps: int,
+            details: dict) -> tuple[float, ...]:  # fmt: skip
+    """Record a trial's measurements and constraints, write its metrics.json, return its values."""
     values = ctx.values(measured)
     for name, value in zip(ctx.config.objectives, values, strict=True):
         if not math.isfinite(value):
             raise TrialError(f"objective {name} is {value} (not a finite number)")
-    _record(trial, ctx, measured, result.train.steps)
+    _record(trial, ctx, measured, steps)
     for name, value in ctx.violations(measured).items():
         trial.set_constraint(name, value)
+    trial_dir = ctx.folder / "trials" / f"{trial.number:05d}"
     write_text_atomic(trial_dir / "metrics.json", json.dumps({
         "values": dict(zip(ctx.config.objectives, values, strict=True)),
-        "measured": measured, "timings": timings,
-        "seconds": time.perf_counter() - started,
-        "kernels": result.deploy_report.kernels,
-        "skipped": {**result.quant_report.skipped, **result.prune_report.skipped},
+        "measured": measured, **details,
     }, indent=2, sort_keys=True))  # fmt: skip
     return values
+
+
+def measure_structure(ctx: SearchContext, student: nn.Module, metadata: dict[str, str],
+                      measured: dict[str, float | str], extra: dict) -> Candidate:  # fmt: skip
+    """Measure into ``measured`` what the final structure and formats decide (latency, size, …)
+    on the deploy form and the exact artifact bytes; returns the candidate measured."""
+    deployed, _ = to_deploy(student, ctx.device, ctx.run)
+    artifact = packed_to_bytes(export_packed(student), metadata)  # the file's exact bytes
+    candidate = Candidate(ctx.task, deployed, artifact, student, quant_bits(student), extra)
+    for objective in ctx.objectives.values():
+        if not objective.after_training:
+            measured.update(objective.measure(candidate))
+    return candidate
 
 
 def _after_training(ctx: SearchContext, candidate: Candidate) -> dict[str, float | str]:

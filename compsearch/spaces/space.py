@@ -313,7 +313,7 @@ class Space:
     def uniform_params(self, label: str, keep: float = 1.0) -> dict[str, object]:
         """Parameters of a uniform recipe — every unit the format closest to ``label``, every keep
         ratio ``keep`` (clipped to its range) — for enqueuing baselines."""
-        target = _parse_label(label)
+        target = parse_label(label)
         params: dict[str, object] = {}
         for unit in self.quant_units:
             if len(unit.choices) > 1:
@@ -337,7 +337,7 @@ class Space:
         return params
 
 
-def _parse_label(label: str) -> Choice:
+def parse_label(label: str) -> Choice:
     """A menu label back to its choice. Formats other than ``int`` label their one offered choice
     by their name: 8-bit weights with int8-or-narrower activations (like fp8)."""
     if label == FLOAT:

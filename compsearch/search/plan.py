@@ -1,0 +1,132 @@
+"""One-shot recipes: the integer program over the sensitivity table (AutoQuantize / HAWQ-V3 style).
+
+Choose one option per searched unit to minimize the summed sensitivity (see
+:mod:`compsearch.search.sensitivity`) subject to the study's latency and size bounds, with the
+costs predicted additively from the same table (``scipy.optimize.milp``). Solved along a ladder of
+bounds — from the study's own bound (or the reference's cost when there is none) down towards the
+cheapest point of the space — it gives a handful of recipes spread along the cost axis.
+Pruning and quantization do not add up exactly (a 4-bit layer that is also pruned saves less than
+both alone), so each solution's costs are then measured on its real structure (``measure``) and,
+where one breaks its bound, the bound given to the solver is tightened by the excess and solved
+again (a few rounds); a plan that still misses says so. A search
+enqueues them as its first trials beside the uniform baselines (``search.plans``), so the sampler
+starts from them and the study's front must beat them after the same fine-tune; ``compsearch plan
+CONFIG`` writes them alone, without searching. Their costs are predictions until a trial measures
+them; every plan says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from compsearch.search.sensitivity import COSTS, Sensitivity, decode
+
+Measure = Callable[[dict[str, object]], dict[str, float]]
+
+
+@dataclass
+class Plan:
+    params: dict[str, object]  # the searched units' choices
+    bounds: dict[str, float]  # the cost bounds it was solved under
+    predicted: dict[str, float]  # its summed loss and predicted costs (not measured)
+    measured: dict[str, float] = field(default_factory=dict)  # its costs, measured untrained
+
+    def describe(self) -> str:
+        parts = [f"{c} <= {v:.4g}" for c, v in self.bounds.items()]
+        guess = ", ".join(f"{c} {v:.4g}" for c, v in self.predicted.items())
+        text = f"one-shot ILP under {' and '.join(parts) or 'no bound'} (predicted: {guess}"
+        if self.measured:
+            text += "; measured: " + ", ".join(f"{c} {v:.4g}" for c, v in self.measured.items())
+        return text + ")"
+
+
+def solve(table: Sensitivity, bounds: dict[str, float]) -> dict[str, object] | None:
+    """The least-sensitivity choice of every unit with every predicted cost within ``bounds``;
+    None when no combination fits."""
+    params = list(table.options)
+    keys = [(p, k) for p in params for k in table.options[p]]
+    if not keys:
+        return {}
+    loss = np.array([table.options[p][k]["loss"] for p, k in keys])
+    rows, lower, upper = [], [], []
+    for p in params:  # exactly one option per unit
+        rows.append([1.0 if q == p else 0.0 for q, _ in keys])
+        lower.append(1.0)
+        upper.append(1.0)
+    for cost, bound in bounds.items():
+        rows.append([table.coefficient(p, k, cost) for p, k in keys])  # log-linear cost model
+        lower.append(-np.inf)
+        upper.append(math.log(max(bound, 1e-12)) - table.constant(cost))
+    result = milp(
+        c=loss,
+        constraints=LinearConstraint(np.array(rows), np.array(lower), np.array(upper)),
+        integrality=np.ones(len(keys)),
+        bounds=Bounds(0, 1),
+        options={"time_limit": 30},
+    )
+    if result.x is None:
+        return None
+    chosen = {p: decode(p, k) for (p, k), x in zip(keys, result.x, strict=True) if x > 0.5}
+    return chosen
+
+
+def cheapest(table: Sensitivity, cost: str) -> float:
+    """The least predicted ``cost`` any combination reaches."""
+    return math.exp(table.constant(cost) + sum(
+        min(table.coefficient(p, k, cost) for k in options) for p, options in table.options.items()
+    ))  # fmt: skip
+
+
+def ladder(table: Sensitivity, limits: dict[str, float], points: int,
+           measure: Measure | None = None, rounds: int = 4) -> list[Plan]:  # fmt: skip
+    """Up to ``points`` distinct plans along the cost axis (see the module docstring).
+    ``limits`` holds the study's hard bounds on the costs the table measured; ``measure(params)``
+    returns a plan's real costs."""
+    costs = [c for c in COSTS if c in table.base]
+    plans: list[Plan] = []
+    seen: list[dict] = []
+    for fraction in fractions(points):
+        targets = {}
+        for cost in costs:
+            top = min(limits.get(cost, table.base[cost]), table.base[cost])
+            low = cheapest(table, cost)
+            targets[cost] = low + fraction * max(0.0, top - low)
+        plan = _fitted(table, targets, measure, rounds)
+        if plan is None or plan.params in seen:
+            continue
+        seen.append(plan.params)
+        plans.append(plan)
+    return plans
+
+
+def _fitted(table: Sensitivity, targets: dict[str, float], measure: Measure | None,
+            rounds: int) -> Plan | None:  # fmt: skip
+    bounds = dict(targets)
+    plan = None
+    for _ in range(rounds if measure is not None else 1):
+        chosen = solve(table, bounds)
+        if chosen is None:
+            return plan
+        plan = Plan(chosen, dict(targets), table.predict(chosen))
+        if measure is None:
+            return plan
+        plan.measured = measure(chosen)
+        over = {c: plan.measured[c] / targets[c] for c in targets
+                if c in plan.measured and targets[c] > 0 and plan.measured[c] > targets[c]}  # fmt: skip
+        if not over:
+            return plan
+        for cost, ratio in over.items():  # ask the solver for that much less, predicted
+            bounds[cost] = min(bounds[cost], plan.predicted[cost] / ratio)
+    return plan
+
+
+def fractions(points: int) -> list[float]:
+    """How far from the cheapest reachable cost to the bound each rung sits, most accurate first."""
+    if points <= 1:
+        return [1.0][:points]
+    return [1.0 - 0.9 * i / (points - 1) for i in range(points)]

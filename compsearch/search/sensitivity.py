@@ -1,0 +1,312 @@
+"""Sensitivity, once per study: how far each single choice moves the deploy form from the teacher.
+
+For every searched unit — a format (``fmt:<unit>``), a keep ratio (``keep:<unit>:<kind>``), a
+droppable block (``drop:<block>``) — and every choice on its menu, the study's reference recipe
+(every unit at its most precise choice: float or the widest format, keep 1, no block dropped) is
+changed in that one unit, compressed with no fine-tuning through the same
+:func:`~compsearch.pipeline.compress` as a trial, and measured:
+
+* ``loss`` — the distillation output loss of the deploy form against the teacher's outputs (KL of
+  the softened logits at temperature 1, or the embedding loss for an embedding task), averaged
+  over ``batches`` batches of the study's teacher cache (training-split data, never validation);
+* ``size_bytes`` — the exact bytes of the artifact that change alone would ship;
+* ``latency_ms`` — its latency, measured (or predicted) as the study measures trials.
+
+The reference recipe itself is row ``base``. Costs of pruning and quantization do not add up from
+single changes (a 4-bit layer that is also pruned saves less than both alone), so the table also
+measures ``samples`` random recipes of the space, untrained, and fits a linear cost model on every
+row (one weight per unit and choice: ``fit_<cost>``); that model *predicts* a recipe's costs for
+the one-shot plan (:mod:`compsearch.search.plan`) and the surrogate sampler
+(:mod:`compsearch.search.surrogate`). A prediction is always labelled as one, and every trial still
+measures its own.
+
+The table is cached in the study folder (``sensitivity.json``) and in the runs root under a digest
+of everything it depends on (task, model fingerprint, space, device, latency settings, torch), so
+studies of the same space share one measurement; it is also stored in the study's attributes, so
+every worker and sampler (the Ray driver's too) reads the same table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+
+from compsearch._files import write_text_atomic
+from compsearch.kernels.distill import output_loss
+from compsearch.paths import runs_root
+from compsearch.pipeline import compress
+from compsearch.search.trial import SearchContext, measure_structure
+from compsearch.spaces.space import FLOAT, Space, parse_label
+
+FILE, ATTR = "sensitivity.json", "compsearch_sensitivity"
+COSTS = ("latency_ms", "size_bytes")
+VERSION = 1
+
+
+@dataclass
+class Sensitivity:
+    """Per searched parameter, per choice: ``{"loss", "size_bytes", "latency_ms"}`` (absolute,
+    measured on the reference recipe changed in that parameter alone)."""
+
+    base: dict[str, float]
+    reference: dict[str, object]  # the reference recipe's parameters
+    options: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    seconds: float = 0.0
+    #: the fitted cost model, log-linear: log(cost) = intercept + the chosen units' ``fit_<cost>``
+    intercept: dict[str, float] = field(default_factory=dict)
+    fit_error: dict[str, float] = field(default_factory=dict)  # median relative error, per cost
+
+    def to_dict(self) -> dict:
+        return {"version": VERSION, "base": self.base, "reference": self.reference,
+                "options": self.options, "seconds": self.seconds, "intercept": self.intercept,
+                "fit_error": self.fit_error}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Sensitivity:
+        return cls(data["base"], data["reference"], data["options"], data.get("seconds", 0.0),
+                   data.get("intercept", {}), data.get("fit_error", {}))  # fmt: skip
+
+    def coefficient(self, param: str, key: str, cost: str) -> float:
+        """A unit's choice's term in log(cost): fitted, or its single change's log ratio."""
+        entry = self.options[param][key]
+        if cost in self.intercept:
+            return entry[f"fit_{cost}"]
+        return math.log(max(entry[cost], 1e-12) / max(self.base[cost], 1e-12))
+
+    def constant(self, cost: str) -> float:
+        return self.intercept.get(cost, math.log(max(self.base[cost], 1e-12)))
+
+    def value_of(self, param: str, value: object, what: str) -> float:
+        """``what`` (loss or a cost) measured for ``param`` at ``value``; a keep ratio between
+        measured ones is interpolated linearly; a value outside the table counts as the
+        reference."""
+        entries = self.options.get(param)
+        weights = _weights(entries, param, value) if entries is not None else []
+        if not weights:
+            return 0.0 if what == "loss" else self.base.get(what, 0.0)
+        return sum(w * entries[k][what] for k, w in weights)
+
+    def predict(self, params: dict[str, object]) -> dict[str, float]:
+        """Summed single-unit losses, and each cost as the cost model predicts it."""
+        costs = [c for c in COSTS if c in self.base]
+        out = {"loss": 0.0}
+        logs = {cost: self.constant(cost) for cost in costs}
+        for param in self.options:
+            value = params.get(param, self.reference[param])
+            out["loss"] += self.value_of(param, value, "loss")
+            for cost in costs:
+                logs[cost] += sum(w * self.coefficient(param, k, cost)
+                                  for k, w in _weights(self.options[param], param, value))  # fmt: skip
+        out.update({cost: math.exp(v) for cost, v in logs.items()})
+        return out
+
+
+def _weights(entries: dict, param: str, value: object) -> list[tuple[str, float]]:
+    """``value`` as a mix of the table's keys: itself, or (a keep ratio between two measured
+    ones) its two neighbours, weighted linearly."""
+    key = encode(value)
+    if key in entries or not param.startswith("keep:"):
+        return [(key, 1.0)] if key in entries else []
+    grid = sorted((float(k), k) for k in entries)
+    x = float(value)
+    if x <= grid[0][0]:
+        return [(grid[0][1], 1.0)]
+    for (x0, k0), (x1, k1) in itertools.pairwise(grid):
+        if x0 <= x <= x1:
+            t = (x - x0) / (x1 - x0)
+            return [(k0, 1.0 - t), (k1, t)]
+    return [(grid[-1][1], 1.0)]
+
+
+def encode(value: object) -> str:
+    """A parameter value as the table's key."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def decode(param: str, key: str) -> object:
+    if param.startswith("drop:"):
+        return key == "true"
+    if param.startswith("keep:"):
+        return float(key)
+    return key
+
+
+def menus(space: Space, grid: int = 5) -> dict[str, list[object]]:
+    """Every searched unit's menu, in the order the space suggests them. A keep ratio on a step
+    lists its steps; a continuous one ``grid`` evenly spaced values."""
+    out: dict[str, list[object]] = {}
+    for unit in space.quant_units:
+        if len(unit.choices) > 1:
+            out[f"fmt:{unit.name}"] = [c.label for c in unit.choices]
+    for unit in space.keep_units:
+        keep = unit.keep
+        if keep.fixed:
+            continue
+        if keep.step:
+            count = round((keep.high - keep.low) / keep.step)
+            values = [round(keep.low + i * keep.step, 10) for i in range(count + 1)]
+        else:
+            values = [keep.low + (keep.high - keep.low) * i / (grid - 1) for i in range(grid)]
+        out[f"keep:{unit.name}"] = values
+    for block in space.drop_blocks:
+        out[f"drop:{block}"] = [False, True]
+    return out
+
+
+def most_precise(labels: list[str]) -> str:
+    """The choice that changes the model least: float, else the widest weights, then activations."""
+    if FLOAT in labels:
+        return FLOAT
+
+    def width(label: str) -> tuple[int, int]:
+        try:
+            choice = parse_label(label)
+        except Exception:  # a plug-in format's own label: keep the menu's order
+            return (0, 0)
+        return (choice.w_bits, choice.a_bits)
+
+    return max(labels, key=width)
+
+
+def reference_params(space: Space) -> dict[str, object]:
+    """The reference recipe: every unit at its most precise choice, the distillation settings and
+    learning rate in the middle of their ranges (as the uniform baselines)."""
+    params = space.uniform_params(FLOAT, 1.0)
+    for param, values in menus(space).items():
+        if param.startswith("fmt:"):
+            params[param] = most_precise(values)
+        elif param.startswith("keep:"):
+            params[param] = max(values)
+        else:
+            params[param] = False
+    return params
+
+
+def digest(ctx: SearchContext, batches: int) -> str:
+    config = ctx.config
+    key = {"task": ctx.task.name, "fingerprint": ctx.space.info.fingerprint,
+           "space": config.raw.get("space", {}), "device": config.device,
+           "latency": config.raw.get("latency", {}), "objectives": list(config.objectives),
+           "torch": torch.__version__, "batches": batches, "version": VERSION}  # fmt: skip
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def measure(ctx: SearchContext, batches: int = 4, log=print,
+            samples: int | None = None) -> Sensitivity:  # fmt: skip
+    """Measure the table (see the module docstring): one compression per choice, no training."""
+    started = time.perf_counter()
+    reference = reference_params(ctx.space)
+    table_menus = menus(ctx.space)
+    count = sum(len(v) - 1 for v in table_menus.values()) + 1
+    log(
+        f"measuring sensitivity: {count} single-unit compressions of {ctx.task.name} and "
+        f"{samples if samples is not None else len(table_menus) + 10} random ones, no training"
+    )
+    base = _one(ctx, reference, batches)
+    table = Sensitivity(base, dict(reference))
+    for param, values in table_menus.items():
+        entries: dict[str, dict[str, float]] = {}
+        for value in values:
+            if value == reference[param]:
+                entries[encode(value)] = dict(base)
+            else:
+                entries[encode(value)] = _one(ctx, {**reference, param: value}, batches)
+        table.options[param] = entries
+    rows = [(reference, base)] + [({**reference, p: decode(p, k)}, e)
+                                   for p, entries in table.options.items()
+                                   for k, e in entries.items()]  # fmt: skip
+    rng = random.Random(0)
+    for _ in range(samples if samples is not None else len(table_menus) + 10):
+        params = {**reference, **{p: rng.choice(v) for p, v in table_menus.items()}}
+        rows.append((params, compressed_costs(ctx, params)[0]))
+    _fit(table, rows)
+    table.seconds = time.perf_counter() - started
+    log(f"sensitivity measured in {table.seconds:.0f} s")
+    return table
+
+
+def _fit(table: Sensitivity, rows: list[tuple[dict, dict[str, float]]]) -> None:
+    """Least squares (lightly ridged) of every cost's logarithm on the units' choices (so savings
+    multiply, as pruning and quantization do, and no prediction is negative), over ``rows``."""
+    columns = [(p, k) for p, entries in table.options.items() for k in entries]
+    index = {c: i for i, c in enumerate(columns)}
+    design = np.zeros((len(rows), len(columns) + 1))
+    design[:, -1] = 1.0
+    for r, (params, _) in enumerate(rows):
+        for p, entries in table.options.items():
+            for k, w in _weights(entries, p, params[p]):
+                design[r, index[(p, k)]] = w
+    ridge = 1e-6 * np.eye(len(columns) + 1)
+    for cost in [c for c in COSTS if c in table.base]:
+        target = np.log(np.maximum([costs[cost] for _, costs in rows], 1e-12))
+        solution = np.linalg.solve(design.T @ design + ridge, design.T @ target)
+        for (p, k), weight in zip(columns, solution[:-1], strict=True):
+            table.options[p][k][f"fit_{cost}"] = float(weight)
+        table.intercept[cost] = float(solution[-1])
+        error = np.abs(np.exp(design @ solution - target) - 1.0)
+        table.fit_error[cost] = float(np.median(error))
+
+
+def _one(ctx: SearchContext, params: dict[str, object], batches: int) -> dict[str, float]:
+    row, result = compressed_costs(ctx, params)
+    losses = []
+    with torch.no_grad():
+        for index in range(min(batches, len(ctx.cache))):
+            batch, teacher = ctx.cache.get(index, ctx.device)
+            outputs = ctx.task.forward(result.deployed, batch)
+            losses.append(float(output_loss(outputs, teacher.outputs(), 1.0)))
+    return {"loss": sum(losses) / len(losses), **row}
+
+
+def compressed_costs(ctx: SearchContext, params: dict[str, object]):
+    """The costs of the recipe ``params`` make, measured on its deploy form with no training (as
+    a trial measures them), and the compression result."""
+    recipe = ctx.space.suggest(optuna.trial.FixedTrial(params))
+    measured: dict[str, float | str] = {}
+
+    def on_structure(student, metadata) -> None:
+        measure_structure(ctx, student, metadata, measured, {"trial": -1, "latency_checks": []})
+
+    result = compress(ctx.task, recipe, steps=0, device=ctx.device, cache=ctx.cache,
+                      on_structure=on_structure)  # fmt: skip
+    costs = {c: float(measured[c]) for c in COSTS if isinstance(measured.get(c), (int, float))}
+    return costs, result
+
+
+def load_or_measure(ctx: SearchContext, study: optuna.Study, batches: int = 4,
+                    log=print) -> Sensitivity:  # fmt: skip
+    """The study's table: from its attributes, its folder, the shared cache, or measured now."""
+    stored = study.user_attrs.get(ATTR)
+    if stored is not None:
+        return Sensitivity.from_dict(stored)
+    local = ctx.folder / FILE
+    shared = runs_root() / "_sensitivity" / f"{digest(ctx, batches)}.json"
+    for path in (local, shared):
+        if path.exists():
+            table = Sensitivity.from_dict(json.loads(path.read_text()))
+            break
+    else:
+        table = measure(ctx, batches, log)
+        write_text_atomic(shared, json.dumps(table.to_dict(), indent=1, sort_keys=True))
+    write_text_atomic(local, json.dumps(table.to_dict(), indent=1, sort_keys=True))
+    study.set_user_attr(ATTR, table.to_dict())
+    return table
+
+
+def read(folder: Path) -> Sensitivity | None:
+    path = Path(folder) / FILE
+    return Sensitivity.from_dict(json.loads(path.read_text())) if path.exists() else None
