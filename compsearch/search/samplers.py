@@ -30,7 +30,14 @@ def _tpe(config) -> optuna.samplers.BaseSampler:
     )
 
 
+def _surrogate(config) -> optuna.samplers.BaseSampler:
+    from compsearch.search.surrogate import SurrogateSampler
+
+    return SurrogateSampler(_nsga2(config), config, seed=config.search.seed)
+
+
 SAMPLERS: dict[str, SamplerFactory] = {
+    "surrogate": _surrogate,
     "nsga2": _nsga2,
     "tpe": _tpe,
     "gp": lambda config: optuna.samplers.GPSampler(seed=config.search.seed),

@@ -1,0 +1,265 @@
+"""The surrogate sampler: learn from every trial, train only the most promising candidates.
+
+An Optuna ``BaseSampler`` (so the Ray driver's ``OptunaSearch`` uses it unchanged). Each new trial:
+
+1. **Learn.** Random forests are fitted on every trial the study has measured — completed ones
+   (their final validation accuracy), stopped ones (their accuracy at the rung they reached) and
+   screened ones (their zero-shot accuracy) — with the fraction of the fine-tune each one had as a
+   feature, so a prediction at the full budget learns from partial ones too. Features: the
+   parameters, and from the study's sensitivity table (:mod:`compsearch.search.sensitivity`) the
+   summed single-unit sensitivity and the cost model's predicted latency and size. One forest
+   predicts the accuracy drop (its spread over trees is the uncertainty); two more correct the
+   cost model's predicted latency and size with what trials measured.
+2. **Propose.** Many cheap candidates: random points of the space, and mutations (one to three
+   parameters changed) of the current front's trials.
+3. **Choose.** Each candidate's predicted point (accuracy drop optimistic by one spread) gets its
+   hypervolume improvement over the study's feasible front (normalized as everywhere, see
+   :mod:`compsearch.search.pareto`); candidates predicted to break a bound rank below every one
+   predicted to meet them, by their predicted excess. The best is the trial's parameters.
+
+Until ``startup`` trials are measured, and on every ``explore``-th trial after, the base sampler
+(NSGA-II by default) chooses instead, so the data keep some diversity the model did not ask for.
+Without a sensitivity table the same works on the parameters alone.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.trial import FrozenTrial, TrialState
+
+from compsearch.search.pareto import hypervolume, non_dominated, normalize, reference_point
+from compsearch.search.results import STUDY_ATTR
+from compsearch.search.sensitivity import ATTR, Sensitivity
+
+MEASURED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class SurrogateSampler(optuna.samplers.BaseSampler):
+    def __init__(
+        self,
+        base: optuna.samplers.BaseSampler,
+        config,
+        seed: int = 0,
+        candidates: int = 384,
+        startup: int = 8,
+        explore: int = 5,
+        optimism: float = 1.0,
+    ) -> None:
+        self.base, self.config = base, config
+        self.seed, self.candidates, self.startup = seed, candidates, startup
+        self.explore, self.optimism = explore, optimism
+        self.rng = np.random.default_rng(seed)
+
+    # -- Optuna's sampler protocol
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+        self.rng = np.random.default_rng()
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
+        done = study.get_trials(deepcopy=False, states=MEASURED)
+        return optuna.search_space.intersection_search_space(done) if done else {}
+
+    def sample_relative(self, study, trial, search_space) -> dict[str, object]:
+        rows = [t for t in study.get_trials(deepcopy=False, states=MEASURED)
+                if t.user_attrs.get("measured")]  # fmt: skip
+        guided = (
+            search_space
+            and len(rows) >= self.startup
+            and (self.explore <= 0 or trial.number % self.explore != 0)
+            and STUDY_ATTR in study.user_attrs
+        )
+        if not guided:
+            space = self.base.infer_relative_search_space(study, trial)
+            return self.base.sample_relative(study, trial, space)
+        choice = self.choose(study, rows, search_space)
+        if choice is None:
+            space = self.base.infer_relative_search_space(study, trial)
+            return self.base.sample_relative(study, trial, space)
+        study._storage.set_trial_system_attr(trial._trial_id, "surrogate", choice[1])
+        return choice[0]
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    # -- the model
+
+    def choose(self, study, rows: list[FrozenTrial], space: dict[str, BaseDistribution]):
+        """The candidate with the best predicted hypervolume improvement, and what was predicted."""
+        from sklearn.ensemble import RandomForestRegressor
+
+        info = study.user_attrs[STUDY_ATTR]
+        table = Sensitivity.from_dict(study.user_attrs[ATTR]) if ATTR in study.user_attrs else None
+        names = sorted(space)
+        objectives = info["objectives"]
+        points = [_point(info, t.user_attrs["measured"]) for t in rows]
+        steps = max(1, self.config.search.finetune_steps)
+        fractions = [min(1.0, t.user_attrs.get("steps", 0) / steps) for t in rows]
+        x = np.array([self._features(t.params, names, space, table, f)
+                      for t, f in zip(rows, fractions, strict=True)])  # fmt: skip
+        teacher = info["teacher"]
+        priors = [self._prior(t.params, objectives, table, teacher) for t in rows]
+        forests = {}
+        for index, objective in enumerate(objectives):
+            target = np.array([p[index] for p in points])
+            if objective != "accuracy":  # what the cost model missed, in log ratio
+                target = np.log(np.maximum(target, 1e-9)) - np.array([q[index] for q in priors])
+            forest = RandomForestRegressor(n_estimators=64, min_samples_leaf=2,
+                                           random_state=int(self.rng.integers(2**31)))  # fmt: skip
+            forests[objective] = forest.fit(x, target)
+        pool = self._pool(rows, points, names, space, info)
+        if not pool:
+            return None
+        features = np.array([self._features(p, names, space, table, 1.0) for p in pool])
+        prior = np.array([self._prior(p, objectives, table, teacher) for p in pool])
+        predicted = []
+        for index, objective in enumerate(objectives):
+            forest = forests[objective]
+            per_tree = np.stack([tree.predict(features) for tree in forest.estimators_])
+            mean, spread = per_tree.mean(0), per_tree.std(0)
+            if objective == "accuracy":
+                predicted.append(mean - self.optimism * spread)
+            else:
+                predicted.append(np.exp(mean + prior[:, index]))
+        candidates = [tuple(float(c[i]) for c in predicted) for i in range(len(pool))]
+        front = self._front(rows, points)
+        reference = reference_point(objectives)
+        base_volume = hypervolume(front, reference)
+        limits = self._limits(info)
+        best, best_score = None, -math.inf
+        for params, point in zip(pool, candidates, strict=True):
+            excess = sum(max(0.0, point[i] - limit) for i, limit in limits.items())
+            if excess > 0:
+                score = -excess
+            else:
+                score = hypervolume([*front, point], reference) - base_volume + 1.0
+            if score > best_score:
+                best, best_score = (params, point), score
+        params, point = best
+        note = {"predicted": dict(zip(objectives, point, strict=True)), "score": best_score}
+        return params, note
+
+    def _features(self, params, names, space, table: Sensitivity | None, fraction) -> list[float]:
+        row = [_encode(params.get(n), space[n]) for n in names]
+        if table is not None:
+            guess = table.predict(params)
+            row += [guess["loss"]] + [math.log(max(v, 1e-12)) for k, v in sorted(guess.items())
+                                      if k != "loss"]  # fmt: skip
+        return [*row, fraction]
+
+    @staticmethod
+    def _prior(params, objectives, table: Sensitivity | None, teacher) -> list[float]:
+        """The cost model's log ratio to the teacher per cost objective (0 without a table)."""
+        guess = table.predict(params) if table is not None else {}
+        out = []
+        for objective in objectives:
+            value, base = guess.get(objective), teacher.get(objective)
+            out.append(math.log(value / base) if value and base else 0.0)
+        return out
+
+    def _front(self, rows, points) -> list[tuple[float, ...]]:
+        feasible = [p for t, p in zip(rows, points, strict=True)
+                    if t.state == TrialState.COMPLETE and not t.user_attrs.get("screened")
+                    and t.user_attrs.get("violation", 0.0) <= 0]  # fmt: skip
+        return [feasible[i] for i in non_dominated(feasible)]
+
+    def _limits(self, info) -> dict[int, float]:
+        """Per objective index, its bound in the normalized point (where the study has one)."""
+        teacher, metric = info["teacher"], info["metric"]
+        out = {}
+        for constraint in self.config.constraints:
+            if constraint.name in info["objectives"] and teacher.get(constraint.name):
+                out[info["objectives"].index(constraint.name)] = (
+                    constraint.limit / teacher[constraint.name]
+                )
+            elif constraint.name == "accuracy_drop" and "accuracy" in info["objectives"]:
+                limit = constraint.limit
+                if not constraint.relative and teacher.get(metric):
+                    limit /= abs(teacher[metric])
+                out[info["objectives"].index("accuracy")] = limit
+        return out
+
+    def _pool(self, rows, points, names, space, info) -> list[dict[str, object]]:
+        seen = {_key(t.params, names) for t in rows}
+        pool, keys = [], set()
+
+        def add(params):
+            key = _key(params, names)
+            if key not in seen and key not in keys:
+                keys.add(key)
+                pool.append(params)
+
+        for _ in range(self.candidates):
+            add({n: _draw(space[n], self.rng) for n in names})
+        feasible = [t for t, p in zip(rows, points, strict=True)
+                    if t.state == TrialState.COMPLETE and t.user_attrs.get("violation", 0) <= 0]  # fmt: skip
+        parents = [feasible[i] for i in non_dominated([_point(info, t.user_attrs["measured"])
+                                                         for t in feasible])] if feasible else []  # fmt: skip
+        for parent in parents:
+            for _ in range(max(8, self.candidates // max(1, len(parents)) // 2)):
+                child = {n: parent.params.get(n, _draw(space[n], self.rng)) for n in names}
+                for n in self.rng.choice(names, size=min(len(names), int(self.rng.integers(1, 4))),
+                                         replace=False):  # fmt: skip
+                    child[n] = _draw(space[n], self.rng)
+                add(child)
+        return pool
+
+
+def _point(info: dict, measured: dict) -> tuple[float, ...]:
+    keys = {n: tuple(k) for n, k in info.get("keys", {}).items()}
+    return normalize(measured, info["objectives"], info["metric"], info["direction"],
+                     info["teacher"], keys)  # fmt: skip
+
+
+def _key(params: dict, names: Sequence[str]) -> tuple:
+    return tuple(repr(params.get(n)) for n in names)
+
+
+def _encode(value, distribution: BaseDistribution) -> float:
+    if isinstance(distribution, CategoricalDistribution):
+        if isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            match = re.fullmatch(r"w(\d+)(?:g(\d+))?(a8)?", value)
+            if match:  # a format label: its weight bits, finer for int8 activations
+                return int(match.group(1)) + (0.5 if match.group(3) else 0.0)
+            if value == "float":
+                return 16.0
+        choices = list(distribution.choices)
+        return float(choices.index(value)) if value in choices else -1.0
+    if value is None:
+        return 0.0
+    if isinstance(distribution, FloatDistribution) and distribution.log:
+        return math.log(float(value))
+    return float(value)
+
+
+def _draw(distribution: BaseDistribution, rng: np.random.Generator):
+    if isinstance(distribution, CategoricalDistribution):
+        return distribution.choices[int(rng.integers(len(distribution.choices)))]
+    if isinstance(distribution, IntDistribution):
+        return int(rng.integers(distribution.low, distribution.high + 1))
+    low, high = distribution.low, distribution.high
+    if distribution.step:
+        count = round((high - low) / distribution.step)
+        return round(low + distribution.step * int(rng.integers(count + 1)), 10)
+    if distribution.log:
+        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+    return float(rng.uniform(low, high))
