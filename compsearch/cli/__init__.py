@@ -11,7 +11,7 @@ from compsearch.errors import CompsearchError
 
 SUBCOMMANDS = (
     "demo", "search", "worker", "status", "pareto", "export", "train", "evaluate", "tasks",
-    "teacher", "recipe", "formats",
+    "teacher", "recipe", "formats", "sensitivity", "plan",
 )  # fmt: skip
 
 

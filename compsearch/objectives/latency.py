@@ -135,9 +135,14 @@ class LatencyObjective(Objective):
 
     def measure(self, candidate: Candidate) -> dict[str, float | str]:
         """Measured latency; with a table, possibly its prediction for trial ``candidate.extra
-        ['trial']`` given the study's earlier ``latency_checks`` — labelled by ``latency_source``
-        either way."""
-        if self.table is not None:
+        ['trial']`` given the study's earlier ``latency_checks`` (always, where ``candidate.extra
+        ['prediction_only']``: the sensitivity table's many untrained variants) — labelled by
+        ``latency_source`` either way."""
+        if self.table is not None and candidate.extra.get("prediction_only"):
+            predicted = self.table.predict(candidate.deployed, candidate.task)
+            out = {self.name: predicted, "latency_predicted_ms": predicted,
+                   "latency_source": "predicted"}  # fmt: skip
+        elif self.table is not None:
             number = candidate.extra.get("trial", 0)
             errors = candidate.extra.get("latency_checks", [])
             out = self.table.latency(candidate.deployed, candidate.task, self, number, errors)

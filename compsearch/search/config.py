@@ -87,7 +87,10 @@ class SearchSettings:
     #: one-shot ILP recipes (along a ladder of cost bounds) enqueued after the baselines; 0 = none
     plans: int = 4
     #: teacher-cache batches each sensitivity measurement averages over
-    sensitivity_batches: int = 4
+    sensitivity_batches: int = 2
+    #: keep every trained trial's artifact (trials/<n>/model.safetensors), e.g. to evaluate a
+    #: front on the test split later; off by default, since a large model's artifacts add up
+    save_models: bool = False
     failure_limit: int = 10
     #: seconds without a heartbeat after which a running trial's worker counts as dead (any host)
     heartbeat_grace: float = 120.0
@@ -203,6 +206,7 @@ def parse_config(data: Any, source: str = "config") -> StudyConfig:
         "screen": _S.boolean(),
         "plans": _S.integer(0, 20),
         "sensitivity_batches": _S.integer(1, 1000),
+        "save_models": _S.boolean(),
         "failure_limit": _S.integer(1, None),
         "heartbeat_grace": _S.number(5.0, None),
         "population_size": _S.integer(2, 10_000),

@@ -8,7 +8,8 @@ cheapest point of the space — it gives a handful of recipes spread along the c
 Pruning and quantization do not add up exactly (a 4-bit layer that is also pruned saves less than
 both alone), so each solution's costs are then measured on its real structure (``measure``) and,
 where one breaks its bound, the bound given to the solver is tightened by the excess and solved
-again (a few rounds); a plan that still misses says so. A search
+again (a few rounds); a rung whose plan still misses is left out. The ladder's foot is the measured
+cost of the combination the model finds cheapest, so every rung is one the model can reach. A search
 enqueues them as its first trials beside the uniform baselines (``search.plans``), so the sampler
 starts from them and the study's front must beat them after the same fine-tune; ``compsearch plan
 CONFIG`` writes them alone, without searching. Their costs are predictions until a trial measures
@@ -75,6 +76,12 @@ def solve(table: Sensitivity, bounds: dict[str, float]) -> dict[str, object] | N
     return chosen
 
 
+def cheapest_params(table: Sensitivity, cost: str) -> dict[str, object]:
+    """Every unit at the choice the cost model finds cheapest in ``cost``."""
+    return {p: decode(p, min(options, key=lambda k, p=p: table.coefficient(p, k, cost)))
+            for p, options in table.options.items()}  # fmt: skip
+
+
 def cheapest(table: Sensitivity, cost: str) -> float:
     """The least predicted ``cost`` any combination reaches."""
     return math.exp(table.constant(cost) + sum(
@@ -88,14 +95,19 @@ def ladder(table: Sensitivity, limits: dict[str, float], points: int,
     ``limits`` holds the study's hard bounds on the costs the table measured; ``measure(params)``
     returns a plan's real costs."""
     costs = [c for c in COSTS if c in table.base]
+    lows = {}
+    for cost in costs:  # the cheapest combination, measured where it can be: the ladder's foot
+        lows[cost] = cheapest(table, cost)
+        if measure is not None:
+            real = measure(cheapest_params(table, cost)).get(cost)
+            lows[cost] = max(lows[cost], real if real is not None else 0.0)
     plans: list[Plan] = []
     seen: list[dict] = []
     for fraction in fractions(points):
         targets = {}
         for cost in costs:
             top = min(limits.get(cost, table.base[cost]), table.base[cost])
-            low = cheapest(table, cost)
-            targets[cost] = low + fraction * max(0.0, top - low)
+            targets[cost] = lows[cost] + fraction * max(0.0, top - lows[cost])
         plan = _fitted(table, targets, measure, rounds)
         if plan is None or plan.params in seen:
             continue
@@ -107,11 +119,10 @@ def ladder(table: Sensitivity, limits: dict[str, float], points: int,
 def _fitted(table: Sensitivity, targets: dict[str, float], measure: Measure | None,
             rounds: int) -> Plan | None:  # fmt: skip
     bounds = dict(targets)
-    plan = None
     for _ in range(rounds if measure is not None else 1):
         chosen = solve(table, bounds)
         if chosen is None:
-            return plan
+            return None
         plan = Plan(chosen, dict(targets), table.predict(chosen))
         if measure is None:
             return plan
@@ -122,7 +133,7 @@ def _fitted(table: Sensitivity, targets: dict[str, float], measure: Measure | No
             return plan
         for cost, ratio in over.items():  # ask the solver for that much less, predicted
             bounds[cost] = min(bounds[cost], plan.predicted[cost] / ratio)
-    return plan
+    return None  # still over after every round: no plan at this rung
 
 
 def fractions(points: int) -> list[float]:

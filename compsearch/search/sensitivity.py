@@ -10,7 +10,8 @@ changed in that one unit, compressed with no fine-tuning through the same
   the softened logits at temperature 1, or the embedding loss for an embedding task), averaged
   over ``batches`` batches of the study's teacher cache (training-split data, never validation);
 * ``size_bytes`` — the exact bytes of the artifact that change alone would ship;
-* ``latency_ms`` — its latency, measured (or predicted) as the study measures trials.
+* ``latency_ms`` — its latency, measured as the study measures trials (with a latency table,
+  the table's prediction: the table is checked against measurement on the trials).
 
 The reference recipe itself is row ``base``. Costs of pruning and quantization do not add up from
 single changes (a 4-bit layer that is also pruned saves less than both alone), so the table also
@@ -145,9 +146,9 @@ def decode(param: str, key: str) -> object:
     return key
 
 
-def menus(space: Space, grid: int = 5) -> dict[str, list[object]]:
-    """Every searched unit's menu, in the order the space suggests them. A keep ratio on a step
-    lists its steps; a continuous one ``grid`` evenly spaced values."""
+def menus(space: Space, grid: int = 3) -> dict[str, list[object]]:
+    """Every searched unit's menu, in the order the space suggests them. A keep ratio lists its
+    steps where there are at most ``grid``, else its ends and middle (interpolated between)."""
     out: dict[str, list[object]] = {}
     for unit in space.quant_units:
         if len(unit.choices) > 1:
@@ -159,6 +160,8 @@ def menus(space: Space, grid: int = 5) -> dict[str, list[object]]:
         if keep.step:
             count = round((keep.high - keep.low) / keep.step)
             values = [round(keep.low + i * keep.step, 10) for i in range(count + 1)]
+            if len(values) > grid:  # the ends and the middle; the rest is interpolated
+                values = [values[0], values[len(values) // 2], values[-1]]
         else:
             values = [keep.low + (keep.high - keep.low) * i / (grid - 1) for i in range(grid)]
         out[f"keep:{unit.name}"] = values
@@ -196,6 +199,11 @@ def reference_params(space: Space) -> dict[str, object]:
     return params
 
 
+def default_samples(table_menus: dict) -> int:
+    """Random recipes the cost model is fitted on, beside the single changes."""
+    return 12 + len(table_menus) // 4
+
+
 def digest(ctx: SearchContext, batches: int) -> str:
     config = ctx.config
     key = {"task": ctx.task.name, "fingerprint": ctx.space.info.fingerprint,
@@ -214,7 +222,7 @@ def measure(ctx: SearchContext, batches: int = 4, log=print,
     count = sum(len(v) - 1 for v in table_menus.values()) + 1
     log(
         f"measuring sensitivity: {count} single-unit compressions of {ctx.task.name} and "
-        f"{samples if samples is not None else len(table_menus) + 10} random ones, no training"
+        f"{samples if samples is not None else default_samples(table_menus)} random ones, no training"
     )
     base = _one(ctx, reference, batches)
     table = Sensitivity(base, dict(reference))
@@ -230,7 +238,7 @@ def measure(ctx: SearchContext, batches: int = 4, log=print,
                                    for p, entries in table.options.items()
                                    for k, e in entries.items()]  # fmt: skip
     rng = random.Random(0)
-    for _ in range(samples if samples is not None else len(table_menus) + 10):
+    for _ in range(samples if samples is not None else default_samples(table_menus)):
         params = {**reference, **{p: rng.choice(v) for p, v in table_menus.items()}}
         rows.append((params, compressed_costs(ctx, params)[0]))
     _fit(table, rows)
@@ -279,7 +287,8 @@ def compressed_costs(ctx: SearchContext, params: dict[str, object]):
     measured: dict[str, float | str] = {}
 
     def on_structure(student, metadata) -> None:
-        measure_structure(ctx, student, metadata, measured, {"trial": -1, "latency_checks": []})
+        extra = {"trial": -1, "latency_checks": [], "prediction_only": True}
+        measure_structure(ctx, student, metadata, measured, extra)
 
     result = compress(ctx.task, recipe, steps=0, device=ctx.device, cache=ctx.cache,
                       on_structure=on_structure)  # fmt: skip

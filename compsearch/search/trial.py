@@ -47,6 +47,7 @@ from compsearch.tasks.teacher_outputs import CacheSpec, TeacherCache
 from compsearch.train import Checkpointing
 
 log = logging.getLogger(__name__)
+MODEL_FILE = "model.safetensors"  # a trained trial's artifact, with search.save_models
 RungRecords = Callable[[int], dict[int, tuple[tuple[float, ...], float]]]
 LatencyChecks = Callable[[], list[float]]
 
@@ -235,6 +236,8 @@ def run_trial(
                                                  "seconds": time.perf_counter() - started})  # fmt: skip
     evaluated = time.perf_counter()
     measured.update(_after_training(ctx, Candidate(ctx.task, result.deployed, b"")))
+    if ctx.config.search.save_models:
+        result.save(trial_dir / MODEL_FILE)
     timings = {**result.timings, "measure": ctx.timings.pop("measure", 0.0),
                "evaluate": time.perf_counter() - evaluated}  # fmt: skip
     return _finish(ctx, trial, measured, result.train.steps, {

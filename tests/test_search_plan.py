@@ -1,0 +1,210 @@
+"""Screening, sensitivity, one-shot ILP plans and the surrogate sampler."""
+
+import itertools
+import json
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from compsearch.cli import main
+from compsearch.recipes import read_recipe
+from compsearch.search import StudyFolder, parse_config
+from compsearch.search.plan import ladder, solve
+from compsearch.search.results import STUDY_ATTR
+from compsearch.search.sensitivity import ATTR, Sensitivity
+from compsearch.search.study import open_study
+from compsearch.search.surrogate import SurrogateSampler
+from tests.test_search import tiny, write
+
+
+def _study(runs_root, name):
+    folder = StudyFolder(runs_root / name)
+    return open_study(folder.frozen(), folder)
+
+
+# -- screening -------------------------------------------------------------------------------------
+
+
+def test_a_candidate_over_a_hard_bound_is_screened_not_trained(tmp_path, runs_root, monkeypatch):
+    import compsearch.pipeline as pipeline
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a screened candidate was fine-tuned")
+
+    monkeypatch.setattr(pipeline, "finetune", no_training)
+    data = tiny("screen-all", baselines=False, plans=0, trials=2)
+    data["constraints"]["size_bytes"] = 1000  # no recipe of the digits model is this small
+    assert main(["search", str(write(tmp_path, data))]) == 0
+    study = _study(runs_root, "screen-all")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    for trial in trials:
+        assert "size_bytes over by" in trial.user_attrs["screened"]
+        assert trial.user_attrs["steps"] == 0
+        assert trial.user_attrs["violation"] > 0
+        measured = trial.user_attrs["measured"]
+        assert measured["size_bytes"] > 1000 and measured["latency_ms"] > 0
+        assert 0 < measured["accuracy"] <= 1  # the zero-shot deploy form, evaluated
+        metrics = json.loads((runs_root / "screen-all" / "trials" / f"{trial.number:05d}" /
+                              "metrics.json").read_text())  # fmt: skip
+        assert metrics["screened"] and "finetune" not in metrics["timings"]
+
+
+def test_screening_off_trains_every_candidate(tmp_path, runs_root):
+    data = tiny("screen-off", baselines=False, plans=0, trials=1, screen=False)
+    data["constraints"]["size_bytes"] = 1000
+    assert main(["search", str(write(tmp_path, data))]) == 0
+    (trial,) = _study(runs_root, "screen-off").get_trials()
+    assert "screened" not in trial.user_attrs and trial.user_attrs["steps"] == 4
+
+
+# -- the integer program ---------------------------------------------------------------------------
+
+
+def _table() -> Sensitivity:
+    """Three units with known losses and costs (log-linear costs, as the cost model fits them)."""
+    options = {}
+    menu = {"w4": (0.30, 0.25), "w8": (0.02, 0.5), "float": (0.0, 1.0)}
+    for unit, weight in (("a", 0.5), ("b", 0.3), ("c", 0.2)):
+        options[f"fmt:{unit}"] = {
+            label: {"loss": loss * weight * 10, "size_bytes": 1000 * (1 - weight + weight * ratio)}
+            for label, (loss, ratio) in menu.items()
+        }
+    return Sensitivity({"loss": 0.0, "size_bytes": 1000.0},
+                       {f"fmt:{u}": "float" for u in "abc"}, options)  # fmt: skip
+
+
+@pytest.mark.parametrize("bound", [950.0, 800.0, 650.0, 500.0, 420.0])
+def test_the_ilp_finds_the_least_sensitive_combination_within_the_bound(bound):
+    table = _table()
+    best = None
+    for combo in itertools.product(*(table.options[p] for p in table.options)):
+        params = dict(zip(table.options, combo, strict=True))
+        guess = table.predict(params)
+        if guess["size_bytes"] <= bound and (best is None or guess["loss"] < best[1] - 1e-12):
+            best = (params, guess["loss"])
+    chosen = solve(table, {"size_bytes": bound})
+    assert best is not None and chosen is not None
+    assert table.predict(chosen)["size_bytes"] <= bound * (1 + 1e-9)
+    assert table.predict(chosen)["loss"] == pytest.approx(best[1])
+
+
+def test_an_unreachable_bound_has_no_plan():
+    assert solve(_table(), {"size_bytes": 10.0}) is None
+
+
+def test_the_ladder_tightens_a_bound_its_measurement_breaks():
+    table = _table()
+
+    def measure(params):  # the real model is 20 % larger than the cost model predicts
+        return {"size_bytes": table.predict(params)["size_bytes"] * 1.2}
+
+    plans = ladder(table, {"size_bytes": 900.0}, 3, measure)
+    assert len(plans) >= 2
+    for plan in plans:
+        assert plan.measured["size_bytes"] <= plan.bounds["size_bytes"] * (1 + 1e-9)
+    sizes = [p.measured["size_bytes"] for p in plans]
+    assert sizes == sorted(sizes, reverse=True)  # most accurate first, cheaper after
+
+
+# -- sensitivity and plans on a real model ---------------------------------------------------------
+
+
+def test_sensitivity_and_plans_on_digits(tmp_path, runs_root, capsys):
+    data = tiny("plans", trials=6, plans=3)
+    data["constraints"]["size_bytes"] = 20000
+    path = write(tmp_path, data)
+    assert main(["search", str(path)]) == 0
+    study = _study(runs_root, "plans")
+    table = Sensitivity.from_dict(study.user_attrs[ATTR])
+    assert (runs_root / "plans" / "sensitivity.json").exists()
+    for param, entries in table.options.items():
+        if param.startswith("fmt:") and {"w4", "w8"} <= set(entries):
+            assert entries["w4"]["loss"] > entries["w8"]["loss"]  # fewer bits move the output more
+            assert entries["w4"]["size_bytes"] < entries["w8"]["size_bytes"]
+    assert table.fit_error["size_bytes"] < 0.2
+    plans = [t for t in study.get_trials() if "plan" in t.user_attrs]
+    assert plans, "no one-shot plan was enqueued"
+    for trial in plans:
+        assert trial.user_attrs["measured"]["size_bytes"] <= 20000
+        assert "predicted" in trial.user_attrs["plan"] and "measured" in trial.user_attrs["plan"]
+    capsys.readouterr()
+    assert main(["sensitivity", str(runs_root / "plans")]) == 0
+    out = capsys.readouterr().out
+    assert "fmt:" in out and "cost model" in out
+    assert (runs_root / "plans" / "sensitivity.png").stat().st_size > 1000
+    assert main(["plan", str(path), "--points", "2"]) == 0
+    written = sorted((runs_root / "plans" / "plans").glob("plan-*.yaml"))
+    assert written
+    recipe = read_recipe(written[0])
+    assert recipe.provenance.task == "digits" and recipe.layers
+
+
+# -- the surrogate sampler -------------------------------------------------------------------------
+
+
+def _synthetic_study(seed: int) -> optuna.Study:
+    """A study whose accuracy drops only with fmt:a = w4 and whose size shrinks with both knobs."""
+    config = parse_config({"study": "s", "task": "digits", "constraints": {"accuracy_drop": "3%"},
+                           "search": {"finetune_steps": 10}})  # fmt: skip
+    sampler = SurrogateSampler(optuna.samplers.RandomSampler(seed=seed), config, seed=seed,
+                               startup=6, explore=0)  # fmt: skip
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler)
+    study.set_user_attr(STUDY_ATTR, {
+        "objectives": ["accuracy", "latency_ms", "size_bytes"], "metric": "accuracy",
+        "direction": "maximize", "teacher": {"accuracy": 1.0, "latency_ms": 1.0,
+                                             "size_bytes": 1000.0}})  # fmt: skip
+    return study
+
+
+def _measure(params):
+    bits = {"w4": 4, "w8": 8, "float": 16}[params["fmt:a"]]
+    accuracy = 0.7 if bits == 4 else 0.995
+    size = 1000 * params["keep:b"] * bits / 16
+    return {"accuracy": accuracy, "latency_ms": params["keep:b"], "size_bytes": size}
+
+
+SPACE = {"fmt:a": CategoricalDistribution(["w4", "w8", "float"]),
+         "keep:b": FloatDistribution(0.25, 1.0, step=0.125)}  # fmt: skip
+
+
+def _tell(study, params):
+    measured = _measure(params)
+    study.add_trial(create_trial(
+        params=params, distributions=SPACE,
+        values=[measured["accuracy"], measured["latency_ms"], measured["size_bytes"]],
+        user_attrs={"measured": measured, "steps": 10,
+                    "violation": max(0.0, (1 - measured["accuracy"]) - 0.03)},
+    ))  # fmt: skip
+
+
+def test_the_surrogate_learns_to_avoid_what_breaks_the_accuracy_bound():
+    guided_w4 = 0
+    for seed in range(3):
+        study = _synthetic_study(seed)
+        for label, keep in (("w4", 1.0), ("w8", 1.0), ("float", 1.0), ("w4", 0.5),
+                            ("w8", 0.75), ("float", 0.5), ("w4", 0.25)):  # fmt: skip
+            _tell(study, {"fmt:a": label, "keep:b": keep})
+        for _ in range(4):
+            trial = study.ask(SPACE)
+            assert "surrogate" in study._storage.get_trial_system_attrs(trial._trial_id)
+            guided_w4 += trial.params["fmt:a"] == "w4"
+            measured = _measure(trial.params)
+            trial.set_user_attr("measured", measured)
+            trial.set_user_attr("steps", 10)
+            study.tell(trial, [measured["accuracy"], measured["latency_ms"],
+                               measured["size_bytes"]])  # fmt: skip
+    assert guided_w4 <= 1  # random would pick w4 a third of the time (4 of 12)
+
+
+def test_a_search_with_the_surrogate_sampler_runs_guided_trials(tmp_path, runs_root):
+    data = tiny("surrogate", sampler="surrogate", trials=10, plans=2)
+    assert main(["search", str(write(tmp_path, data))]) == 0
+    study = _study(runs_root, "surrogate")
+    trials = study.get_trials()
+    assert len(trials) == 10 and all(t.state == TrialState.COMPLETE for t in trials)
+    guided = [t for t in trials if "surrogate" in t.system_attrs]
+    assert guided, "the surrogate never chose a trial"
+    assert all("predicted" in t.system_attrs["surrogate"] for t in guided)
