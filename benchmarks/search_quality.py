@@ -1,29 +1,36 @@
-"""Search quality: the default search against random search, uniform baselines and single knobs.
+"""Search quality: the surrogate search against random search at 4x the trials, the previous
+default, the one-shot ILP recipes and halving — paired over seeds, on the test split.
 
-At an equal budget (the same number of trials, the same fine-tune steps per trial, halving off so
-that budgets are exactly equal), the hypervolume of the feasible front (normalized objectives, fixed
-reference point; see compsearch.search.pareto), over seeds, median and spread, for:
+Per task and seed (the seed is the pair), interleaved so machine noise falls on every variant:
 
-* the default search as shipped: the three uniform baselines enqueued first, then the config's
-  sampler over the joint space, all inside the same trial budget;
-* the default search without the baselines (the sampler alone);
-* random search over the same space;
-* the uniform baselines (int8 everywhere; 4-bit weights everywhere; keep 0.5 + int8), each a
-  single point, measured by the same trial function;
-* single-knob searches: bits only (no pruning), pruning only (no quantization), distillation fixed.
+* **surrogate search** (the new default): uniform baselines and one-shot ILP plans first, then the
+  surrogate sampler; candidates over a hard latency or size bound are screened, not trained;
+* **previous default**: the config's earlier sampler (NSGA-II on mnist, TPE on minilm) with the
+  baselines, every candidate trained;
+* **random search** at N and at 4N trials, every candidate trained (the "by hand" baseline);
+* **ILP plans alone**: the one-shot recipes inside the surrogate study (same fine-tune);
+* **surrogate + halving** at the same fine-tune step budget (mnist);
+* **bits only** on mnist (a region the latency bound mostly rules out), to price screening.
 
-Also writes ``hypervolume_vs_trials_<task>.png``: the hypervolume after each trial.
+Hypervolume is of the feasible front chosen on the validation split (normalized objectives, fixed
+reference point; see compsearch.search.pareto); the *test* figure re-evaluates those trials' saved
+artifacts on the test split. Differences are paired by seed: median, a bootstrap 90 % interval of
+the median difference, and a one-sided Wilcoxon signed-rank p. The x axis of the plots is trained-
+trial equivalents (fine-tune steps spent / steps per trial): a screened trial costs no training.
+
 Every search is a study under ``--root`` (default ``runs/_benchmarks/search_quality``): rerunning
-the script resumes unfinished studies and reuses finished ones, so the table can be completed over
-several sittings (delete the folder to measure afresh).
-Run: python benchmarks/search_quality.py [--tasks mnist minilm] [--seeds 3] [--trials 24]
+the script resumes unfinished studies and reuses finished ones (test accuracies are cached per
+study), so the tables can be completed over several sittings; ``--seeds`` says how many are in.
+Run: python benchmarks/search_quality.py [--tasks mnist minilm] [--seeds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
+import random
 import re
 import statistics
 from pathlib import Path
@@ -33,33 +40,35 @@ import yaml
 from _common import header, table
 
 from compsearch.search import folder_for, load_driver, load_results, parse_config
-from compsearch.search.prepare import BASELINES, prepare_study
+from compsearch.search.pareto import hypervolume, non_dominated, reference_point
 from compsearch.search.study import open_study
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SETTINGS = {  # per task: trials and fine-tune steps at the equal budget
-    "mnist": {"trials": 24, "steps": 100},
-    "minilm": {"trials": 8, "steps": 10},
+SETTINGS = {  # per task: N (trials of the compared searches), fine-tune steps, space changes
+    "mnist": {"trials": 16, "steps": 100, "space": {"grouping": "per_layer"}},
+    "minilm": {"trials": 8, "steps": 10, "space": {}},
 }
-SHIPPED = "default search, as shipped"  # the three uniform baselines first, inside the same budget
-LATENCY_SLACK = 0.05  # a front point within 5 % of a baseline's latency counts as no slower (noise)
-# sizes are file bytes, and a recipe's provenance (study name, trial number) rides in the file: the
-# same recipe exported from two studies differs by a few bytes, not by compression
-SIZE_SLACK = 0.001
+SURROGATE, PREVIOUS, RANDOM, RANDOM4 = ("surrogate search", "previous default", "random search",
+                                        "random search, 4x trials")  # fmt: skip
+HALVING, BITS = "surrogate + halving, same steps", "bits only, surrogate + screening"
+PLANS = "ILP plans alone (same fine-tune)"
+SLACK = {"latency_ms": 0.05, "size_bytes": 0.001}  # noise / provenance-bytes tolerance
 
 
-def variants(raw: dict) -> dict[str, dict]:
-    """Config changes that make each compared search."""
-    space = raw.get("space", {})
-    fixed_distill = {"alpha": 0.5, "temperature": 2.0}
-    return {
-        SHIPPED: {"search": {"baselines": True}},
-        "default search": {},
-        "random search": {"search": {"sampler": "random"}},
-        "bits only": {"space": {"keep_ratio": 1.0, "depth": False}},
-        "pruning only": {"space": {"w_bits": [16], "a_bits": [16]}},
-        "distillation fixed": {"space": {"distill": {**space.get("distill", {}), **fixed_distill}}},
-    }
+def variants(raw: dict, task: str, trials: int, steps: int) -> dict[str, dict]:
+    new = {"sampler": "surrogate", "baselines": True, "plans": 4, "screen": True}
+    out = {
+        SURROGATE: {"search": new},
+        PREVIOUS: {"search": {"sampler": raw["search"]["sampler"], "baselines": True,
+                              "plans": 0, "screen": False}},
+        RANDOM4: {"search": {"sampler": "random", "baselines": False, "plans": 0,
+                             "screen": False, "trials": 4 * trials}},
+    }  # fmt: skip
+    if task == "mnist":
+        out[HALVING] = {"search": {**new, "trials": 4 * trials, "step_budget": trials * steps,
+                                   "halving": {"enabled": True, "eta": 3}}}  # fmt: skip
+        out[BITS] = {"search": new, "space": {"keep_ratio": 1.0, "depth": False}}
+    return out
 
 
 def merged(raw: dict, change: dict) -> dict:
@@ -69,82 +78,194 @@ def merged(raw: dict, change: dict) -> dict:
     return out
 
 
-def run(raw: dict, root: Path, fronts: list | None = None) -> list[float]:
-    config = parse_config(raw)
-    folder = folder_for(config, root)
-    load_driver("optuna")(config, folder).run()
-    results = load_results(open_study(config, folder))
-    if fronts is not None:
-        fronts.append([results.point(r) for r in results.front()])
-    done = [r for r in results.rows if r.state == "COMPLETE"]
-    curve = []
-    for count in range(1, len(results.rows) + 1):
-        seen = [r for r in done if r.number < count]
-        front_of = copy.copy(results)
-        front_of.rows = seen
-        curve.append(front_of.hypervolume())
-    return curve
+class StudyRun:
+    """One finished study: its results, trials in order, and test accuracies of chosen trials."""
+
+    def __init__(self, raw: dict, root: Path) -> None:
+        self.config = parse_config(raw)
+        self.folder = folder_for(self.config, root)
+        load_driver("optuna")(self.config, self.folder).run()
+        self.study = open_study(self.config, self.folder)
+        self.results = load_results(self.study)
+        self.trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        self._test_path = self.folder.path / "test_accuracy.json"
+        self._test = json.loads(self._test_path.read_text()) if self._test_path.exists() else {}
+
+    def rows(self, first: int | None = None, where=lambda row: True):
+        return [r for r in self.results.rows if (first is None or r.number < first) and where(r)]
+
+    def front(self, rows) -> list:
+        done = [r for r in rows if r.state == "COMPLETE" and r.feasible]
+        points = [self.results.point(r) for r in done]
+        return [done[i] for i in non_dominated(points)]
+
+    def volume(self, rows, split: str = "validation") -> float:
+        front = self.front(rows)
+        points = [self._point(r, split) for r in front]
+        return hypervolume(points, reference_point(self.results.objectives))
+
+    def _point(self, row, split: str) -> tuple[float, ...]:
+        if split == "validation":
+            return self.results.point(row)
+        measured = {**row.measured, self.results.metric: self.test_metric(row.number)}
+        return self.results.point(type(row)(**{**row.__dict__, "measured": measured}))
+
+    def test_metric(self, number: int) -> float:
+        key = str(number)
+        if key not in self._test:
+            from compsearch.paths import runs_root
+            from compsearch.pipeline import rebuild
+            from compsearch.tasks import get_task
+
+            task = get_task(self.config.task, runs_root=runs_root())
+            path = self.folder.path / "trials" / f"{number:05d}" / "model.safetensors"
+            deployed, _, _ = rebuild(task, path)
+            self._test[key] = task.evaluate(deployed, split="test")[task.primary_metric]
+            self._test_path.write_text(json.dumps(self._test, indent=1))
+        return self._test[key]
+
+    def trained(self, rows) -> float:
+        """Trained-trial equivalents: fine-tune steps spent / steps per trial."""
+        steps = max(1, self.config.search.finetune_steps)
+        return sum(self.trials[r.number].user_attrs.get("steps", 0) for r in rows) / steps
+
+    def curve(self) -> list[tuple[float, float]]:
+        return [(self.trained(self.rows(n + 1)), self.volume(self.rows(n + 1)))
+                for n in range(len(self.results.rows))]  # fmt: skip
 
 
-def evaluate_task(task: str, seeds: int, trials: int | None, root: Path, plots: Path):
+def paired(a: list[float], b: list[float]) -> str:
+    """Median of the paired differences a − b, bootstrap 90 % interval, one-sided Wilcoxon p."""
+    from scipy.stats import wilcoxon
+
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    rng = random.Random(0)
+    boots = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(2000))
+    low, high = boots[int(0.05 * len(boots))], boots[int(0.95 * len(boots)) - 1]
+    try:
+        p = wilcoxon(diffs, alternative="greater").pvalue if any(diffs) else 1.0
+    except ValueError:
+        p = float("nan")
+    wins = sum(d > 0 for d in diffs)
+    return (f"{statistics.median(diffs):+.4f} [{low:+.4f}, {high:+.4f}], "
+            f"wins {wins}/{len(diffs)}, p={p:.3f}")  # fmt: skip
+
+
+def evaluate_task(task: str, seeds: int, root: Path, plots: Path) -> tuple[list, list, list]:
     raw = yaml.safe_load((CONFIGS / f"{task}.yaml").read_text())
     setting = SETTINGS[task]
-    trials = trials or setting["trials"]
-    raw["search"].update({"trials": trials, "finetune_steps": setting["steps"], "baselines": False,
+    trials, steps = setting["trials"], setting["steps"]
+    raw["space"] = {**raw["space"], **setting["space"]}
+    raw["search"].update({"trials": trials, "finetune_steps": steps, "save_models": True,
                           "halving": {"enabled": False}})  # fmt: skip
-    rows, curves, default_fronts = [], {}, []
-    for label, change in variants(raw).items():
-        volumes = []
-        for seed in range(seeds):
+    runs: dict[str, list[StudyRun]] = {}
+    for seed in range(seeds):  # interleaved: every variant of a seed before the next seed
+        for label, change in variants(raw, task, trials, steps).items():
             config = merged(raw, change)
             config["study"] = f"{task}-{re.sub(r'[^A-Za-z0-9]+', '-', label)}-{seed}"
             config["search"] = {**config["search"], "seed": seed}
-            curve = run(config, root, default_fronts if label == SHIPPED else None)
-            curves.setdefault(label, []).append(curve)
-            volumes.append(curve[-1])
-        rows.append([task, label, " / ".join(f"{v:.4f}" for v in volumes),
-                     f"{statistics.median(volumes):.4f}", f"{max(volumes) - min(volumes):.4f}"])  # fmt: skip
-    for label, fmt, keep in BASELINES:  # one enqueued trial each, through the same trial function
-        config = copy.deepcopy(raw)
-        config["study"] = f"{task}-baseline-{fmt}-{keep}"
-        config["search"] = {**config["search"], "trials": 1, "baselines": False}
-        single = parse_config(config)
-        folder = folder_for(single, root)
-        ctx, study = prepare_study(single, folder)
-        if not study.trials:
-            study.enqueue_trial(ctx.space.uniform_params(fmt, keep), user_attrs={"baseline": label})
-        load_driver("optuna")(single, folder).run()
-        results = load_results(open_study(single, folder))
-        row = results.rows[0]
-        feasible = "feasible" if row.feasible else "infeasible"
-        point = results.point(row)
-        relative = {"latency_ms": LATENCY_SLACK, "size_bytes": SIZE_SLACK}
-        slack = [relative.get(o, 0.0) * v for o, v in zip(results.objectives, point, strict=True)]
-        beaten = sum(any(all(a <= b + e for a, b, e in zip(p, point, slack, strict=True))
-                         for p in front) for front in default_fronts)  # fmt: skip
-        rows.append([task, f"baseline: {label}", f"{results.hypervolume():.4f} ({feasible}; "
-                     f"matched or dominated by the as-shipped front in {beaten}/"
-                     f"{len(default_fronts)} seeds)",
-                     f"{results.hypervolume():.4f}", "-"])  # fmt: skip
-    _plot(task, curves, plots / f"hypervolume_vs_trials_{task}.png")
-    return rows
+            runs.setdefault(label, []).append(StudyRun(config, root))
+    hv: dict[str, dict[str, list[float]]] = {}
+    for split in ("validation", "test"):
+        for label, studies in runs.items():
+            if label == RANDOM4:
+                hv.setdefault(RANDOM, {})[split] = [s.volume(s.rows(trials), split)
+                                                    for s in studies]  # fmt: skip
+            hv.setdefault(label, {})[split] = [s.volume(s.rows(), split) for s in studies]
+        hv.setdefault(PLANS, {})[split] = [
+            s.volume(s.rows(where=lambda r, s=s: "plan" in s.trials[r.number].user_attrs), split)
+            for s in runs[SURROGATE]
+        ]
+    rows = []
+    for label in [SURROGATE, PREVIOUS, RANDOM, RANDOM4, PLANS, HALVING, BITS]:
+        if label not in hv:
+            continue
+        studies = runs.get(label, runs[SURROGATE] if label == PLANS else runs[RANDOM4])
+        trained = [s.trained(s.rows(trials) if label == RANDOM else
+                             s.rows(where=lambda r, s=s: "plan" in s.trials[r.number].user_attrs)
+                             if label == PLANS else s.rows()) for s in studies]  # fmt: skip
+        for split in ("validation", "test"):
+            values = hv[label][split]
+            rows.append([task, label, split, " / ".join(f"{v:.3f}" for v in values),
+                         f"{statistics.median(values):.4f}", f"{max(values) - min(values):.4f}",
+                         f"{statistics.median(trained):.1f}"])  # fmt: skip
+    comparisons = []
+    for other in (RANDOM4, RANDOM, PREVIOUS, PLANS, HALVING):
+        if other in hv:
+            for split in ("validation", "test"):
+                comparisons.append([task, f"{SURROGATE} − {other}", split,
+                                    paired(hv[SURROGATE][split], hv[other][split])])  # fmt: skip
+    _plot(task, runs, plots / f"hypervolume_vs_trials_{task}.png", trials)
+    return rows, comparisons, _screening(task, runs) + _plans(task, runs[SURROGATE])
 
 
-def _plot(task: str, curves: dict[str, list[list[float]]], path: Path) -> None:
+def _screening(task: str, runs: dict[str, list[StudyRun]]) -> list:
+    out = []
+    for label in (SURROGATE, BITS):
+        if label not in runs:
+            continue
+        screened, trained = [], []
+        for run in runs[label]:
+            for row in run.rows(where=lambda r: r.state == "COMPLETE"):
+                path = run.folder.path / "trials" / f"{row.number:05d}" / "metrics.json"
+                seconds = json.loads(path.read_text())["seconds"]
+                (screened if row.screened else trained).append(seconds)
+        if not screened or not trained:
+            out.append([task, label, len(screened), len(trained), "-", "-"])
+            continue
+        ratio = statistics.median(screened) / statistics.median(trained)
+        region = len(screened) * statistics.median(screened)
+        if_trained = len(screened) * statistics.median(trained)
+        out.append([task, label, len(screened), len(trained), f"{ratio * 100:.1f} %",
+                    f"{region:.0f} s instead of {if_trained:.0f} s ({region / if_trained * 100:.1f} %)"])  # fmt: skip
+    return out
+
+
+def _plans(task: str, studies: list[StudyRun]) -> list:
+    matched = total = 0
+    for run in studies:
+        plans = run.rows(where=lambda r, run=run: "plan" in run.trials[r.number].user_attrs
+                         and r.state == "COMPLETE" and r.feasible)  # fmt: skip
+        others = run.front(run.rows(where=lambda r, run=run: "plan" not in
+                                    run.trials[r.number].user_attrs))  # fmt: skip
+        for plan in plans:
+            total += 1
+            point = run.results.point(plan)
+            slack = [SLACK.get(o, 0.0) * v for o, v in zip(run.results.objectives, point,
+                                                          strict=True)]  # fmt: skip
+            matched += any(all(a <= b + e for a, b, e in
+                               zip(run.results.point(o), point, slack, strict=True))
+                           for o in others)  # fmt: skip
+    return [[task, PLANS, "-", "-", "-", f"{matched}/{total} feasible plan points matched or "
+             "dominated by a front point the search found itself"]]  # fmt: skip
+
+
+def _plot(task: str, runs: dict[str, list[StudyRun]], path: Path, trials: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for label, runs in curves.items():
-        length = min(len(c) for c in runs)
-        median = [statistics.median(c[i] for c in runs) for i in range(length)]
-        axes.plot(range(1, length + 1), median, label=label)
-    axes.set_xlabel("trials")
-    axes.set_ylabel("hypervolume of the feasible front (median over seeds)")
-    axes.set_title(f"{task}: search quality at an equal budget")
-    axes.legend()
+    figure, axes = plt.subplots(figsize=(7.5, 4.8))
+    for label, studies in runs.items():
+        curves = [s.curve() for s in studies]
+        grid = [x / 2 for x in range(0, 2 * int(max(c[-1][0] for c in curves)) + 1)]
+
+        def at(curve, x):
+            values = [v for t, v in curve if t <= x + 1e-9]
+            return values[-1] if values else 0.0
+
+        series = [[at(c, x) for x in grid] for c in curves]
+        median = [statistics.median(column) for column in zip(*series, strict=True)]
+        low = [min(column) for column in zip(*series, strict=True)]
+        high = [max(column) for column in zip(*series, strict=True)]
+        (line,) = axes.plot(grid, median, label=label)
+        axes.fill_between(grid, low, high, color=line.get_color(), alpha=0.15)
+    axes.axvline(trials, color="grey", linewidth=0.8, linestyle=":")
+    axes.set_xlabel("trained-trial equivalents (fine-tune steps / steps per trial)")
+    axes.set_ylabel("hypervolume, feasible front (validation)")
+    axes.set_title(f"{task}: median over seeds, shaded min–max")
+    axes.legend(fontsize=8)
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
 
@@ -152,24 +273,30 @@ def _plot(task: str, curves: dict[str, list[list[float]]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", nargs="+", default=["mnist", "minilm"])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--root", type=Path, default=None,
                         help="where the studies live (default: runs/_benchmarks/search_quality)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(2)
-    header("Search quality at an equal budget (hypervolume of the feasible front)")
+    header("Search quality: surrogate search vs random at 4x, the previous default, ILP plans")
     plots = Path(__file__).resolve().parent
     runs = Path(os.environ.get("COMPSEARCH_RUNS", "runs"))
     root = args.root or runs / "_benchmarks" / "search_quality"
     root.mkdir(parents=True, exist_ok=True)
-    if (runs / "_teachers").exists() and not (root / "_teachers").exists():
-        (root / "_teachers").symlink_to((runs / "_teachers").resolve())
+    for shared in ("_teachers", "_latency", "_sensitivity"):
+        if (runs / shared).exists() and not (root / shared).exists():
+            (root / shared).symlink_to((runs / shared).resolve())
     os.environ["COMPSEARCH_RUNS"] = str(root)
-    rows = []
+    rows, comparisons, extra = [], [], []
     for task in args.tasks:
-        rows += evaluate_task(task, args.seeds, args.trials, root, plots)
-    table(["task", "search", "hypervolume per seed", "median", "spread"], rows)
+        r, c, e = evaluate_task(task, args.seeds, root, plots)
+        rows, comparisons, extra = rows + r, comparisons + c, extra + e
+    table(["task", "search", "split", "hypervolume per seed", "median", "spread",
+           "trained trials (median)"], rows)  # fmt: skip
+    table(["task", "paired difference", "split", "median [90 % CI], wins, Wilcoxon p"],
+          comparisons)  # fmt: skip
+    table(["task", "search", "screened", "trained", "screened / trained time", "screened region"],
+          extra)  # fmt: skip
     for task in args.tasks:
         print(f"![hypervolume vs trials, {task}](hypervolume_vs_trials_{task}.png)\n")
 

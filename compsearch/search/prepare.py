@@ -83,7 +83,8 @@ def study_sensitivity(config: StudyConfig, ctx: SearchContext, study: optuna.Stu
 
 def enqueue_plans(config: StudyConfig, ctx: SearchContext, study: optuna.Study,
                   table: Sensitivity | None) -> None:  # fmt: skip
-    """Queue the one-shot ILP recipes once per study, within what the baselines left of the budget."""
+    """Queue the one-shot ILP recipes once per study: ``search.plans`` of them, but at most a
+    quarter of the trial budget (the sampler keeps most of it) and what the baselines left."""
     if table is None or not config.search.plans or study.user_attrs.get("plans_enqueued"):
         return
     limits = {c.name: c.limit for c in config.constraints if c.name in COSTS}
@@ -93,6 +94,7 @@ def enqueue_plans(config: StudyConfig, ctx: SearchContext, study: optuna.Study,
     def measure(params):
         return compressed_costs(ctx, {**reference, **params})[0]
 
-    for plan in ladder(table, limits, config.search.plans, measure)[: max(0, room)]:
+    count = min(config.search.plans, max(1, config.search.trials // 4), max(0, room))
+    for plan in ladder(table, limits, count, measure) if count else []:
         study.enqueue_trial({**reference, **plan.params}, user_attrs={"plan": plan.describe()})
     study.set_user_attr("plans_enqueued", True)
