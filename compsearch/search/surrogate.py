@@ -2,20 +2,23 @@
 
 An Optuna ``BaseSampler`` (so the Ray driver's ``OptunaSearch`` uses it unchanged). Each new trial:
 
-1. **Learn.** Random forests are fitted on every trial the study has measured — completed ones
+1. **Learn.** A Gaussian process is fitted on every trial the study has measured — completed ones
    (their final validation accuracy), stopped ones (their accuracy at the rung they reached) and
    screened ones (their zero-shot accuracy) — with the fraction of the fine-tune each one had as a
-   feature, so a prediction at the full budget learns from partial ones too. Features: the
-   parameters, and from the study's sensitivity table (:mod:`compsearch.search.sensitivity`) the
-   summed single-unit sensitivity and the cost model's predicted latency and size. One forest
-   predicts the accuracy drop (its spread over trees is the uncertainty); two more correct the
-   cost model's predicted latency and size with what trials measured.
+   feature, so a prediction at the full budget learns from partial ones too. Its features are few,
+   so a dozen trials teach it something: from the study's sensitivity table
+   (:mod:`compsearch.search.sensitivity`) the summed single-unit sensitivity and the cost model's
+   predicted latency and size, plus the parameters the table does not cover (distillation, learning
+   rate); without a table, every parameter. It predicts the accuracy drop and its uncertainty.
+   Latency and size are the cost model's predictions corrected by a log-linear fit to what trials
+   measured (with its residual spread).
 2. **Propose.** Many cheap candidates: random points of the space, and mutations (one to three
    parameters changed) of the current front's trials.
 3. **Choose.** Each candidate's predicted point (accuracy drop optimistic by one spread) gets its
    hypervolume improvement over the study's feasible front (normalized as everywhere, see
-   :mod:`compsearch.search.pareto`); candidates predicted to break a bound rank below every one
-   predicted to meet them, by their predicted excess. The best is the trial's parameters.
+   :mod:`compsearch.search.pareto`), times the predicted probability that it meets every bound
+   (accuracy drop, latency, size). The best is the trial's parameters; when no candidate promises
+   anything, the base sampler chooses.
 
 Until ``startup`` trials are measured, and on every ``explore``-th trial after, the base sampler
 (NSGA-II by default) chooses instead, so the data keep some diversity the model did not ask for.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -102,66 +106,67 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
     # -- the model
 
     def choose(self, study, rows: list[FrozenTrial], space: dict[str, BaseDistribution]):
-        """The candidate with the best predicted hypervolume improvement, and what was predicted."""
-        from sklearn.ensemble import RandomForestRegressor
-
+        """The candidate with the best expected feasible hypervolume improvement, and what was
+        predicted for it; None when no candidate promises any."""
         info = study.user_attrs[STUDY_ATTR]
         table = Sensitivity.from_dict(study.user_attrs[ATTR]) if ATTR in study.user_attrs else None
         names = sorted(space)
-        objectives = info["objectives"]
+        objectives, teacher = info["objectives"], info["teacher"]
         points = [_point(info, t.user_attrs["measured"]) for t in rows]
         steps = max(1, self.config.search.finetune_steps)
         fractions = [min(1.0, t.user_attrs.get("steps", 0) / steps) for t in rows]
-        x = np.array([self._features(t.params, names, space, table, f)
-                      for t, f in zip(rows, fractions, strict=True)])  # fmt: skip
-        teacher = info["teacher"]
-        priors = [self._prior(t.params, objectives, table, teacher) for t in rows]
-        forests = {}
-        for index, objective in enumerate(objectives):
-            target = np.array([p[index] for p in points])
-            if objective != "accuracy":  # what the cost model missed, in log ratio
-                target = np.log(np.maximum(target, 1e-9)) - np.array([q[index] for q in priors])
-            forest = RandomForestRegressor(n_estimators=64, min_samples_leaf=2,
-                                           random_state=int(self.rng.integers(2**31)))  # fmt: skip
-            forests[objective] = forest.fit(x, target)
+        priors = np.array([self._prior(t.params, objectives, table, teacher) for t in rows])
+        x = np.array([self._features(t.params, names, space, table, f, q)
+                      for t, f, q in zip(rows, fractions, priors, strict=True)])  # fmt: skip
+        accuracy = objectives.index("accuracy")
+        model = _Gaussian(x, np.array([p[accuracy] for p in points]), self.seed)
+        costs = {i: _LogLinear(priors[:, i], np.array([p[i] for p in points]))
+                 for i, o in enumerate(objectives) if o != "accuracy"}  # fmt: skip
         pool = self._pool(rows, points, names, space, info)
         if not pool:
             return None
-        features = np.array([self._features(p, names, space, table, 1.0) for p in pool])
-        prior = np.array([self._prior(p, objectives, table, teacher) for p in pool])
-        predicted = []
-        for index, objective in enumerate(objectives):
-            forest = forests[objective]
-            per_tree = np.stack([tree.predict(features) for tree in forest.estimators_])
-            mean, spread = per_tree.mean(0), per_tree.std(0)
-            if objective == "accuracy":
-                predicted.append(mean - self.optimism * spread)
-            else:
-                predicted.append(np.exp(mean + prior[:, index]))
-        candidates = [tuple(float(c[i]) for c in predicted) for i in range(len(pool))]
+        pool_priors = np.array([self._prior(p, objectives, table, teacher) for p in pool])
+        features = np.array([self._features(p, names, space, table, 1.0, q)
+                             for p, q in zip(pool, pool_priors, strict=True)])  # fmt: skip
+        mean, spread = model.predict(features)
+        limits = self._limits(info)
+        feasible = np.ones(len(pool))
+        if accuracy in limits:
+            feasible *= _below(limits[accuracy], mean, spread)
+        predicted = {accuracy: mean - self.optimism * spread}
+        for index, fit in costs.items():
+            value, log_spread = fit.predict(pool_priors[:, index])
+            predicted[index] = value
+            if index in limits:
+                feasible *= _below(math.log(limits[index]), np.log(value), log_spread)
         front = self._front(rows, points)
         reference = reference_point(objectives)
         base_volume = hypervolume(front, reference)
-        limits = self._limits(info)
-        best, best_score = None, -math.inf
-        for params, point in zip(pool, candidates, strict=True):
-            excess = sum(max(0.0, point[i] - limit) for i, limit in limits.items())
-            if excess > 0:
-                score = -excess
-            else:
-                score = hypervolume([*front, point], reference) - base_volume + 1.0
+        best, best_score = None, 0.0
+        for i, params in enumerate(pool):
+            if feasible[i] < 0.05:
+                continue
+            point = tuple(float(predicted[k][i]) for k in range(len(objectives)))
+            score = feasible[i] * (hypervolume([*front, point], reference) - base_volume)
             if score > best_score:
-                best, best_score = (params, point), score
-        params, point = best
-        note = {"predicted": dict(zip(objectives, point, strict=True)), "score": best_score}
+                best, best_score = (params, point, float(feasible[i])), score
+        if best is None:
+            return None
+        params, point, chance = best
+        note = {"predicted": dict(zip(objectives, point, strict=True)),
+                "feasible_probability": chance, "score": best_score}  # fmt: skip
         return params, note
 
-    def _features(self, params, names, space, table: Sensitivity | None, fraction) -> list[float]:
-        row = [_encode(params.get(n), space[n]) for n in names]
-        if table is not None:
-            guess = table.predict(params)
-            row += [guess["loss"]] + [math.log(max(v, 1e-12)) for k, v in sorted(guess.items())
-                                      if k != "loss"]  # fmt: skip
+    def _features(self, params, names, space, table, fraction, prior) -> list[float]:
+        """With a sensitivity table: the summed sensitivity, the predicted costs and the
+        parameters the table does not cover (distillation, learning rate); without one, every
+        parameter. Plus the fraction of the fine-tune the trial had."""
+        if table is None:
+            row = [_encode(params.get(n), space[n]) for n in names]
+        else:
+            loss = table.predict(params)["loss"]
+            row = [math.log10(loss + 1e-6), *prior]
+            row += [_encode(params.get(n), space[n]) for n in names if n not in table.options]
         return [*row, fraction]
 
     @staticmethod
@@ -263,3 +268,50 @@ def _draw(distribution: BaseDistribution, rng: np.random.Generator):
     if distribution.log:
         return float(math.exp(rng.uniform(math.log(low), math.log(high))))
     return float(rng.uniform(low, high))
+
+
+def _below(limit: float, mean, spread):
+    """The probability that a normal (``mean``, ``spread``) value is at most ``limit``."""
+    from scipy.stats import norm
+
+    return norm.cdf((limit - mean) / np.maximum(spread, 1e-9))
+
+
+class _Gaussian:
+    """A Gaussian process on standardized features (Matern 5/2 with per-feature length scales,
+    plus noise): the accuracy drop's mean and spread."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, seed: int) -> None:
+        from sklearn.gaussian_process import GaussianProcessRegressor
+        from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
+
+        self.center = x.mean(0)
+        self.scale = np.where(x.std(0) > 0, x.std(0), 1.0)
+        kernel = ConstantKernel(1.0, (1e-3, 1e3)) * Matern(
+            np.ones(x.shape[1]), (1e-2, 1e2), nu=2.5
+        ) + WhiteKernel(1e-2, (1e-6, 1.0))
+        self.model = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=2,
+                                              random_state=seed)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convergence notes of the kernel fit
+            self.model.fit((x - self.center) / self.scale, y)
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.model.predict((x - self.center) / self.scale, return_std=True)
+
+
+class _LogLinear:
+    """A cost as the trials measured it against the cost model's prediction: log(measured ratio)
+    = a · log(predicted ratio) + b, with the residual spread (the model alone where too few)."""
+
+    def __init__(self, prior: np.ndarray, measured: np.ndarray) -> None:
+        target = np.log(np.maximum(measured, 1e-12))
+        if len(prior) >= 4 and np.ptp(prior) > 0:
+            self.a, self.b = np.polyfit(prior, target, 1)
+        else:
+            self.a, self.b = 1.0, float(np.median(target - prior)) if len(prior) else 0.0
+        residual = target - (self.a * prior + self.b)
+        self.spread = float(max(np.std(residual), 0.02)) if len(prior) > 1 else 0.2
+
+    def predict(self, prior: np.ndarray) -> tuple[np.ndarray, float]:
+        return np.exp(self.a * prior + self.b), self.spread
