@@ -9,9 +9,9 @@ An Optuna ``BaseSampler`` (so the Ray driver's ``OptunaSearch`` uses it unchange
    so a dozen trials teach it something: from the study's sensitivity table
    (:mod:`compsearch.search.sensitivity`) the summed single-unit sensitivity and the cost model's
    predicted latency and size, plus the parameters the table does not cover (distillation, learning
-   rate); without a table, every parameter. It predicts the accuracy drop and its uncertainty.
-   Latency and size are the cost model's predictions corrected by a log-linear fit to what trials
-   measured (with its residual spread).
+   rate); without a table, every parameter. It predicts the accuracy drop and its uncertainty;
+   two more predict what the cost model missed of latency and size (in log ratio), so a cost
+   model that is off for the recipes the search visits is corrected by the trials themselves.
 2. **Propose.** Many cheap candidates: random points of the space, and mutations (one to three
    parameters changed) of the current front's trials.
 3. **Choose.** Each candidate's predicted point (accuracy drop optimistic by one spread) gets its
@@ -120,8 +120,11 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
                       for t, f, q in zip(rows, fractions, priors, strict=True)])  # fmt: skip
         accuracy = objectives.index("accuracy")
         model = _Gaussian(x, np.array([p[accuracy] for p in points]), self.seed)
-        costs = {i: _LogLinear(priors[:, i], np.array([p[i] for p in points]))
-                 for i, o in enumerate(objectives) if o != "accuracy"}  # fmt: skip
+        costs = {}  # per cost: what the cost model missed, in log ratio to the teacher
+        for i, objective in enumerate(objectives):
+            if objective != "accuracy":
+                measured = np.log(np.maximum([p[i] for p in points], 1e-12))
+                costs[i] = _Gaussian(x, measured - priors[:, i], self.seed)
         pool = self._pool(rows, points, names, space, info)
         if not pool:
             return None
@@ -135,10 +138,11 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
             feasible *= _below(limits[accuracy], mean, spread)
         predicted = {accuracy: mean - self.optimism * spread}
         for index, fit in costs.items():
-            value, log_spread = fit.predict(pool_priors[:, index])
-            predicted[index] = value
+            missed, log_spread = fit.predict(features)
+            log_value = pool_priors[:, index] + missed
+            predicted[index] = np.exp(log_value)
             if index in limits:
-                feasible *= _below(math.log(limits[index]), np.log(value), log_spread)
+                feasible *= _below(math.log(limits[index]), log_value, log_spread)
         front = self._front(rows, points)
         reference = reference_point(objectives)
         base_volume = hypervolume(front, reference)
@@ -298,20 +302,3 @@ class _Gaussian:
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.model.predict((x - self.center) / self.scale, return_std=True)
-
-
-class _LogLinear:
-    """A cost as the trials measured it against the cost model's prediction: log(measured ratio)
-    = a · log(predicted ratio) + b, with the residual spread (the model alone where too few)."""
-
-    def __init__(self, prior: np.ndarray, measured: np.ndarray) -> None:
-        target = np.log(np.maximum(measured, 1e-12))
-        if len(prior) >= 4 and np.ptp(prior) > 0:
-            self.a, self.b = np.polyfit(prior, target, 1)
-        else:
-            self.a, self.b = 1.0, float(np.median(target - prior)) if len(prior) else 0.0
-        residual = target - (self.a * prior + self.b)
-        self.spread = float(max(np.std(residual), 0.02)) if len(prior) > 1 else 0.2
-
-    def predict(self, prior: np.ndarray) -> tuple[np.ndarray, float]:
-        return np.exp(self.a * prior + self.b), self.spread
