@@ -14,6 +14,7 @@ import optuna
 
 from compsearch.search.driver import Driver, SearchSummary
 from compsearch.search.prepare import (
+    attach_probe,
     enqueue_baselines,
     enqueue_plans,
     prepare_study,
@@ -38,6 +39,7 @@ class OptunaDriver(Driver):
     def run(self) -> SearchSummary:
         ctx, study = prepare_study(self.config, self.folder)
         table = study_sensitivity(self.config, ctx, study)
+        attach_probe(self.config, ctx, study)
         me = WorkerIdentity(self.folder.path)
         summary = SearchSummary()
         started = time.monotonic()

@@ -20,6 +20,7 @@ from compsearch.search.sensitivity import (
     Sensitivity,
     compressed_costs,
     load_or_measure,
+    probe,
     reference_params,
 )
 from compsearch.search.storage import open_storage
@@ -98,3 +99,12 @@ def enqueue_plans(config: StudyConfig, ctx: SearchContext, study: optuna.Study,
     for plan in ladder(table, limits, count, measure) if count else []:
         study.enqueue_trial({**reference, **plan.params}, user_attrs={"plan": plan.describe()})
     study.set_user_attr("plans_enqueued", True)
+
+
+def attach_probe(config: StudyConfig, ctx: SearchContext, study: optuna.Study) -> None:
+    """Let the surrogate sampler measure its most promising candidates untrained, in this
+    process (the one that runs the trials, so on the trials' device)."""
+    attach = getattr(study.sampler, "attach", None)
+    if attach is not None and config.search.sampler == "surrogate":
+        batches = config.search.sensitivity_batches
+        attach(lambda params: probe(ctx, params, batches))

@@ -43,10 +43,9 @@ import optuna
 import torch
 
 from compsearch._files import write_text_atomic
-from compsearch.kernels.distill import output_loss
 from compsearch.paths import runs_root
 from compsearch.pipeline import compress
-from compsearch.search.trial import SearchContext, measure_structure
+from compsearch.search.trial import SearchContext, measure_structure, zero_shot_loss
 from compsearch.spaces.space import FLOAT, Space, parse_label
 
 FILE, ATTR = "sensitivity.json", "compsearch_sensitivity"
@@ -271,13 +270,12 @@ def _fit(table: Sensitivity, rows: list[tuple[dict, dict[str, float]]]) -> None:
 
 def _one(ctx: SearchContext, params: dict[str, object], batches: int) -> dict[str, float]:
     row, result = compressed_costs(ctx, params)
-    losses = []
-    with torch.no_grad():
-        for index in range(min(batches, len(ctx.cache))):
-            batch, teacher = ctx.cache.get(index, ctx.device)
-            outputs = ctx.task.forward(result.deployed, batch)
-            losses.append(float(output_loss(outputs, teacher.outputs(), 1.0)))
-    return {"loss": sum(losses) / len(losses), **row}
+    return {"loss": zero_shot_loss(ctx, result.deployed, batches), **row}
+
+
+def probe(ctx: SearchContext, params: dict[str, object], batches: int) -> dict[str, float]:
+    """A candidate's costs and zero-shot output loss, untrained (the surrogate sampler's probe)."""
+    return _one(ctx, {**reference_params(ctx.space), **params}, batches)
 
 
 def compressed_costs(ctx: SearchContext, params: dict[str, object]):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import optuna
@@ -47,6 +47,8 @@ from compsearch.search.results import STUDY_ATTR
 from compsearch.search.sensitivity import ATTR, Sensitivity
 
 MEASURED = (TrialState.COMPLETE, TrialState.PRUNED)
+ZERO_SHOT = "zero_shot_loss"  # a trial's deploy-form output loss vs the teacher, before training
+Probe = Callable[[dict], dict[str, float]]
 
 
 class SurrogateSampler(optuna.samplers.BaseSampler):
@@ -59,11 +61,15 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         startup: int = 8,
         explore: int = 5,
         optimism: float = 1.0,
+        probes: int = 4,
     ) -> None:
         self.base, self.config = base, config
         self.seed, self.candidates, self.startup = seed, candidates, startup
         self.explore, self.optimism = explore, optimism
         self.rng = np.random.default_rng(seed)
+        self.probe: Probe | None = None
+        self.probes = probes
+        self.loss_map = _LossMap([], [])
 
     # -- Optuna's sampler protocol
 
@@ -105,6 +111,11 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
 
     # -- the model
 
+    def attach(self, probe: Probe) -> None:
+        """Let the sampler measure a candidate untrained before choosing it (see the module
+        docstring); the Optuna driver attaches one in the process that runs the trials."""
+        self.probe = probe
+
     def choose(self, study, rows: list[FrozenTrial], space: dict[str, BaseDistribution]):
         """The candidate with the best expected feasible hypervolume improvement, and what was
         predicted for it; None when no candidate promises any."""
@@ -115,22 +126,50 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         points = [_point(info, t.user_attrs["measured"]) for t in rows]
         steps = max(1, self.config.search.finetune_steps)
         fractions = [min(1.0, t.user_attrs.get("steps", 0) / steps) for t in rows]
-        priors = np.array([self._prior(t.params, objectives, table, teacher) for t in rows])
-        x = np.array([self._features(t.params, names, space, table, f, q)
-                      for t, f, q in zip(rows, fractions, priors, strict=True)])  # fmt: skip
-        accuracy = objectives.index("accuracy")
-        model = _Gaussian(x, np.array([p[accuracy] for p in points]), self.seed)
+        guesses = [self._guess(t.params, objectives, table, teacher) for t in rows]
+        losses = [t.user_attrs["measured"].get(ZERO_SHOT) for t in rows]
+        self.loss_map = _LossMap(guesses, losses)
+        x = np.array([self._features(t.params, names, space, table, f, g, loss)
+                      for t, f, g, loss in zip(rows, fractions, guesses, losses, strict=True)])  # fmt: skip
+        model = _Gaussian(x, np.array([p[objectives.index("accuracy")] for p in points]), self.seed)
         costs = {}  # per cost: what the cost model missed, in log ratio to the teacher
         for i, objective in enumerate(objectives):
             if objective != "accuracy":
                 measured = np.log(np.maximum([p[i] for p in points], 1e-12))
-                costs[i] = _Gaussian(x, measured - priors[:, i], self.seed)
+                costs[i] = _Gaussian(x, measured - np.array([g[i] for g in guesses]), self.seed)
         pool = self._pool(rows, points, names, space, info)
         if not pool:
             return None
-        pool_priors = np.array([self._prior(p, objectives, table, teacher) for p in pool])
-        features = np.array([self._features(p, names, space, table, 1.0, q)
-                             for p, q in zip(pool, pool_priors, strict=True)])  # fmt: skip
+        context = (info, names, space, table, model, costs, self._front(rows, points))
+        scored = self._score(pool, [None] * len(pool), context)
+        if self.probe is not None and scored:  # the most promising, measured untrained
+            top = [params for params, *_ in scored[: self.probes]]
+            probed = [self._probed(params, objectives, teacher) for params in top]
+            scored = self._score(top, probed, context)
+        if not scored or scored[0][1] <= 0:
+            return None
+        params, score, point, chance = scored[0]
+        note = {"predicted": dict(zip(objectives, point, strict=True)),
+                "feasible_probability": chance, "score": score,
+                "probed": self.probe is not None}  # fmt: skip
+        return params, note
+
+    def _probed(self, params, objectives, teacher) -> dict:
+        measured = self.probe(params)
+        ratios = [math.log(max(measured[o], 1e-12) / teacher[o]) if o in measured and
+                  teacher.get(o) else None for o in objectives]  # fmt: skip
+        return {"log_costs": ratios, "loss": measured.get("loss")}
+
+    def _score(self, pool, probed, context) -> list[tuple]:
+        """Candidates by expected feasible hypervolume improvement, best first:
+        ``(params, score, predicted point, probability of meeting every bound)``."""
+        info, names, space, table, model, costs, front = context
+        objectives, teacher = info["objectives"], info["teacher"]
+        accuracy = objectives.index("accuracy")
+        guesses = [self._guess(p, objectives, table, teacher) for p in pool]
+        features = np.array([self._features(p, names, space, table, 1.0, g,
+                                            q["loss"] if q else None)
+                             for p, g, q in zip(pool, guesses, probed, strict=True)])  # fmt: skip
         mean, spread = model.predict(features)
         limits = self._limits(info)
         feasible = np.ones(len(pool))
@@ -139,49 +178,48 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         predicted = {accuracy: mean - self.optimism * spread}
         for index, fit in costs.items():
             missed, log_spread = fit.predict(features)
-            log_value = pool_priors[:, index] + missed
+            log_value = np.array([g[index] for g in guesses]) + missed
+            spreads = np.full(len(pool), float(np.mean(log_spread)))
+            for i, q in enumerate(probed):  # a measured cost is known (up to timer noise)
+                if q and q["log_costs"][index] is not None:
+                    log_value[i], spreads[i] = q["log_costs"][index], 0.02
             predicted[index] = np.exp(log_value)
             if index in limits:
-                feasible *= _below(math.log(limits[index]), log_value, log_spread)
-        front = self._front(rows, points)
+                feasible *= _below(math.log(limits[index]), log_value, spreads)
         reference = reference_point(objectives)
         base_volume = hypervolume(front, reference)
-        best, best_score = None, 0.0
+        scored = []
         for i, params in enumerate(pool):
             if feasible[i] < 0.05:
                 continue
             point = tuple(float(predicted[k][i]) for k in range(len(objectives)))
-            score = feasible[i] * (hypervolume([*front, point], reference) - base_volume)
-            if score > best_score:
-                best, best_score = (params, point, float(feasible[i])), score
-        if best is None:
-            return None
-        params, point, chance = best
-        note = {"predicted": dict(zip(objectives, point, strict=True)),
-                "feasible_probability": chance, "score": best_score}  # fmt: skip
-        return params, note
+            gain = hypervolume([*front, point], reference) - base_volume
+            scored.append((params, float(feasible[i] * gain), point, float(feasible[i])))
+        return sorted(scored, key=lambda item: -item[1])
 
-    def _features(self, params, names, space, table, fraction, prior) -> list[float]:
-        """With a sensitivity table: the summed sensitivity, the predicted costs and the
-        parameters the table does not cover (distillation, learning rate); without one, every
-        parameter. Plus the fraction of the fine-tune the trial had."""
+    def _features(self, params, names, space, table, fraction, guess, loss) -> list[float]:
+        """With a sensitivity table: the zero-shot output loss (measured where it was, else the
+        table's summed sensitivity mapped onto it), the predicted costs and the parameters the
+        table does not cover (distillation, learning rate); without one, every parameter. Plus
+        the fraction of the fine-tune the trial had."""
         if table is None:
             row = [_encode(params.get(n), space[n]) for n in names]
         else:
-            loss = table.predict(params)["loss"]
-            row = [math.log10(loss + 1e-6), *prior]
+            zero_shot = loss if loss is not None else self.loss_map(guess[-1])
+            row = [math.log10(zero_shot + 1e-6), *guess[:-1]]
             row += [_encode(params.get(n), space[n]) for n in names if n not in table.options]
         return [*row, fraction]
 
     @staticmethod
-    def _prior(params, objectives, table: Sensitivity | None, teacher) -> list[float]:
-        """The cost model's log ratio to the teacher per cost objective (0 without a table)."""
+    def _guess(params, objectives, table: Sensitivity | None, teacher) -> list[float]:
+        """The cost model's log ratio to the teacher per objective (0 for accuracy and without a
+        table), then the table's summed sensitivity."""
         guess = table.predict(params) if table is not None else {}
         out = []
         for objective in objectives:
             value, base = guess.get(objective), teacher.get(objective)
             out.append(math.log(value / base) if value and base else 0.0)
-        return out
+        return [*out, guess.get("loss", 0.0)]
 
     def _front(self, rows, points) -> list[tuple[float, ...]]:
         feasible = [p for t, p in zip(rows, points, strict=True)
@@ -302,3 +340,18 @@ class _Gaussian:
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.model.predict((x - self.center) / self.scale, return_std=True)
+
+
+class _LossMap:
+    """The table's summed sensitivity mapped onto the zero-shot loss trials measured (a log-log
+    line through the trials that have both); the sum itself where none do."""
+
+    def __init__(self, guesses: list[list[float]], losses: list[float | None]) -> None:
+        pairs = [(math.log10(g[-1] + 1e-6), math.log10(loss + 1e-6))
+                 for g, loss in zip(guesses, losses, strict=True) if loss is not None]  # fmt: skip
+        self.a, self.b = 1.0, 0.0
+        if len(pairs) >= 3 and np.ptp([x for x, _ in pairs]) > 0:
+            self.a, self.b = np.polyfit(*zip(*pairs, strict=True), 1)
+
+    def __call__(self, summed: float) -> float:
+        return 10 ** (self.a * math.log10(summed + 1e-6) + self.b)

@@ -200,6 +200,9 @@ def run_trial(
         extra = {"trial": trial.number,
                  "latency_checks": latency_checks() if latency_checks is not None else []}  # fmt: skip
         candidate = measure_structure(ctx, student, metadata, measured, extra)
+        if ctx.config.search.sampler == "surrogate":  # what the surrogate sampler learns from
+            measured["zero_shot_loss"] = zero_shot_loss(ctx, candidate.deployed,
+                                                        ctx.config.search.sensitivity_batches)  # fmt: skip
         ctx.timings["measure"] = ctx.timings.get("measure", 0.0) + time.perf_counter() - t0
         broken = {k: v for k, v in ctx.cost_violations(measured).items() if v > 0}
         if broken and ctx.config.search.screen:
@@ -276,6 +279,20 @@ def measure_structure(ctx: SearchContext, student: nn.Module, metadata: dict[str
         if not objective.after_training:
             measured.update(objective.measure(candidate))
     return candidate
+
+
+def zero_shot_loss(ctx: SearchContext, deployed: nn.Module, batches: int) -> float:
+    """The output distillation loss (temperature 1) of ``deployed`` against the teacher's outputs,
+    averaged over the first ``batches`` batches of the study's teacher cache (training data)."""
+    from compsearch.kernels.distill import output_loss
+
+    losses = []
+    with torch.no_grad():
+        for index in range(min(batches, len(ctx.cache))):
+            batch, teacher = ctx.cache.get(index, ctx.device)
+            outputs = ctx.task.forward(deployed, batch)
+            losses.append(float(output_loss(outputs, teacher.outputs(), 1.0)))
+    return sum(losses) / len(losses)
 
 
 def _after_training(ctx: SearchContext, candidate: Candidate) -> dict[str, float | str]:
