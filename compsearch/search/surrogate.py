@@ -5,20 +5,23 @@ An Optuna ``BaseSampler`` (so the Ray driver's ``OptunaSearch`` uses it unchange
 1. **Learn.** A Gaussian process is fitted on every trial the study has measured — completed ones
    (their final validation accuracy), stopped ones (their accuracy at the rung they reached) and
    screened ones (their zero-shot accuracy) — with the fraction of the fine-tune each one had as a
-   feature, so a prediction at the full budget learns from partial ones too. Its features are few,
-   so a dozen trials teach it something: from the study's sensitivity table
-   (:mod:`compsearch.search.sensitivity`) the summed single-unit sensitivity and the cost model's
-   predicted latency and size, plus the parameters the table does not cover (distillation, learning
-   rate); without a table, every parameter. It predicts the accuracy drop and its uncertainty;
-   two more predict what the cost model missed of latency and size (in log ratio), so a cost
-   model that is off for the recipes the search visits is corrected by the trials themselves.
+   feature, so a prediction at the full budget learns from partial ones too. Its one other
+   feature is the zero-shot output loss against the teacher (each trial records it; for a
+   candidate, the sensitivity table's sum, mapped onto measured losses, or the loss itself where
+   the candidate was probed) — few features, so a dozen trials teach it something; without a
+   sensitivity table, every parameter. It predicts the accuracy drop and its uncertainty; two
+   more, on the cost model's predictions (:mod:`compsearch.search.sensitivity`), predict what that
+   model missed of latency and size, so it is corrected by the trials themselves.
 2. **Propose.** Many cheap candidates: random points of the space, and mutations (one to three
    parameters changed) of the current front's trials.
-3. **Choose.** Each candidate's predicted point (accuracy drop optimistic by one spread) gets its
-   hypervolume improvement over the study's feasible front (normalized as everywhere, see
-   :mod:`compsearch.search.pareto`), times the predicted probability that it meets every bound
-   (accuracy drop, latency, size). The best is the trial's parameters; when no candidate promises
-   anything, the base sampler chooses.
+3. **Choose.** Each candidate's predicted point gets its hypervolume improvement over the study's
+   feasible front (normalized as everywhere, see :mod:`compsearch.search.pareto`), times the
+   predicted probability that it meets every bound (accuracy drop, latency, size); candidates less
+   likely than ``confidence`` to meet them are not taken — a trial budget is small, and a trial
+   that breaks a bound adds nothing to the front. Where a probe is attached (the Optuna driver
+   attaches one), the ``probes`` best are first compressed untrained — exact latency, size and
+   zero-shot output loss — and scored again with those. The best is the trial's parameters; when
+   no candidate qualifies, the base sampler chooses.
 
 Until ``startup`` trials are measured, and on every ``explore``-th trial after, the base sampler
 (NSGA-II by default) chooses instead, so the data keep some diversity the model did not ask for.
@@ -60,15 +63,16 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         candidates: int = 384,
         startup: int = 8,
         explore: int = 5,
-        optimism: float = 1.0,
+        optimism: float = 0.0,
         probes: int = 4,
+        confidence: float = 0.5,
     ) -> None:
         self.base, self.config = base, config
         self.seed, self.candidates, self.startup = seed, candidates, startup
         self.explore, self.optimism = explore, optimism
         self.rng = np.random.default_rng(seed)
         self.probe: Probe | None = None
-        self.probes = probes
+        self.probes, self.confidence = probes, confidence
         self.loss_map = _LossMap([], [])
 
     # -- Optuna's sampler protocol
@@ -132,11 +136,12 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         x = np.array([self._features(t.params, names, space, table, f, g, loss)
                       for t, f, g, loss in zip(rows, fractions, guesses, losses, strict=True)])  # fmt: skip
         model = _Gaussian(x, np.array([p[objectives.index("accuracy")] for p in points]), self.seed)
-        costs = {}  # per cost: what the cost model missed, in log ratio to the teacher
+        costs = {}  # per cost: what the cost model missed, in log ratio, from its predictions
         for i, objective in enumerate(objectives):
             if objective != "accuracy":
                 measured = np.log(np.maximum([p[i] for p in points], 1e-12))
-                costs[i] = _Gaussian(x, measured - np.array([g[i] for g in guesses]), self.seed)
+                costs[i] = _Gaussian(np.array([g[:-1] for g in guesses]),
+                                     measured - np.array([g[i] for g in guesses]), self.seed)  # fmt: skip
         pool = self._pool(rows, points, names, space, info)
         if not pool:
             return None
@@ -175,9 +180,10 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         feasible = np.ones(len(pool))
         if accuracy in limits:
             feasible *= _below(limits[accuracy], mean, spread)
-        predicted = {accuracy: mean - self.optimism * spread}
+        floor = min(p[accuracy] for p in front) if front else 0.0  # no better than seen
+        predicted = {accuracy: np.maximum(mean - self.optimism * spread, floor)}
         for index, fit in costs.items():
-            missed, log_spread = fit.predict(features)
+            missed, log_spread = fit.predict(np.array([g[:-1] for g in guesses]))
             log_value = np.array([g[index] for g in guesses]) + missed
             spreads = np.full(len(pool), float(np.mean(log_spread)))
             for i, q in enumerate(probed):  # a measured cost is known (up to timer noise)
@@ -190,7 +196,7 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         base_volume = hypervolume(front, reference)
         scored = []
         for i, params in enumerate(pool):
-            if feasible[i] < 0.05:
+            if feasible[i] < self.confidence:
                 continue
             point = tuple(float(predicted[k][i]) for k in range(len(objectives)))
             gain = hypervolume([*front, point], reference) - base_volume
@@ -199,15 +205,14 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
 
     def _features(self, params, names, space, table, fraction, guess, loss) -> list[float]:
         """With a sensitivity table: the zero-shot output loss (measured where it was, else the
-        table's summed sensitivity mapped onto it), the predicted costs and the parameters the
-        table does not cover (distillation, learning rate); without one, every parameter. Plus
-        the fraction of the fine-tune the trial had."""
+        table's summed sensitivity mapped onto it) — one feature, so a dozen trials teach the
+        model something; without a table, every parameter. Plus the fraction of the fine-tune
+        the trial had."""
         if table is None:
             row = [_encode(params.get(n), space[n]) for n in names]
         else:
             zero_shot = loss if loss is not None else self.loss_map(guess[-1])
-            row = [math.log10(zero_shot + 1e-6), *guess[:-1]]
-            row += [_encode(params.get(n), space[n]) for n in names if n not in table.options]
+            row = [math.log10(zero_shot + 1e-6)]
         return [*row, fraction]
 
     @staticmethod
