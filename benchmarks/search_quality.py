@@ -199,24 +199,35 @@ def evaluate_task(task: str, seeds: int, root: Path, plots: Path) -> tuple[list,
     return rows, comparisons, _screening(task, runs) + _plans(task, runs[SURROGATE])
 
 
+def _seconds(studies: list[StudyRun]) -> tuple[list[float], list[float]]:
+    """Wall seconds of the screened and of the trained trials of ``studies``."""
+    screened, trained = [], []
+    for run in studies:
+        for row in run.rows(where=lambda r: r.state == "COMPLETE"):
+            path = run.folder.path / "trials" / f"{row.number:05d}" / "metrics.json"
+            seconds = json.loads(path.read_text())["seconds"]
+            (screened if row.screened else trained).append(seconds)
+    return screened, trained
+
+
 def _screening(task: str, runs: dict[str, list[StudyRun]]) -> list:
+    """What screened trials cost against trained ones; a region where nothing was trained is
+    priced against the trained trials of the surrogate search on the same task."""
     out = []
     for label in (SURROGATE, BITS):
         if label not in runs:
             continue
-        screened, trained = [], []
-        for run in runs[label]:
-            for row in run.rows(where=lambda r: r.state == "COMPLETE"):
-                path = run.folder.path / "trials" / f"{row.number:05d}" / "metrics.json"
-                seconds = json.loads(path.read_text())["seconds"]
-                (screened if row.screened else trained).append(seconds)
+        screened, trained = _seconds(runs[label])
+        count = len(trained)
+        if not trained:
+            trained = _seconds(runs[SURROGATE])[1]
         if not screened or not trained:
-            out.append([task, label, len(screened), len(trained), "-", "-"])
+            out.append([task, label, len(screened), count, "-", "-"])
             continue
         ratio = statistics.median(screened) / statistics.median(trained)
         region = len(screened) * statistics.median(screened)
         if_trained = len(screened) * statistics.median(trained)
-        out.append([task, label, len(screened), len(trained), f"{ratio * 100:.1f} %",
+        out.append([task, label, len(screened), count, f"{ratio * 100:.1f} %",
                     f"{region:.0f} s instead of {if_trained:.0f} s ({region / if_trained * 100:.1f} %)"])  # fmt: skip
     return out
 

@@ -50,7 +50,7 @@ def show(table: Sensitivity) -> None:
                   + " ".join(f"{entry[c]:>12.4g}" for c in costs))  # fmt: skip
     if table.fit_error:
         errors = ", ".join(f"{c} {e * 100:.1f} %" for c, e in table.fit_error.items())
-        print(f"cost model (predictions, log-linear): median fit error {errors}")
+        print(f"cost model (log-linear, predictions): median error on its random recipes {errors}")
     print(f"measured in {table.seconds:.0f} s")
 
 

@@ -50,7 +50,7 @@ from compsearch.spaces.space import FLOAT, Space, parse_label
 
 FILE, ATTR = "sensitivity.json", "compsearch_sensitivity"
 COSTS = ("latency_ms", "size_bytes")
-VERSION = 1
+VERSION = 2  # 2: the cost model ridged towards the single changes
 
 
 @dataclass
@@ -64,7 +64,8 @@ class Sensitivity:
     seconds: float = 0.0
     #: the fitted cost model, log-linear: log(cost) = intercept + the chosen units' ``fit_<cost>``
     intercept: dict[str, float] = field(default_factory=dict)
-    fit_error: dict[str, float] = field(default_factory=dict)  # median relative error, per cost
+    #: median relative error of the cost model on the random recipes it was fitted with, per cost
+    fit_error: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"version": VERSION, "base": self.base, "reference": self.reference,
@@ -237,18 +238,23 @@ def measure(ctx: SearchContext, batches: int = 4, log=print,
                                    for p, entries in table.options.items()
                                    for k, e in entries.items()]  # fmt: skip
     rng = random.Random(0)
-    for _ in range(samples if samples is not None else default_samples(table_menus)):
+    count = samples if samples is not None else default_samples(table_menus)
+    for _ in range(count):
         params = {**reference, **{p: rng.choice(v) for p, v in table_menus.items()}}
         rows.append((params, compressed_costs(ctx, params)[0]))
-    _fit(table, rows)
+    _fit(table, rows, count)
     table.seconds = time.perf_counter() - started
     log(f"sensitivity measured in {table.seconds:.0f} s")
     return table
 
 
-def _fit(table: Sensitivity, rows: list[tuple[dict, dict[str, float]]]) -> None:
-    """Least squares (lightly ridged) of every cost's logarithm on the units' choices (so savings
-    multiply, as pruning and quantization do, and no prediction is negative), over ``rows``."""
+def _fit(table: Sensitivity, rows: list[tuple[dict, dict[str, float]]], random_rows: int,
+         anchor: float = 1.0) -> None:  # fmt: skip
+    """Least squares of every cost's logarithm on the units' choices (so savings multiply, as
+    pruning and quantization do, and no prediction is negative), over ``rows``, ridged towards the
+    single changes' own log ratios (``anchor`` is worth that many rows): with fewer rows than
+    choices, the random recipes correct the single changes rather than replace them. The fit
+    error is measured on the last ``random_rows`` rows (the random recipes)."""
     columns = [(p, k) for p, entries in table.options.items() for k in entries]
     index = {c: i for i, c in enumerate(columns)}
     design = np.zeros((len(rows), len(columns) + 1))
@@ -257,14 +263,19 @@ def _fit(table: Sensitivity, rows: list[tuple[dict, dict[str, float]]]) -> None:
         for p, entries in table.options.items():
             for k, w in _weights(entries, p, params[p]):
                 design[r, index[(p, k)]] = w
-    ridge = 1e-6 * np.eye(len(columns) + 1)
+    ridge = anchor * np.eye(len(columns) + 1)
     for cost in [c for c in COSTS if c in table.base]:
         target = np.log(np.maximum([costs[cost] for _, costs in rows], 1e-12))
-        solution = np.linalg.solve(design.T @ design + ridge, design.T @ target)
+        base = math.log(max(table.base[cost], 1e-12))
+        prior = np.array([math.log(max(table.options[p][k][cost], 1e-12)) - base
+                          for p, k in columns] + [base])  # fmt: skip
+        solution = np.linalg.solve(design.T @ design + ridge,
+                                   design.T @ target + anchor * prior)  # fmt: skip
         for (p, k), weight in zip(columns, solution[:-1], strict=True):
             table.options[p][k][f"fit_{cost}"] = float(weight)
         table.intercept[cost] = float(solution[-1])
-        error = np.abs(np.exp(design @ solution - target) - 1.0)
+        held = slice(len(rows) - random_rows, len(rows)) if random_rows else slice(None)
+        error = np.abs(np.exp(design[held] @ solution - target[held]) - 1.0)
         table.fit_error[cost] = float(np.median(error))
 
 

@@ -61,7 +61,7 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         config,
         seed: int = 0,
         candidates: int = 384,
-        startup: int = 8,
+        startup: int = 5,
         explore: int = 5,
         optimism: float = 0.0,
         probes: int = 4,
