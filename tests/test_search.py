@@ -64,7 +64,7 @@ def spawn(*args: str) -> subprocess.Popen:
     [
         ({"serach": {}}, "config: unknown key 'serach'"),
         ({"search": {"trials": "ten"}}, "config.search.trials: expected an integer"),
-        ({"search": {"sampler": "cmaes"}}, "config.search.sampler: expected one of 'nsga2'"),
+        ({"search": {"sampler": "cmaes"}}, "config.search.sampler: expected one of 'surrogate', 'nsga2'"),
         ({"search": {"storage": "ftp://x"}}, "config.search.storage: expected 'journal'"),
         ({"search": {"finetune_steps": 10, "halving": {"enabled": True, "min_steps": 10}}},
          "search.halving.min_steps: expected fewer than search.finetune_steps"),

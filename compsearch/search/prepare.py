@@ -89,7 +89,7 @@ def enqueue_plans(config: StudyConfig, ctx: SearchContext, study: optuna.Study,
     if table is None or not config.search.plans or study.user_attrs.get("plans_enqueued"):
         return
     limits = {c.name: c.limit for c in config.constraints if c.name in COSTS}
-    room = config.search.trials - (len(BASELINES) if config.search.baselines else 0)
+    room = config.search.trials - len(study.get_trials(deepcopy=False))  # baselines included
     reference = reference_params(ctx.space)
 
     def measure(params):
