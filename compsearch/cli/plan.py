@@ -19,7 +19,7 @@ from compsearch.recipes.io import HEADER
 from compsearch.search import folder_for, read_config
 from compsearch.search.plan import ladder
 from compsearch.search.prepare import prepare_study
-from compsearch.search.sensitivity import COSTS, compressed_costs, load_or_measure, reference_params
+from compsearch.search.sensitivity import COSTS, load_or_measure, reference_params, untrained_costs
 
 
 def add_parser(commands) -> None:
@@ -39,11 +39,7 @@ def run(args: argparse.Namespace) -> int:
     reference = reference_params(ctx.space)
     limits = {c.name: c.limit for c in config.constraints if c.name in COSTS}
     points = args.points if args.points is not None else (config.search.plans or 4)
-
-    def measure(params):
-        return compressed_costs(ctx, {**reference, **params})[0]
-
-    plans = ladder(table, limits, points, measure)
+    plans = ladder(table, limits, points, lambda params: untrained_costs(ctx, params))
     if not plans:
         print("no combination of the space meets the bounds, as the cost model predicts them")
         return 1

@@ -18,10 +18,10 @@ from compsearch.search.results import STUDY_ATTR
 from compsearch.search.sensitivity import (
     COSTS,
     Sensitivity,
-    compressed_costs,
     load_or_measure,
     probe,
     reference_params,
+    untrained_costs,
 )
 from compsearch.search.storage import open_storage
 from compsearch.search.study import StudyFolder, open_study
@@ -91,12 +91,11 @@ def enqueue_plans(config: StudyConfig, ctx: SearchContext, study: optuna.Study,
     limits = {c.name: c.limit for c in config.constraints if c.name in COSTS}
     room = config.search.trials - len(study.get_trials(deepcopy=False))  # baselines included
     reference = reference_params(ctx.space)
-
-    def measure(params):
-        return compressed_costs(ctx, {**reference, **params})[0]
-
     count = min(config.search.plans, max(1, config.search.trials // 4), max(0, room))
-    for plan in ladder(table, limits, count, measure) if count else []:
+    plans = (
+        ladder(table, limits, count, lambda params: untrained_costs(ctx, params)) if count else []
+    )
+    for plan in plans:
         study.enqueue_trial({**reference, **plan.params}, user_attrs={"plan": plan.describe()})
     study.set_user_attr("plans_enqueued", True)
 

@@ -213,7 +213,7 @@ def digest(ctx: SearchContext, batches: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def measure(ctx: SearchContext, batches: int = 4, log=print,
+def measure(ctx: SearchContext, batches: int = 2, log=print,
             samples: int | None = None) -> Sensitivity:  # fmt: skip
     """Measure the table (see the module docstring): one compression per choice, no training."""
     started = time.perf_counter()
@@ -289,6 +289,11 @@ def probe(ctx: SearchContext, params: dict[str, object], batches: int) -> dict[s
     return _one(ctx, {**reference_params(ctx.space), **params}, batches)
 
 
+def untrained_costs(ctx: SearchContext, params: dict[str, object]) -> dict[str, float]:
+    """The costs of the reference recipe changed by ``params``, measured untrained (a plan's)."""
+    return compressed_costs(ctx, {**reference_params(ctx.space), **params})[0]
+
+
 def compressed_costs(ctx: SearchContext, params: dict[str, object]):
     """The costs of the recipe ``params`` make, measured on its deploy form with no training (as
     a trial measures them), and the compression result."""
@@ -305,7 +310,7 @@ def compressed_costs(ctx: SearchContext, params: dict[str, object]):
     return costs, result
 
 
-def load_or_measure(ctx: SearchContext, study: optuna.Study, batches: int = 4,
+def load_or_measure(ctx: SearchContext, study: optuna.Study, batches: int = 2,
                     log=print) -> Sensitivity:  # fmt: skip
     """The study's table: from its attributes, its folder, the shared cache, or measured now."""
     stored = study.user_attrs.get(ATTR)
