@@ -12,7 +12,7 @@ EXTRAS ?= dev
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.compsearch-installed
 
-.PHONY: demo test lint format clean-venv
+.PHONY: demo test lint format gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	@if [ ! -x $(BIN)/python ]; then \
@@ -44,6 +44,11 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Every CUDA path in one command (CUDA-marked tests, GPU deploy tables, a short cuda search on
+# mnist, its final run and evaluation); fails with exit code 2 where torch sees no CUDA device.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,7 +2,7 @@
 
 Side by side in one run, median of repeated runs, 2 CPU threads (and CUDA when present). Every
 variant goes through the same path a search trial takes: quantize_ → calibrate → to_deploy.
-Run: python benchmarks/quant_speed.py [--runs 20]
+Run: python benchmarks/quant_speed.py [--runs 20] [--only cpu|cuda]
 """
 
 from __future__ import annotations
@@ -94,12 +94,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=("cpu", "cuda"), help="one device's table")
     args = parser.parse_args()
+    if args.only == "cuda" and not torch.cuda.is_available():
+        parser.error("--only cuda: expected a CUDA device, but torch sees none")
     torch.set_num_threads(args.threads)
     header("Quantized deploy forms: BERT-shaped FFN 768→3072→768")
     columns = ["tokens", "format", "kernel", "median ms", "speed-up vs float"]
-    table(columns, cpu_rows(args.runs))
-    if torch.cuda.is_available():
+    if args.only != "cuda":
+        table(columns, cpu_rows(args.runs))
+    if args.only != "cpu" and torch.cuda.is_available():
         print("CUDA (bf16 baseline; every variant captured in a CUDA graph):\n")
         table(columns, cuda_rows(args.runs))
 

@@ -307,18 +307,6 @@ def test_deploy_table_says_which_formats_are_fast_on_cpu():
     assert kernel_for("linear", QuantSpec(w_bits=8, a_bits=8, w_format="fp8"), "cpu") == "dequant"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_int8_deploy_on_cuda_matches_fake_quant():
-    model, x = _qat_ffn("dynamic")
-    model = model.cuda()
-    x = x.cuda()
-    reference = model(x).detach()
-    deployed, report = to_deploy(model, device="cuda")
-    assert set(report.kernels.values()) == {"int_mm"}
-    out = deployed(x)
-    assert float((out - reference).norm() / reference.norm()) <= 0.02
-
-
 def test_embedding_quantizes_gathered_rows_exactly_like_the_whole_table():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(50, 64))
