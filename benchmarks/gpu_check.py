@@ -106,6 +106,7 @@ def main() -> int:
     out = Path(args.out or ROOT / "runs" / "_gpu_check")
     out.mkdir(parents=True, exist_ok=True)
     runs = Path(args.runs or tempfile.mkdtemp(prefix="compsearch-gpu-check-"))
+    runs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "COMPSEARCH_RUNS": str(runs), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
     config = _search_config(runs)

@@ -104,8 +104,9 @@ def test_a_captured_graph_replays_new_inputs_like_eager():
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_a_captured_int8_deploy_form_replays_like_eager():
-    model, x = _qat_ffn(LayerPlan(w_bits=8, a_bits=8))
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_a_captured_int8_deploy_form_replays_like_eager(mode):
+    model, x = _qat_ffn(LayerPlan(w_bits=8, a_bits=8), mode)
     deployed, _ = to_deploy(model, device="cuda")
     replay = capture(deployed, x)
     y = torch.randn_like(x)
@@ -193,3 +194,15 @@ def test_a_causal_lm_deploys_int8_on_cuda_and_generates_the_same_next_tokens():
     assert _relative_error(logits, reference) <= 0.05
     agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean()
     assert agree >= 0.9
+
+
+def test_int8_on_cuda_runs_widths_that_are_not_multiples_of_8():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 36), nn.ReLU(), nn.Linear(36, 10)).cuda()
+    x = torch.randn(40, 20, device="cuda")
+    plan = LayerPlan(w_bits=8, a_bits=8)
+    quantize_(model, {"0": plan, "2": plan}, activation_mode="dynamic")
+    calibrate(model, [x], lambda m, b: m(b))
+    deployed, report = to_deploy(model, device="cuda")
+    assert set(report.kernels.values()) == {"int_mm"}
+    assert _relative_error(deployed(x), model(x).detach()) <= 0.02

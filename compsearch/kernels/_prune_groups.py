@@ -191,7 +191,7 @@ def importance(
         scores = values.abs().sum(1) if method in ("l1", "taylor") else values.pow(2).sum(1).sqrt()
         mean = scores.mean()
         if mean > 0:
-            total += scores / mean
+            total += (scores / mean).cpu()
     return total
 
 

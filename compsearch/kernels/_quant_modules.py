@@ -155,10 +155,14 @@ class QuantMixin:
     def _setup(self, spec: QuantSpec, weight_quant: WeightQuantizer | None = None) -> None:
         self.spec = spec
         rows = rows_view(self.weight, self.transposed_weight)
-        self.weight_quant = weight_quant or WeightQuantizer(
-            spec, rows.shape[0], rows.shape[1], self.transposed_weight
+        device = self.weight.device  # quantizing a model already on its device (CUDA)
+        self.weight_quant = (
+            weight_quant
+            or WeightQuantizer(spec, rows.shape[0], rows.shape[1], self.transposed_weight)
+        ).to(device)
+        self.input_quant = (
+            ActQuantizer(spec.activation_mode).to(device) if spec.quantizes_input else None
         )
-        self.input_quant = ActQuantizer(spec.activation_mode) if spec.quantizes_input else None
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight if _float_forward else self.weight_quant(self.weight)

@@ -135,12 +135,16 @@ class DeployLinear(nn.Module):
         self.spec = packed.spec
         self.out_features, self.in_features = packed.rows_shape
         self.input_scale = input_scale
+        if kernel == "int_mm" and input_scale is not None:  # a tensor made per call breaks capture
+            self.register_buffer("input_scale_t", torch.tensor(input_scale), persistent=False)
         self.post_op: str | None = None
         self.output_scale: float | None = None
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
         self._onednn_weight = None
         if kernel in ("onednn_qlinear", "int_mm"):
             codes, scale = packed.int8_codes()
+            if kernel == "int_mm":  # cuBLAS int8 GEMM: both weight dimensions multiples of 8
+                codes = F.pad(codes, (0, -codes.shape[1] % 8, 0, -codes.shape[0] % 8))
             self.register_buffer("codes", codes.contiguous())
             self.register_buffer("w_scale", scale.reshape(-1).contiguous())
         elif kernel == "fp8_scaled_mm":
@@ -190,14 +194,17 @@ class DeployLinear(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if self.input_scale is not None:
-            scale = torch.tensor(self.input_scale, device=x.device)
+            scale = self.input_scale_t
         else:
             scale = per_token_scale(flat)
         codes = quantize_s8(flat.float(), scale)
         rows = codes.shape[0]
-        if x.is_cuda and rows <= 16:  # cuBLAS int8 GEMM needs more than 16 rows
-            codes = F.pad(codes, (0, 0, 0, 17 - rows))
-        acc = torch._int_mm(codes, self.codes.t())[:rows]
+        # cuBLAS int8 GEMM needs more than 16 rows; the fan-in is padded like the weight's
+        more_rows = 17 - rows if x.is_cuda and rows <= 16 else 0
+        more_columns = self.codes.shape[1] - codes.shape[1]
+        if more_rows or more_columns:
+            codes = F.pad(codes, (0, more_columns, 0, more_rows))
+        acc = torch._int_mm(codes, self.codes.t())[:rows, : self.out_features]
         out = acc.float().mul_(scale).mul_(self.w_scale)
         if self.bias is not None:
             out.add_(self.bias)

@@ -12,6 +12,7 @@ fusing, the model is run again and its output compared with the unfused one; a m
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -102,6 +103,18 @@ def _main(output: Any) -> Any:
     return output
 
 
+@contextlib.contextmanager
+def exact_float32():
+    """Float32 math without TF32 on CUDA (on by default for cuDNN convolutions), so an exactness
+    check measures the change it checks, not TF32's rounding (1.7e-4 on an H200)."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
 @torch.no_grad()
 def fold_batchnorm_(model: nn.Module, run: Run) -> list[tuple[str, str]]:
     """Fold every BatchNorm2d that directly follows a Conv2d into it. Returns the folded pairs."""
@@ -109,7 +122,8 @@ def fold_batchnorm_(model: nn.Module, run: Run) -> list[tuple[str, str]]:
     model.eval()
     trace = _Trace(model, lambda m: isinstance(m, (nn.Conv2d, nn.BatchNorm2d)))
     try:
-        before = run(model)
+        with exact_float32():
+            before = run(model)
     finally:
         trace.close()
     convs = {
@@ -126,7 +140,9 @@ def fold_batchnorm_(model: nn.Module, run: Run) -> list[tuple[str, str]]:
         replace_by_name(model, conv_name, _folded(conv, bn))
         replace_by_name(model, bn_name, nn.Identity())
     if pairs:
-        _compare(before, run(model), 1e-4, "folding BatchNorm into Conv2d")
+        with exact_float32():
+            after = run(model)
+        _compare(before, after, 1e-4, "folding BatchNorm into Conv2d")
     model.train(was_training)
     return pairs
 

@@ -288,5 +288,6 @@ def zero_removed_(model: nn.Module, analysis: Analysis, decisions: dict[str, tor
             for member, width in group.members:
                 if member.role == "in":
                     continue
-                index = group.indices(member, width, units)
-                tensors[member.key].index_fill_(member.dim, index, 0.0)
+                tensor = tensors[member.key]
+                index = group.indices(member, width, units).to(tensor.device)
+                tensor.index_fill_(member.dim, index, 0.0)
