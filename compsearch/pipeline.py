@@ -26,6 +26,7 @@ from compsearch.errors import KernelError, RecipeError
 from compsearch.kernels.deploy import DeployReport, to_deploy
 from compsearch.kernels.formats import get_format
 from compsearch.kernels.fuse import fold_batchnorm_, recalibrate_batchnorm_
+from compsearch.kernels.gptq import gptq_
 from compsearch.kernels.observers import calibrate
 from compsearch.kernels.packing import PackedModel, export_packed, packed_to_bytes, save_packed
 from compsearch.kernels.prune import (
@@ -249,9 +250,28 @@ def _quantize(student, recipe, task, run, timings, device) -> QuantReport:
         report = quantize_(student, recipe, recipe.calibration.activation_mode)
     with _timed(timings, "calibrate"):
         _calibrate(student, task, recipe, device)
-        if recipe.calibration.learnable_scales:
-            learn_scales_(student)
+    gptq_layers = [name for name in report.quantized if recipe.plan_for(name).method == "gptq"]
+    if gptq_layers:
+        with _timed(timings, "gptq"):
+            _gptq(student, gptq_layers, task, recipe, device, report)
+    if recipe.calibration.learnable_scales:
+        learn_scales_(student)
     return report
+
+
+def _gptq(student, layers, task, recipe, device, report: QuantReport) -> None:
+    """GPTQ on the layers that ask for it; activation ranges measured again afterwards (the
+    rounded weights change what later layers see)."""
+    result = gptq_(student, layers, _calibration(task, recipe), _runner(task, device))
+    for name, reason in result.skipped.items():
+        report.skipped[f"{name}:method"] = reason
+    for name, error in result.gptq_error.items():
+        report.rounding[name] = (
+            f"gptq: output error {error:.2e} on {result.tokens} calibration rows "
+            f"(round-to-nearest {result.rtn_error[name]:.2e})"
+        )
+    if any(spec.quantizes_input for spec in report.quantized.values()):
+        _calibrate(student, task, recipe, device)
 
 
 def _recalibrate(student: nn.Module, task: Task, recipe: Recipe, device) -> None:

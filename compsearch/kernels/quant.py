@@ -71,6 +71,8 @@ class QuantReport:
     quantized: dict[str, QuantSpec] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)  # layer -> the layer whose weight it shares
+    # layer -> how its weight was rounded past round-to-nearest, with the calibration error it left
+    rounding: dict[str, str] = field(default_factory=dict)
 
 
 def quantize_(

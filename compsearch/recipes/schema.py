@@ -25,6 +25,7 @@ RECIPE_VERSION = 1
 W_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 A_BITS = (8, 16)
 GROUP_SIZES = (32, 64, 128)
+ROUNDING_METHODS = ("rtn", "gptq")
 FLOAT_BITS = 16  # w_bits / a_bits of 16 mean "leave in float"
 REGEX_PREFIX = "re:"
 
@@ -41,7 +42,9 @@ class LayerPlan:
     ``w_format`` names a registered weight format: ``int`` (integer levels), ``fp8`` (float8
     e4m3, with ``w_bits: 8``) or one of your own (compsearch.kernels.formats);
     ``keep_ratio`` is the fraction of output channels / neurons / heads that pruning keeps;
-    ``keep: false`` on a residual block or transformer layer removes it (depth pruning).
+    ``keep: false`` on a residual block or transformer layer removes it (depth pruning);
+    ``method`` is how the weight is rounded: ``rtn`` (round to nearest, the default) or ``gptq``
+    (column by column with error compensation on calibration inputs, compsearch.kernels.gptq).
     """
 
     w_bits: int | None = None
@@ -51,6 +54,7 @@ class LayerPlan:
     w_format: str | None = None
     keep_ratio: float | None = None
     keep: bool | None = None
+    method: str | None = None
 
     def __post_init__(self) -> None:
         if self.group_size is not None and self.granularity is None:
@@ -103,6 +107,7 @@ _LAYER_FIELDS = {
     "w_format": _S.optional(_S.string(r"[A-Za-z][A-Za-z0-9_-]{0,39}", "a weight format name")),
     "keep_ratio": _S.optional(_S.number(0.0, 1.0, lo_open=True)),
     "keep": _S.optional(_S.boolean()),
+    "method": _S.optional(_S.one_of(ROUNDING_METHODS, note="how the weight is rounded")),
 }
 
 

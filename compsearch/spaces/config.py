@@ -13,7 +13,7 @@ from typing import Any
 from compsearch._schema import Schema
 from compsearch.errors import ConfigError, KernelError, SpaceError
 from compsearch.kernels.formats import FORMATS, load_format
-from compsearch.recipes.schema import A_BITS, GROUP_SIZES, W_BITS
+from compsearch.recipes.schema import A_BITS, GROUP_SIZES, ROUNDING_METHODS, W_BITS
 
 _S = Schema(ConfigError)
 GROUPINGS = ("per_layer", "per_block", "per_region", "global")
@@ -58,7 +58,8 @@ class Menu:
     w_bits: tuple[int, ...] = (4, 8, 16)
     a_bits: tuple[int, ...] = (8, 16)
     granularity: tuple[str, ...] = ("per_channel",)
-    group_size: int = 128
+    group_size: tuple[int, ...] = (128,)  # per_group choices, one per size
+    method: tuple[str, ...] = ("rtn",)  # how weights are rounded: rtn, gptq (Linear layers)
     keep_ratio: Range = field(default_factory=lambda: Range(0.25, 1.0, step=0.125))
     grouping: str = "per_block"
 
@@ -140,6 +141,13 @@ _A = _bits(A_BITS, "16 keeps activations in float")
 _KEEP = _range(0.0, 1.0, lo_open=True, step=True)
 
 
+def _one_or_more(check):
+    """A value or a list of values, each checked, as a tuple."""
+    return lambda v, p: tuple(
+        check(x, f"{p}[{i}]") for i, x in enumerate(v if isinstance(v, (list, tuple)) else [v])
+    )
+
+
 def _menu_fields():
     return {
         "w_bits": _W,
@@ -148,7 +156,8 @@ def _menu_fields():
             _S.one_of(("per_channel", "per_group"))(x, f"{p}[{i}]")
             for i, x in enumerate(v if isinstance(v, (list, tuple)) else [v])
         ),
-        "group_size": _S.one_of(GROUP_SIZES),
+        "group_size": _one_or_more(_S.one_of(GROUP_SIZES)),
+        "method": _one_or_more(_S.one_of(ROUNDING_METHODS, note="how weights are rounded")),
         "keep_ratio": _KEEP,
         "grouping": _S.one_of(GROUPINGS),
     }

@@ -16,12 +16,13 @@ vision-language projector stays at ≥ 8 bits and unpruned.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from dataclasses import dataclass, field
 
 from compsearch import __version__
 from compsearch.errors import SpaceError
-from compsearch.kernels.deploy import EMBEDDING, FAST_KERNELS, kernel_for
+from compsearch.kernels.deploy import EMBEDDING, FAST_KERNELS, LINEAR, kernel_for
 from compsearch.kernels.formats import FORMATS, get_format
 from compsearch.kernels.quant import QuantSpec
 from compsearch.recipes.schema import (
@@ -52,12 +53,14 @@ class Choice:
     granularity: str = "per_channel"
     group_size: int | None = None
     w_format: str = "int"
+    method: str = "rtn"  # how the weight is rounded: rtn, or gptq (compsearch.kernels.gptq)
 
     @property
     def label(self) -> str:
         if self.w_bits == 16:
             return FLOAT
-        return get_format(self.w_format).label(self.spec())
+        base = get_format(self.w_format).label(self.spec())
+        return base if self.method == "rtn" else f"{base}-{self.method}"
 
     def spec(self, activation_mode: str = "static") -> QuantSpec:
         return QuantSpec(self.w_bits, self.a_bits, self.granularity, self.group_size,
@@ -72,6 +75,7 @@ class Choice:
             granularity=self.granularity if self.granularity == "per_group" else None,
             group_size=self.group_size,
             w_format=None if self.w_format == "int" else self.w_format,
+            method=None if self.method == "rtn" else self.method,
         )
 
 
@@ -86,19 +90,23 @@ def menu_formats(kind: str, menu: Menu, config: SpaceConfig, device: str) -> lis
             continue
         for name in config.w_formats:
             fmt = get_format(name)
-            for granularity in [g for g in menu.granularity if g in fmt.offered]:
-                group = menu.group_size if granularity == "per_group" else None
-                for a_bits in menu.a_bits:
-                    choice = Choice(bits, a_bits, granularity, group, name)
-                    spec = choice.spec(config.activation_mode)
-                    if fmt.check(spec) is not None:
-                        continue
-                    fast = kernel_for(kind, spec, device) in FAST_KERNELS
-                    if a_bits == 8 and (kind == EMBEDDING or not fast):
-                        continue
-                    if a_bits != 8 and not fmt.weight_only:
-                        continue
-                    found.append(choice)
+            shapes = [(g, size) for g in menu.granularity if g in fmt.offered
+                      for size in (menu.group_size if g == "per_group" else (None,))]  # fmt: skip
+            for (granularity, group), a_bits, method in itertools.product(
+                shapes, menu.a_bits, menu.method
+            ):
+                choice = Choice(bits, a_bits, granularity, group, name, method)
+                spec = choice.spec(config.activation_mode)
+                if fmt.check(spec) is not None:
+                    continue
+                if method != "rtn" and kind != LINEAR:  # GPTQ needs a Linear layer's inputs
+                    continue
+                fast = kernel_for(kind, spec, device) in FAST_KERNELS
+                if a_bits == 8 and (kind == EMBEDDING or not fast):
+                    continue
+                if a_bits != 8 and not fmt.weight_only:
+                    continue
+                found.append(choice)
     unique = []
     for item in found:
         if item not in unique:
@@ -111,6 +119,8 @@ def fit(fmt: Choice, kind: str, fan_in: int, menu: list[Choice]) -> Choice:
     size only where it divides the fan-in."""
     if fmt in menu or fmt.w_bits == 16:
         return fmt
+    if fmt.method != "rtn" and dataclasses.replace(fmt, method="rtn") in menu:
+        return dataclasses.replace(fmt, method="rtn")  # GPTQ where the layer is not a Linear
     if fmt.w_format != "int":  # another format this layer does not offer: the int equivalent
         fmt = Choice(fmt.w_bits, fmt.a_bits)
     if fmt.granularity == "per_group" and fan_in % fmt.group_size:
@@ -344,14 +354,16 @@ def parse_label(label: str) -> Choice:
         return Choice(16)
     if label in FORMATS and label != "int":
         return Choice(8, 8, w_format=label)
-    match = re.fullmatch(r"w(\d)(?:g(\d+))?(a8)?", label)
+    match = re.fullmatch(r"w(\d)(?:g(\d+))?(a8)?(?:-(gptq))?", label)
     if match is None:
         raise SpaceError(
-            f"expected a format label like 'w4', 'w8a8', 'w4g128' or 'float', got {label!r}."
+            f"expected a format label like 'w4', 'w8a8', 'w4g128', 'w4g32-gptq' or 'float', got "
+            f"{label!r}."
         )
     group = int(match.group(2)) if match.group(2) else None
     return Choice(int(match.group(1)), 8 if match.group(3) else 16,
-                  "per_group" if group else "per_channel", group)  # fmt: skip
+                  "per_group" if group else "per_channel", group, "int",
+                  match.group(4) or "rtn")  # fmt: skip
 
 
 def _nearest(target: Choice, choices: list[Choice]) -> Choice:
@@ -365,6 +377,7 @@ def _nearest(target: Choice, choices: list[Choice]) -> Choice:
             f.w_bits < target.w_bits,
             f.granularity != target.granularity,
             f.w_format != target.w_format,
+            f.method != target.method,
         ),
     )
 

@@ -1,0 +1,139 @@
+"""Post-training quantization of SmolLM2-135M (the ``smollm`` task): round-to-nearest vs GPTQ at the
+same bits and group size, no fine-tuning.
+
+Each variant is compressed by ``pipeline.compress`` (``finetune.steps: 0``) in its own process, so
+its peak resident memory is its own; its perplexity is measured on the test split (validation
+beside it), its size is the artifact's file bytes, against the teacher's float32 safetensors file.
+Every projection of the 30 decoder blocks gets the variant's weight format; the tied embedding and
+LM head get int8 weights. Results are kept under runs/_benchmarks/llm_ptq/ (one JSON per variant),
+so a rerun measures only what is missing.
+
+Run: python benchmarks/llm_ptq.py [--variants NAME ...] [--fresh]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import header, table
+
+from compsearch.paths import runs_root
+
+PROJECTIONS = "re:model\\.layers\\..*_proj$"
+TIED = ("model.embed_tokens", "lm_head")
+
+# name -> (w_bits, group_size or None, method, calibration batches, blockwise)
+VARIANTS = {
+    "w4 g128 rtn": (4, 128, "rtn", 16, True),
+    "w4 g128 gptq": (4, 128, "gptq", 16, True),
+    "w4 g32 rtn": (4, 32, "rtn", 16, True),
+    "w4 g32 gptq": (4, 32, "gptq", 16, True),
+    "w3 g32 rtn": (3, 32, "rtn", 16, True),
+    "w3 g32 gptq": (3, 32, "gptq", 16, True),
+    "w4 g32 gptq, whole model per block": (4, 32, "gptq", 16, False),
+}
+
+
+def folder() -> Path:
+    path = runs_root() / "_benchmarks" / "llm_ptq"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _file_name(name: str) -> str:
+    return name.replace(" ", "_").replace(",", "") + ".json"
+
+
+def measure_teacher() -> dict:
+    from compsearch.objectives.size import float_artifact
+    from compsearch.tasks import get_task
+
+    task = get_task("smollm")
+    teacher = task.teacher()
+    return {
+        "validation": task.evaluate(teacher, "validation")["perplexity"],
+        "test": task.evaluate(teacher, "test")["perplexity"],
+        "bytes": len(float_artifact(teacher)),
+    }
+
+
+def measure_variant(name: str) -> dict:
+    from dataclasses import replace
+
+    from compsearch.kernels import gptq
+    from compsearch.pipeline import compress
+    from compsearch.recipes import CalibrationPlan, FinetuneBudget, LayerPlan, Recipe
+    from compsearch.tasks import get_task
+
+    bits, group, method, batches, blockwise = VARIANTS[name]
+    if not blockwise:
+        gptq._block_chain = lambda *args: None  # every block collected by running the whole model
+    task = get_task("smollm")
+    plan = LayerPlan(w_bits=bits, group_size=group, method=method)
+    layers = {PROJECTIONS: plan, **{key: LayerPlan(w_bits=8) for key in TIED}}
+    recipe = Recipe(layers=layers, finetune=FinetuneBudget(steps=0),
+                    calibration=CalibrationPlan(batches=batches))  # fmt: skip
+    recipe = replace(recipe, provenance=replace(recipe.provenance, task="smollm"))
+    began = time.perf_counter()
+    result = compress(task, recipe)
+    seconds = time.perf_counter() - began
+    rounding = result.quant_report.rounding
+    return {
+        "validation": task.evaluate(result.deployed, "validation")["perplexity"],
+        "test": task.evaluate(result.deployed, "test")["perplexity"],
+        "bytes": len(result.artifact_bytes()),
+        "seconds": seconds,
+        "gptq_seconds": result.timings.get("gptq", 0.0),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "gptq_layers": len(rounding),
+        "skipped": result.quant_report.skipped,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--fresh", action="store_true", help="measure again what is stored")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one, print JSON
+    args = parser.parse_args()
+    if args.one:
+        value = measure_teacher() if args.one == "teacher" else measure_variant(args.one)
+        print("RESULT " + json.dumps(value))
+        return
+    results = {}
+    for name in ["teacher", *args.variants]:
+        path = folder() / _file_name(name)
+        if path.exists() and not args.fresh:
+            results[name] = json.loads(path.read_text())
+            continue
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        done = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True,
+                              text=True, check=False)  # fmt: skip
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            raise SystemExit(f"{name}: failed\n{done.stderr[-4000:]}")
+        results[name] = json.loads(lines[-1][len("RESULT ") :])
+        path.write_text(json.dumps(results[name], indent=1))
+    header("Post-training quantization of SmolLM2-135M: round-to-nearest vs GPTQ")
+    teacher = results["teacher"]
+    rows = [["teacher (float32)", f"{teacher['test']:.2f}", f"{teacher['validation']:.2f}", "—",
+             f"{teacher['bytes'] / 1e6:.1f}", "1.00×", "—", "—"]]  # fmt: skip
+    for name in args.variants:
+        r = results[name]
+        rows.append([
+            name, f"{r['test']:.2f}", f"{r['validation']:.2f}",
+            f"{100 * (r['test'] / teacher['test'] - 1):+.2f} %", f"{r['bytes'] / 1e6:.1f}",
+            f"{teacher['bytes'] / r['bytes']:.2f}×", f"{r['seconds']:.0f}", f"{r['peak_rss_mb']:.0f}",
+        ])  # fmt: skip
+    table(["variant", "perplexity (test)", "validation", "vs teacher (test)", "MB (file)",
+           "smaller", "compress s", "peak RSS MB"], rows)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
