@@ -1,5 +1,5 @@
-"""Post-training quantization of SmolLM2-135M (the ``smollm`` task): round-to-nearest vs GPTQ at the
-same bits and group size, no fine-tuning.
+"""Post-training quantization of SmolLM2-135M (the ``smollm`` task), no fine-tuning: round-to-nearest
+vs GPTQ at the same bits and group size, and int8 activations with and without SmoothQuant.
 
 Each variant is compressed by ``pipeline.compress`` (``finetune.steps: 0``) in its own process, so
 its peak resident memory is its own; its perplexity is measured on the test split (validation
@@ -28,16 +28,21 @@ from compsearch.paths import runs_root
 PROJECTIONS = "re:model\\.layers\\..*_proj$"
 TIED = ("model.embed_tokens", "lm_head")
 
-# name -> (w_bits, group_size or None, method, calibration batches, blockwise)
+# name -> (projection plan, activation mode, calibration batches, blockwise)
 VARIANTS = {  # group sizes divide SmolLM2's 576 and 1536 input features (128 does not divide 576)
-    "w4 g64 rtn": (4, 64, "rtn", 16, True),
-    "w4 g64 gptq": (4, 64, "gptq", 16, True),
-    "w4 g32 rtn": (4, 32, "rtn", 16, True),
-    "w4 g32 gptq": (4, 32, "gptq", 16, True),
-    "w3 g32 rtn": (3, 32, "rtn", 16, True),
-    "w3 g32 gptq": (3, 32, "gptq", 16, True),
-    "w4 g32 gptq, whole model per block": (4, 32, "gptq", 16, False),
-}
+    "w4 g64 rtn": (dict(w_bits=4, group_size=64), "static", 16, True),
+    "w4 g64 gptq": (dict(w_bits=4, group_size=64, method="gptq"), "static", 16, True),
+    "w4 g32 rtn": (dict(w_bits=4, group_size=32), "static", 16, True),
+    "w4 g32 gptq": (dict(w_bits=4, group_size=32, method="gptq"), "static", 16, True),
+    "w3 g32 rtn": (dict(w_bits=3, group_size=32), "static", 16, True),
+    "w3 g32 gptq": (dict(w_bits=3, group_size=32, method="gptq"), "static", 16, True),
+    "w4 g32 gptq, whole model per block": (
+        dict(w_bits=4, group_size=32, method="gptq"), "static", 16, False),
+    "w8a8 per-token": (dict(w_bits=8, a_bits=8), "dynamic", 16, True),
+    "w8a8 per-token, smoothquant 0.5": (dict(w_bits=8, a_bits=8, smooth=0.5), "dynamic", 16, True),
+    "w8a8 per-tensor": (dict(w_bits=8, a_bits=8), "static", 16, True),
+    "w8a8 per-tensor, smoothquant 0.5": (dict(w_bits=8, a_bits=8, smooth=0.5), "static", 16, True),
+}  # fmt: skip
 
 
 def folder() -> Path:
@@ -71,14 +76,13 @@ def measure_variant(name: str) -> dict:
     from compsearch.recipes import CalibrationPlan, FinetuneBudget, LayerPlan, Recipe
     from compsearch.tasks import get_task
 
-    bits, group, method, batches, blockwise = VARIANTS[name]
+    fields, mode, batches, blockwise = VARIANTS[name]
     if not blockwise:
         gptq._block_chain = lambda *args: None  # every block collected by running the whole model
     task = get_task("smollm")
-    plan = LayerPlan(w_bits=bits, group_size=group, method=method)
-    layers = {PROJECTIONS: plan, **{key: LayerPlan(w_bits=8) for key in TIED}}
+    layers = {PROJECTIONS: LayerPlan(**fields), **{key: LayerPlan(w_bits=8) for key in TIED}}
     recipe = Recipe(layers=layers, finetune=FinetuneBudget(steps=0),
-                    calibration=CalibrationPlan(batches=batches))  # fmt: skip
+                    calibration=CalibrationPlan(batches=batches, activation_mode=mode))  # fmt: skip
     recipe = replace(recipe, provenance=replace(recipe.provenance, task="smollm"))
     began = time.perf_counter()
     result = compress(task, recipe)
@@ -92,6 +96,7 @@ def measure_variant(name: str) -> dict:
         "gptq_seconds": result.timings.get("gptq", 0.0),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "gptq_layers": len(rounding),
+        "smoothed_layers": len(result.quant_report.smoothed),
         "skipped": len(result.quant_report.skipped),
         "skipped_reasons": sorted(set(result.quant_report.skipped.values()))[:3],
     }

@@ -46,6 +46,7 @@ from compsearch.kernels.quant import (
     quantize_,
     spec_from_plan,
 )
+from compsearch.kernels.smooth import smooth_
 from compsearch.recipes import dumps, validate
 from compsearch.recipes.schema import Recipe
 from compsearch.tasks.base import Task, move
@@ -247,7 +248,10 @@ def _quantize(student, recipe, task, run, timings, device) -> QuantReport:
         return QuantReport()
     with _timed(timings, "quantize"):
         fold_batchnorm_(student, run)
+        smoothing = _smooth(student, recipe, task, device)
         report = quantize_(student, recipe, recipe.calibration.activation_mode)
+        report.smoothed.update(smoothing.smoothed)
+        report.skipped.update(smoothing.skipped)
     with _timed(timings, "calibrate"):
         _calibrate(student, task, recipe, device)
     gptq_layers = [name for name in report.quantized if recipe.plan_for(name).method == "gptq"]
@@ -257,6 +261,26 @@ def _quantize(student, recipe, task, run, timings, device) -> QuantReport:
     if recipe.calibration.learnable_scales:
         learn_scales_(student)
     return report
+
+
+def _smooth(student, recipe, task, device) -> QuantReport:
+    """SmoothQuant, on the float model, for the Linear layers whose plan has ``smooth`` and int8
+    activations; what it did and what it could not do, as report entries."""
+    out = QuantReport()
+    names = [n for n, m in student.named_modules() if n and isinstance(m, nn.Linear)]
+    wanted = {name: plan.smooth for name, plan in recipe.resolve(names).items()
+              if plan.smooth is not None and plan.a_bits == 8}  # fmt: skip
+    if not wanted:
+        return out
+    result = smooth_(student, wanted, _calibration(task, recipe), _runner(task, device))
+    for norm, layers in result.groups.items():
+        for name in layers:
+            out.smoothed[name] = (
+                f"smoothquant α={wanted[name]:g} through {norm}: input channel maxima spread "
+                f"{result.spread_before[norm]:.1f}× → {result.spread_after[norm]:.1f}× the median"
+            )
+    out.skipped.update((f"{name}:smooth", reason) for name, reason in result.skipped.items())
+    return out
 
 
 def _gptq(student, layers, task, recipe, device, report: QuantReport) -> None:

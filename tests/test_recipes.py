@@ -69,7 +69,7 @@ def test_group_size_implies_per_group():
         (
             "  fc1: {w_bit: 4}",
             "recipe.layers['fc1']: unknown key 'w_bit'; the allowed keys are: a_bits, "
-            "granularity, group_size, keep, keep_ratio, method, w_bits, w_format. Did you mean 'w_bits'?",
+            "granularity, group_size, keep, keep_ratio, method, smooth, w_bits, w_format. Did you mean 'w_bits'?",
         ),
         (
             "  fc1: {w_bits: 7.5}",

@@ -73,6 +73,8 @@ class QuantReport:
     tied: dict[str, str] = field(default_factory=dict)  # layer -> the layer whose weight it shares
     # layer -> how its weight was rounded past round-to-nearest, with the calibration error it left
     rounding: dict[str, str] = field(default_factory=dict)
+    # layer -> the SmoothQuant scale it took: through which normalization layer, with which spread
+    smoothed: dict[str, str] = field(default_factory=dict)
 
 
 def quantize_(

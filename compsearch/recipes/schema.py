@@ -44,7 +44,10 @@ class LayerPlan:
     ``keep_ratio`` is the fraction of output channels / neurons / heads that pruning keeps;
     ``keep: false`` on a residual block or transformer layer removes it (depth pruning);
     ``method`` is how the weight is rounded: ``rtn`` (round to nearest, the default) or ``gptq``
-    (column by column with error compensation on calibration inputs, compsearch.kernels.gptq).
+    (column by column with error compensation on calibration inputs, compsearch.kernels.gptq);
+    ``smooth`` (0..1, with ``a_bits: 8``) is SmoothQuant's migration strength α: activation outliers
+    moved into the weight through the normalization layer that feeds the layer
+    (compsearch.kernels.smooth).
     """
 
     w_bits: int | None = None
@@ -55,6 +58,7 @@ class LayerPlan:
     keep_ratio: float | None = None
     keep: bool | None = None
     method: str | None = None
+    smooth: float | None = None
 
     def __post_init__(self) -> None:
         if self.group_size is not None and self.granularity is None:
@@ -108,6 +112,7 @@ _LAYER_FIELDS = {
     "keep_ratio": _S.optional(_S.number(0.0, 1.0, lo_open=True)),
     "keep": _S.optional(_S.boolean()),
     "method": _S.optional(_S.one_of(ROUNDING_METHODS, note="how the weight is rounded")),
+    "smooth": _S.optional(_S.number(0.0, 1.0)),
 }
 
 

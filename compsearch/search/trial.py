@@ -247,6 +247,7 @@ def run_trial(
         "timings": timings, "seconds": time.perf_counter() - started,
         "kernels": result.deploy_report.kernels,
         "skipped": {**result.quant_report.skipped, **result.prune_report.skipped},
+        "rounding": {**result.quant_report.rounding, **result.quant_report.smoothed},
     })  # fmt: skip
 
 
