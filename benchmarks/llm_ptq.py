@@ -28,21 +28,24 @@ from compsearch.paths import runs_root
 PROJECTIONS = "re:model\\.layers\\..*_proj$"
 TIED = ("model.embed_tokens", "lm_head")
 
-# name -> (projection plan, activation mode, calibration batches, blockwise)
+# name -> (projection plan, activation mode, options); 16 calibration batches of 4 x 128 tokens
 VARIANTS = {  # group sizes divide SmolLM2's 576 and 1536 input features (128 does not divide 576)
-    "w4 g64 rtn": (dict(w_bits=4, group_size=64), "static", 16, True),
-    "w4 g64 gptq": (dict(w_bits=4, group_size=64, method="gptq"), "static", 16, True),
-    "w4 g32 rtn": (dict(w_bits=4, group_size=32), "static", 16, True),
-    "w4 g32 gptq": (dict(w_bits=4, group_size=32, method="gptq"), "static", 16, True),
-    "w3 g32 rtn": (dict(w_bits=3, group_size=32), "static", 16, True),
-    "w3 g32 gptq": (dict(w_bits=3, group_size=32, method="gptq"), "static", 16, True),
-    "w4 g32 gptq, whole model per block": (
-        dict(w_bits=4, group_size=32, method="gptq"), "static", 16, False),
-    "w8a8 per-token": (dict(w_bits=8, a_bits=8), "dynamic", 16, True),
-    "w8a8 per-token, smoothquant 0.5": (dict(w_bits=8, a_bits=8, smooth=0.5), "dynamic", 16, True),
-    "w8a8 per-tensor": (dict(w_bits=8, a_bits=8), "static", 16, True),
-    "w8a8 per-tensor, smoothquant 0.5": (dict(w_bits=8, a_bits=8, smooth=0.5), "static", 16, True),
+    "w4 g64 rtn": (dict(w_bits=4, group_size=64), "static", {}),
+    "w4 g64 gptq": (dict(w_bits=4, group_size=64, method="gptq"), "static", {"act_order": False}),
+    "w4 g64 gptq act-order": (dict(w_bits=4, group_size=64, method="gptq"), "static", {}),
+    "w4 g32 rtn": (dict(w_bits=4, group_size=32), "static", {}),
+    "w4 g32 gptq": (dict(w_bits=4, group_size=32, method="gptq"), "static", {"act_order": False}),
+    "w4 g32 gptq act-order": (dict(w_bits=4, group_size=32, method="gptq"), "static", {}),
+    "w3 g32 rtn": (dict(w_bits=3, group_size=32), "static", {}),
+    "w3 g32 gptq": (dict(w_bits=3, group_size=32, method="gptq"), "static", {"act_order": False}),
+    "w4 g32 gptq, whole model per block": (dict(w_bits=4, group_size=32, method="gptq"), "static",
+                                           {"act_order": False, "blockwise": False}),
+    "w8a8 per-token": (dict(w_bits=8, a_bits=8), "dynamic", {}),
+    "w8a8 per-token, smoothquant 0.5": (dict(w_bits=8, a_bits=8, smooth=0.5), "dynamic", {}),
+    "w8a8 per-tensor": (dict(w_bits=8, a_bits=8), "static", {}),
+    "w8a8 per-tensor, smoothquant 0.5": (dict(w_bits=8, a_bits=8, smooth=0.5), "static", {}),
 }  # fmt: skip
+CALIBRATION_BATCHES = 16
 
 
 def folder() -> Path:
@@ -76,13 +79,16 @@ def measure_variant(name: str) -> dict:
     from compsearch.recipes import CalibrationPlan, FinetuneBudget, LayerPlan, Recipe
     from compsearch.tasks import get_task
 
-    fields, mode, batches, blockwise = VARIANTS[name]
-    if not blockwise:
+    fields, mode, options = VARIANTS[name]
+    if not options.get("blockwise", True):
         gptq._block_chain = lambda *args: None  # every block collected by running the whole model
+    if not options.get("act_order", True):  # natural column order, scales set group by group
+        rows = gptq.gptq_rows
+        gptq.gptq_rows = lambda *args, **kwargs: rows(*args, **{**kwargs, "act_order": False})
     task = get_task("smollm")
     layers = {PROJECTIONS: LayerPlan(**fields), **{key: LayerPlan(w_bits=8) for key in TIED}}
     recipe = Recipe(layers=layers, finetune=FinetuneBudget(steps=0),
-                    calibration=CalibrationPlan(batches=batches, activation_mode=mode))  # fmt: skip
+                    calibration=CalibrationPlan(batches=CALIBRATION_BATCHES, activation_mode=mode))  # fmt: skip
     recipe = replace(recipe, provenance=replace(recipe.provenance, task="smollm"))
     began = time.perf_counter()
     result = compress(task, recipe)

@@ -20,13 +20,16 @@ def _correlated_inputs(n: int, features: int, seed: int) -> torch.Tensor:
     return x
 
 
-def _layer_error(plan: LayerPlan, x: torch.Tensor, held_out: torch.Tensor) -> tuple[float, float]:
+def _layer_error(
+    plan: LayerPlan, x: torch.Tensor, held_out: torch.Tensor, act_order: bool = True
+) -> tuple[float, float]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 64))
     reference, reference_held = model(x).detach(), model(held_out).detach()
     quantize_(model, {"0": plan})
     if plan.method == "gptq":
-        report = gptq_(model, ["0"], [x[:1024], x[1024:]], lambda m, b: m(b))
+        batches = [x[:1024], x[1024:]]
+        report = gptq_(model, ["0"], batches, lambda m, b: m(b), act_order=act_order)
         assert report.gptq_error["0"] < report.rtn_error["0"]
     errors = []
     for inputs, expected in ((x, reference), (held_out, reference_held)):
@@ -35,11 +38,12 @@ def _layer_error(plan: LayerPlan, x: torch.Tensor, held_out: torch.Tensor) -> tu
     return errors[0], errors[1]
 
 
+@pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("granularity", [{}, {"group_size": 32}])
-def test_gptq_leaves_less_output_error_than_round_to_nearest(granularity):
+def test_gptq_leaves_less_output_error_than_round_to_nearest(granularity, act_order):
     x, held_out = _correlated_inputs(2048, 128, 1), _correlated_inputs(1024, 128, 2)
     rtn = _layer_error(LayerPlan(w_bits=4, **granularity), x, held_out)
-    gptq = _layer_error(LayerPlan(w_bits=4, method="gptq", **granularity), x, held_out)
+    gptq = _layer_error(LayerPlan(w_bits=4, method="gptq", **granularity), x, held_out, act_order)
     assert gptq[0] <= 0.7 * rtn[0], (gptq, rtn)  # on the calibration inputs
     assert gptq[1] <= 0.8 * rtn[1], (gptq, rtn)  # and on inputs it never saw
 

@@ -74,9 +74,15 @@ def gptq_rows(
     clip: torch.Tensor | None = None,
     damp: float = 0.01,
     block: int = 128,
+    act_order: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of ``rows`` (out × fan-in, float) under ``hessian`` (fan-in × fan-in). Returns the
-    rounded rows (on the format's grid) and their scales ``(out, groups, 1)``."""
+    rounded rows (on the format's grid) and their scales ``(out, groups, 1)``.
+
+    ``act_order``: columns are rounded in order of decreasing Hessian diagonal (the inputs with
+    the most energy first, while the most columns are left to absorb their error), with every
+    scale taken from the original weights first ("static groups"), so groups stay contiguous in
+    storage."""
     fmt = get_format(spec.w_format)
     w = rows.detach().float().clone()
     h = hessian.detach().float().clone()
@@ -84,6 +90,18 @@ def gptq_rows(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    per_group = spec.granularity == "per_group"
+    size = spec.group_size if per_group else columns
+    if act_order:
+        scales = weight_scale(w, spec, clip)
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+        origin = perm.tolist()
+    else:
+        scales = torch.empty(out_features, columns // size, 1, device=w.device)
+        if not per_group:
+            scales[:, 0] = weight_scale(w, spec, clip)[:, 0]
+        origin = list(range(columns))
     h += torch.eye(columns, device=h.device) * (damp * torch.diag(h).mean())
     try:
         inverse = torch.linalg.cholesky(
@@ -91,12 +109,6 @@ def gptq_rows(
         )
     except RuntimeError as error:  # not positive definite even after damping
         raise KernelError(f"GPTQ: the layer's Hessian could not be inverted ({error}).") from None
-    per_group = spec.granularity == "per_group"
-    size = spec.group_size if per_group else columns
-    groups = columns // size
-    scales = torch.empty(out_features, groups, 1, device=w.device)
-    if not per_group:
-        scales[:, 0] = weight_scale(w, spec, None if clip is None else clip)[:, 0]
     rounded = torch.zeros_like(w)
     for start in range(0, columns, block):
         end = min(start + block, columns)
@@ -105,12 +117,12 @@ def gptq_rows(
         inv1 = inverse[start:end, start:end]
         for i in range(end - start):
             column = start + i
-            if per_group and column % size == 0:
-                g = column // size
+            if per_group and not act_order and column % size == 0:
+                g = column // size  # the group's scale from the weights as updated so far
                 span = torch.cat([w1[:, i:], w[:, end:]], 1)[:, :size]
                 part = None if clip is None else clip[:, g : g + 1]
                 scales[:, g] = weight_scale(span, _per_channel(spec), part)[:, 0]
-            scale = scales[:, column // size]
+            scale = scales[:, origin[column] // size]
             q = fmt.fake_quantize(w1[:, i : i + 1].unsqueeze(1), scale.unsqueeze(1), spec)
             q = q.reshape(-1)
             rounded[:, column] = q
@@ -118,6 +130,8 @@ def gptq_rows(
             w1[:, i:] -= error.unsqueeze(1) * inv1[i, i:].unsqueeze(0)
             errors[:, i] = error
         w[:, end:] -= errors @ inverse[start:end, end:]
+    if act_order:
+        rounded = rounded[:, torch.argsort(perm)]
     return rounded, scales
 
 
@@ -142,6 +156,7 @@ def gptq_(
     batches: list[Any],
     run: Run,
     damp: float = 0.01,
+    act_order: bool = True,
 ) -> GPTQReport:
     """Round the weights of the quantized ``layers`` of ``model`` with GPTQ, block by block, on
     ``batches`` (``run(model, batch)`` runs one). Layers that cannot take it keep round-to-nearest
@@ -181,7 +196,7 @@ def gptq_(
                 hessians, tokens = _collect_in_block(module, layers, chain)
             report.tokens = tokens
             for name in names:
-                _round_layer(name, modules[name], hessians[name], damp, report)
+                _round_layer(name, modules[name], hessians[name], damp, act_order, report)
             if chain is not None and index + 1 < len(blocks):
                 chain = [(_with_first(args, _main(module(*args, **kwargs))), kwargs)
                          for args, kwargs in chain]  # fmt: skip
@@ -367,14 +382,15 @@ def _collect(
     return _hessians(modules, sums, counts)
 
 
-def _round_layer(name: str, module: nn.Module, hessian: torch.Tensor, damp: float, report) -> None:
+def _round_layer(name: str, module: nn.Module, hessian: torch.Tensor, damp: float,
+                 act_order: bool, report) -> None:  # fmt: skip
     quantizer = module.weight_quant
     rows = rows_view(module.weight.data, quantizer.transposed)
     spec = module.spec
     rtn = quantizer(module.weight.detach())
     report.rtn_error[name] = hessian_error(rows, rows_view(rtn, quantizer.transposed), hessian)
     clip = quantizer.clip if get_format(spec.w_format).clip_search else None
-    rounded, scales = gptq_rows(rows, hessian, spec, clip, damp)
+    rounded, scales = gptq_rows(rows, hessian, spec, clip, damp, act_order=act_order)
     report.gptq_error[name] = hessian_error(rows, rounded, hessian)
     rows.copy_(rounded.to(rows.dtype))
     quantizer.scale = nn.Parameter(scales.to(rows.device), requires_grad=False)
