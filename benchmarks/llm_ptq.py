@@ -1,5 +1,5 @@
 """Post-training quantization of SmolLM2-135M (the ``smollm`` task), no fine-tuning: round-to-nearest
-vs GPTQ at the same bits and group size, and int8 activations with and without SmoothQuant.
+vs GPTQ vs AWQ at the same bits and group size, and int8 activations with and without SmoothQuant.
 
 Each variant is compressed by ``pipeline.compress`` (``finetune.steps: 0``) in its own process, so
 its peak resident memory is its own; its perplexity is measured on the test split (validation
@@ -36,6 +36,8 @@ VARIANTS = {  # group sizes divide SmolLM2's 576 and 1536 input features (128 do
     "w4 g32 rtn": (dict(w_bits=4, group_size=32), "static", {}),
     "w4 g32 gptq": (dict(w_bits=4, group_size=32, method="gptq"), "static", {"act_order": False}),
     "w4 g32 gptq act-order": (dict(w_bits=4, group_size=32, method="gptq"), "static", {}),
+    "w4 g64 awq": (dict(w_bits=4, group_size=64, method="awq"), "static", {}),
+    "w4 g32 awq": (dict(w_bits=4, group_size=32, method="awq"), "static", {}),
     "w3 g32 rtn": (dict(w_bits=3, group_size=32), "static", {}),
     "w3 g32 gptq": (dict(w_bits=3, group_size=32, method="gptq"), "static", {"act_order": False}),
     "w4 g32 gptq, whole model per block": (dict(w_bits=4, group_size=32, method="gptq"), "static",

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from compsearch.errors import KernelError, RecipeError
+from compsearch.kernels.awq import awq_
 from compsearch.kernels.deploy import DeployReport, to_deploy
 from compsearch.kernels.formats import get_format
 from compsearch.kernels.fuse import fold_batchnorm_, recalibrate_batchnorm_
@@ -248,10 +249,11 @@ def _quantize(student, recipe, task, run, timings, device) -> QuantReport:
         return QuantReport()
     with _timed(timings, "quantize"):
         fold_batchnorm_(student, run)
-        smoothing = _smooth(student, recipe, task, device)
+        scaling = _smooth(student, recipe, task, device)
+        _awq(student, recipe, task, device, scaling)
         report = quantize_(student, recipe, recipe.calibration.activation_mode)
-        report.smoothed.update(smoothing.smoothed)
-        report.skipped.update(smoothing.skipped)
+        for name in ("smoothed", "rounding", "skipped"):
+            getattr(report, name).update(getattr(scaling, name))
     with _timed(timings, "calibrate"):
         _calibrate(student, task, recipe, device)
     gptq_layers = [name for name in report.quantized if recipe.plan_for(name).method == "gptq"]
@@ -281,6 +283,25 @@ def _smooth(student, recipe, task, device) -> QuantReport:
             )
     out.skipped.update((f"{name}:smooth", reason) for name, reason in result.skipped.items())
     return out
+
+
+def _awq(student, recipe, task, device, out: QuantReport) -> None:
+    """AWQ's scales, on the float model, for the Linear layers whose plan says ``method: awq``."""
+    names = [n for n, m in student.named_modules() if n and isinstance(m, nn.Linear)]
+    specs = {name: spec_from_plan(plan, recipe.calibration.activation_mode)
+             for name, plan in recipe.resolve(names).items()
+             if plan.method == "awq" and plan.w_bits not in (None, 16)}  # fmt: skip
+    if not specs:
+        return
+    result, found = awq_(student, specs, _calibration(task, recipe), _runner(task, device))
+    for norm, layers in result.groups.items():
+        for name in layers:
+            alpha, plain, best = found[name]
+            out.rounding[name] = (
+                f"awq α={alpha:g} through {norm}: sample output error {best:.2e} "
+                f"(round-to-nearest {plain:.2e}, summed over the layers it feeds)"
+            )
+    out.skipped.update((f"{name}:method", reason) for name, reason in result.skipped.items())
 
 
 def _gptq(student, layers, task, recipe, device, report: QuantReport) -> None:

@@ -79,8 +79,8 @@ def test_layers_group_into_their_numbered_block():
 
 
 def test_a_recipe_names_only_known_rounding_methods():
-    with pytest.raises(RecipeError, match=r"method: expected one of 'rtn', 'gptq'"):
-        LayerPlan.from_dict({"w_bits": 4, "method": "awq"}, "layers.x")
+    with pytest.raises(RecipeError, match=r"method: expected one of 'rtn', 'gptq', 'awq'"):
+        LayerPlan.from_dict({"w_bits": 4, "method": "hqq"}, "layers.x")
 
 
 def test_compress_with_gptq_tracks_the_teacher_closer_than_rtn(tmp_path):
@@ -156,3 +156,23 @@ def test_the_space_searches_rounding_method_and_group_size_on_linear_layers_only
     assert choice.method == "gptq" and choice.group_size == 32 and choice.label == "w4g32-gptq"
     assert choice.plan() == LayerPlan(w_bits=4, granularity="per_group", group_size=32,
                                       method="gptq")  # fmt: skip
+
+
+def test_compress_with_awq_scales_the_layers_a_norm_feeds_and_reports_the_rest(tmp_path):
+    from test_vlm_llm import _tiny_causal_lm
+
+    from compsearch.pipeline import compress
+    from compsearch.tasks import get_task
+
+    _tiny_causal_lm(tmp_path)
+    task = get_task(f"hf:{tmp_path}")
+    plan = LayerPlan(w_bits=3, group_size=32, method="awq")
+    recipe = Recipe(layers={"re:.*(proj)$": plan}, finetune=FinetuneBudget(steps=0))
+    report = compress(task, recipe).quant_report
+    assert sorted(k.rsplit(".", 1)[-1] for k in report.rounding) == sorted(
+        ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"] * 2
+    )
+    assert all(v.startswith("awq α=") for v in report.rounding.values())
+    skipped = [k for k in report.skipped if k.endswith(":method")]
+    assert sorted(k.split(".")[-1] for k in skipped) == sorted(["o_proj:method",
+                                                                "down_proj:method"] * 2)  # fmt: skip

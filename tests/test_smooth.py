@@ -76,3 +76,29 @@ def test_compress_smooths_the_layers_whose_plan_asks_and_says_so(digits_task):
     assert all("normalization layer" in reason for key, reason in
                result.quant_report.skipped.items() if key.endswith(":smooth"))  # fmt: skip
     assert any(key.endswith(":smooth") for key in result.quant_report.skipped)
+
+
+def _w4_error(model, batches) -> float:
+    reference = model(batches[-1]).detach()
+    plan = LayerPlan(w_bits=4, group_size=32)
+    quantize_(model, {"q": plan, "k": plan})
+    out = model(batches[-1]).detach()
+    return float((out - reference).norm() / reference.norm())
+
+
+def test_awq_scales_reduce_the_quantized_output_error_and_keep_the_float_output():
+    from compsearch.kernels.awq import awq_
+    from compsearch.kernels.quant import spec_from_plan
+
+    model, batches = _model_and_batches()  # four input channels 40x the others: the salient ones
+    plain = _w4_error(copy.deepcopy(model), batches)
+    reference = model(batches[1]).detach()
+    spec = spec_from_plan(LayerPlan(w_bits=4, group_size=32))
+    report, found = awq_(model, {"q": spec, "k": spec, "out": spec}, batches[:3], _run)
+    assert report.groups == {"norm": ["k", "q"]} and "normalization layer" in report.skipped["out"]
+    alpha, rtn_error, awq_error = found["q"]
+    assert alpha > 0 and awq_error < rtn_error
+    out = model(batches[1]).detach()
+    assert float((out - reference).norm() / reference.norm()) < 1e-5
+    scaled = _w4_error(model, batches)  # on a batch the search did not see: not worse
+    assert scaled < 1.01 * plain, (scaled, plain)

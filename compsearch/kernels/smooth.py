@@ -51,11 +51,44 @@ def _is_norm(module: nn.Module) -> bool:
     )
 
 
+@dataclass
+class InputStats:
+    """What the calibration batches fed one normalization layer's readers: per input channel the
+    largest and the mean magnitude, and up to ``SAMPLE_ROWS`` of the rows themselves."""
+
+    maxima: torch.Tensor
+    means: torch.Tensor
+    sample: torch.Tensor
+
+
+SAMPLE_ROWS = 4096
+ScaleRule = Callable[["InputStats", dict[str, nn.Module]], torch.Tensor]
+
+
 @torch.no_grad()
 def smooth_(
     model: nn.Module, layers: dict[str, float], batches: Iterable[Any], run: Run
 ) -> SmoothReport:
     """SmoothQuant the Linear ``layers`` (name → α) of a float ``model`` on ``batches``."""
+
+    def rule(stats: InputStats, chosen: dict[str, nn.Module]) -> torch.Tensor:
+        return _scales(stats.maxima, list(chosen.values()), max(layers[n] for n in chosen))
+
+    return rescale_through_norms_(model, list(layers), batches, run, rule, "SmoothQuant")
+
+
+@torch.no_grad()
+def rescale_through_norms_(
+    model: nn.Module,
+    layers: list[str],
+    batches: Iterable[Any],
+    run: Run,
+    rule: ScaleRule,
+    what: str,
+) -> SmoothReport:
+    """Scale the input channels of the Linear ``layers`` by ``rule(stats, chosen layers)`` — the
+    weights' columns times ``s``, the normalization layer that feeds them divided by it — for every
+    normalization layer that feeds some of them; exact in float, checked, undone if not."""
     report = SmoothReport()
     batches = list(batches)
     modules = dict(model.named_modules())
@@ -77,8 +110,8 @@ def smooth_(
         producer = next((p for p, names in readers.items() if name in names), None)
         if producer is None:
             report.skipped[name] = (
-                "SmoothQuant folds its scale into a normalization layer, and none feeds this "
-                "layer directly; it keeps its activations as they are"
+                f"{what} folds its scale into a normalization layer, and none feeds this "
+                "layer directly; it is left unscaled"
             )
         elif trace.calls.get(producer, 0) != 1:
             report.skipped[name] = f"its normalization layer {producer!r} runs more than once"
@@ -86,20 +119,19 @@ def smooth_(
             chosen.setdefault(producer, []).append(name)
     if not chosen:
         return report
-    maxima = _input_maxima(model, {p: readers[p][0] for p in chosen}, batches, run, modules)
+    stats = _input_stats(model, {p: readers[p][0] for p in chosen}, batches, run, modules)
     saved = {p: _state(modules[p], [modules[n] for n in readers[p]]) for p in chosen}
-    for producer in chosen:
-        alpha = max(layers[n] for n in chosen[producer])
-        readers_of = [modules[n] for n in readers[producer]]  # every reader, smoothed or not
-        scale = _scales(maxima[producer], readers_of, alpha)
+    for producer, names in chosen.items():
+        scale = rule(stats[producer], {n: modules[n] for n in names})
+        readers_of = [modules[n] for n in readers[producer]]  # every reader, chosen or not
         _fold(modules[producer], readers_of, scale)
-        report.groups[producer] = sorted(chosen[producer])
-        report.spread_before[producer] = _spread(maxima[producer])
-        report.spread_after[producer] = _spread(maxima[producer] / scale)
+        report.groups[producer] = sorted(names)
+        report.spread_before[producer] = _spread(stats[producer].maxima)
+        report.spread_after[producer] = _spread(stats[producer].maxima / scale)
     with exact_float32():
         after = run(model, batches[0])
     try:
-        _compare(before, after, TOLERANCE, "SmoothQuant's folding")
+        _compare(before, after, TOLERANCE, f"{what}'s folding")
     except Exception:
         for producer, state in saved.items():  # undone: the model is as it was
             _restore(modules[producer], [modules[n] for n in readers[producer]], state)
@@ -107,13 +139,19 @@ def smooth_(
     return report
 
 
-def _input_maxima(model, first_reader: dict[str, str], batches, run, modules):
-    maxima: dict[str, torch.Tensor] = {}
+def _input_stats(model, first_reader: dict[str, str], batches, run, modules):
+    found: dict[str, list] = {}
 
     def hook(name):
         def record(module, args):
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
-            maxima[name] = x if name not in maxima else torch.maximum(maxima[name], x)
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            entry = found.setdefault(name, [None, 0.0, 0, []])
+            amax = x.abs().amax(0)
+            entry[0] = amax if entry[0] is None else torch.maximum(entry[0], amax)
+            entry[1] = entry[1] + x.abs().sum(0)
+            entry[2] += x.shape[0]
+            if sum(len(rows) for rows in entry[3]) < SAMPLE_ROWS:
+                entry[3].append(x[:SAMPLE_ROWS])
 
         return record
 
@@ -125,7 +163,10 @@ def _input_maxima(model, first_reader: dict[str, str], batches, run, modules):
     finally:
         for handle in handles:
             handle.remove()
-    return maxima
+    return {
+        name: InputStats(amax, total / count, torch.cat(rows)[:SAMPLE_ROWS])
+        for name, (amax, total, count, rows) in found.items()
+    }
 
 
 def _scales(act_max: torch.Tensor, readers: list[nn.Module], alpha: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ RECIPE_VERSION = 1
 W_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 A_BITS = (8, 16)
 GROUP_SIZES = (32, 64, 128)
-ROUNDING_METHODS = ("rtn", "gptq")
+ROUNDING_METHODS = ("rtn", "gptq", "awq")
 FLOAT_BITS = 16  # w_bits / a_bits of 16 mean "leave in float"
 REGEX_PREFIX = "re:"
 
@@ -43,8 +43,9 @@ class LayerPlan:
     e4m3, with ``w_bits: 8``) or one of your own (compsearch.kernels.formats);
     ``keep_ratio`` is the fraction of output channels / neurons / heads that pruning keeps;
     ``keep: false`` on a residual block or transformer layer removes it (depth pruning);
-    ``method`` is how the weight is rounded: ``rtn`` (round to nearest, the default) or ``gptq``
-    (column by column with error compensation on calibration inputs, compsearch.kernels.gptq);
+    ``method`` is how the weight is rounded: ``rtn`` (round to nearest, the default), ``gptq``
+    (column by column with error compensation on calibration inputs, compsearch.kernels.gptq) or
+    ``awq`` (activation-aware input-channel scaling, then round to nearest, compsearch.kernels.awq);
     ``smooth`` (0..1, with ``a_bits: 8``) is SmoothQuant's migration strength α: activation outliers
     moved into the weight through the normalization layer that feeds the layer
     (compsearch.kernels.smooth).

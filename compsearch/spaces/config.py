@@ -59,7 +59,7 @@ class Menu:
     a_bits: tuple[int, ...] = (8, 16)
     granularity: tuple[str, ...] = ("per_channel",)
     group_size: tuple[int, ...] = (128,)  # per_group choices, one per size
-    method: tuple[str, ...] = ("rtn",)  # how weights are rounded: rtn, gptq (Linear layers)
+    method: tuple[str, ...] = ("rtn",)  # how weights are rounded: rtn, gptq, awq (Linear layers)
     keep_ratio: Range = field(default_factory=lambda: Range(0.25, 1.0, step=0.125))
     grouping: str = "per_block"
 

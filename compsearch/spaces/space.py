@@ -53,7 +53,7 @@ class Choice:
     granularity: str = "per_channel"
     group_size: int | None = None
     w_format: str = "int"
-    method: str = "rtn"  # how the weight is rounded: rtn, or gptq (compsearch.kernels.gptq)
+    method: str = "rtn"  # how the weight is rounded: rtn, gptq or awq (compsearch.kernels)
 
     @property
     def label(self) -> str:
@@ -99,7 +99,7 @@ def menu_formats(kind: str, menu: Menu, config: SpaceConfig, device: str) -> lis
                 spec = choice.spec(config.activation_mode)
                 if fmt.check(spec) is not None:
                     continue
-                if method != "rtn" and kind != LINEAR:  # GPTQ needs a Linear layer's inputs
+                if method != "rtn" and kind != LINEAR:  # GPTQ and AWQ take Linear layers
                     continue
                 fast = kernel_for(kind, spec, device) in FAST_KERNELS
                 if a_bits == 8 and (kind == EMBEDDING or not fast):
@@ -354,7 +354,7 @@ def parse_label(label: str) -> Choice:
         return Choice(16)
     if label in FORMATS and label != "int":
         return Choice(8, 8, w_format=label)
-    match = re.fullmatch(r"w(\d)(?:g(\d+))?(a8)?(?:-(gptq))?", label)
+    match = re.fullmatch(r"w(\d)(?:g(\d+))?(a8)?(?:-(gptq|awq))?", label)
     if match is None:
         raise SpaceError(
             f"expected a format label like 'w4', 'w8a8', 'w4g128', 'w4g32-gptq' or 'float', got "
