@@ -194,3 +194,27 @@ def test_an_hf_task_with_a_data_hook_keeps_the_hook_in_its_name_and_splits(tmp_p
     assert len(validation) == len(test) == 2 and not any(v is t for v in validation for t in test)
     teacher = task.teacher()
     assert task.evaluate(teacher, "validation") != task.evaluate(teacher, "test")
+
+
+def test_vlm_regions_search_calibration_methods_and_the_projector_keeps_8_bits(vlm_task, vlm_info):
+    from compsearch.pipeline import compress
+    from compsearch.recipes import FinetuneBudget, Recipe
+
+    config = parse_config({"study": "v", "task": "vlm-mnist", "space": {
+        "w_bits": [4, 8], "a_bits": [16], "granularity": ["per_group"], "group_size": [32],
+        "method": ["rtn", "gptq", "awq"], "grouping": "per_region"}})  # fmt: skip
+    space = Space.build(config.space, vlm_info, "vlm-mnist")
+    by_region = {u.name: {f.label for f in u.choices} for u in space.quant_units}
+    language = set().union(*(labels for name, labels in by_region.items() if "language" in name))
+    assert {"w4g32", "w4g32-gptq", "w4g32-awq"} <= language
+    projector = [labels for name, labels in by_region.items() if "projector" in name]
+    assert projector and all(not any(x.startswith("w4") for x in p) for p in projector)
+    plan = LayerPlan(w_bits=4, group_size=32, method="gptq")
+    recipe = Recipe(layers={"re:model\\.language_model\\..*_proj$": plan},
+                    finetune=FinetuneBudget(steps=0))  # fmt: skip
+    result = compress(vlm_task, recipe)
+    assert result.quant_report.rounding and all(
+        k.startswith("model.language_model.") for k in result.quant_report.rounding
+    )
+    teacher = vlm_task.evaluate(vlm_task.teacher())["answer_accuracy"]
+    assert vlm_task.evaluate(result.deployed)["answer_accuracy"] >= teacher - 0.05
