@@ -200,15 +200,15 @@ class Space:
         for name, kind in self.info.layers.items():
             menu = self.menu_of(name)
             formats = menu_formats(kind, menu, self.config, self.device)
-            if name in tied:  # shared weights: one weight-only choice for all sharers
-                formats = [f for f in formats if f.a_bits == 16]
+            if name in tied:  # shared weights: one weight-only, round-to-nearest choice for all
+                formats = [f for f in formats if f.a_bits == 16 and f.method == "rtn"]
             self.layer_menus[name] = formats
             restricted, rule = _apply_format_rules(name, formats, rules, self.info)
             if rule is not None and rule.source != "config":  # a default brings its own widths
                 widened = dataclasses.replace(menu, w_bits=rule.w_bits)
                 restricted = menu_formats(kind, widened, self.config, self.device)
                 if name in tied:
-                    restricted = [f for f in restricted if f.a_bits == 16]
+                    restricted = [f for f in restricted if f.a_bits == 16 and f.method == "rtn"]
                 self.layer_menus[name] = restricted
             if restricted is not formats:
                 if not restricted:
@@ -220,6 +220,11 @@ class Space:
                 unit = tied.get(name, f"{name}")
                 units.setdefault(unit, QuantUnit(unit, [], restricted)).layers.append(name)
                 units[unit].choices = [f for f in units[unit].choices if f in restricted]
+                continue
+            if name in tied and tied[name] in units:  # every sharer's limits hold for the weight
+                current = units[tied[name]]
+                current.layers.append(name)
+                current.choices = [f for f in current.choices if f in formats]
                 continue
             unit = tied.get(name) or self.unit_of(name, menu.grouping)
             current = units.setdefault(unit, QuantUnit(unit, [], []))
