@@ -176,3 +176,27 @@ def test_compress_with_awq_scales_the_layers_a_norm_feeds_and_reports_the_rest(t
     skipped = [k for k in report.skipped if k.endswith(":method")]
     assert sorted(k.split(".")[-1] for k in skipped) == sorted(["o_proj:method",
                                                                 "down_proj:method"] * 2)  # fmt: skip
+
+
+def test_a_tied_embedding_and_head_keep_every_sharers_limits_and_round_to_nearest(tmp_path):
+    import transformers as tf
+    from test_vlm_llm import _tiny_causal_lm
+
+    from compsearch.spaces import discover
+    from compsearch.spaces.config import parse_space
+    from compsearch.spaces.space import Space
+    from compsearch.tasks import get_task
+
+    _tiny_causal_lm(tmp_path)
+    config = tf.AutoConfig.from_pretrained(tmp_path)
+    config.tie_word_embeddings = True
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    task = get_task(f"hf:{tmp_path}")
+    info = discover(task)
+    assert {"model.embed_tokens", "lm_head"} in [set(t) for t in info.ties]
+    space = Space.build(parse_space({"w_bits": [4, 8], "a_bits": [16], "granularity": ["per_group"],
+                                     "group_size": [32], "method": ["rtn", "gptq"],
+                                     "grouping": "global"}), info, task.name)  # fmt: skip
+    tied = next(u for u in space.quant_units if "model.embed_tokens" in u.layers)
+    assert "lm_head" in tied.layers
+    assert [c.label for c in tied.choices] == ["w8g32"]  # the first layer's 8 bits hold for both
