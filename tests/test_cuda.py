@@ -206,3 +206,34 @@ def test_int8_on_cuda_runs_widths_that_are_not_multiples_of_8():
     deployed, report = to_deploy(model, device="cuda")
     assert set(report.kernels.values()) == {"int_mm"}
     assert _relative_error(deployed(x), model(x).detach()) <= 0.02
+
+
+def test_gptq_awq_and_smoothquant_calibrate_a_causal_lm_on_cuda():
+    import transformers as tf
+
+    from compsearch.kernels.awq import awq_
+    from compsearch.kernels.gptq import gptq_
+    from compsearch.kernels.quant import spec_from_plan
+    from compsearch.kernels.smooth import smooth_
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = tf.LlamaForCausalLM(config).cuda().eval()
+    batches = [torch.randint(0, 256, (2, 32), device="cuda") for _ in range(3)]
+
+    def run(m, b):
+        return m(input_ids=b, use_cache=False).logits
+
+    with torch.no_grad():
+        reference = run(model, batches[0])
+    smoothed = smooth_(model, {"model.layers.0.self_attn.q_proj": 0.5}, batches, run)
+    spec = spec_from_plan(LayerPlan(w_bits=4, group_size=32))
+    awq_(model, {"model.layers.1.mlp.up_proj": spec}, batches, run)
+    with torch.no_grad():
+        assert _relative_error(run(model, batches[0]), reference) < 1e-3  # exact in float
+    layers = [n for n, _ in model.named_modules() if n.endswith("proj")]
+    quantize_(model, {"re:.*proj$": LayerPlan(w_bits=4, group_size=32)})
+    report = gptq_(model, layers, batches, run)
+    assert smoothed.groups and report.blockwise and len(report.gptq_error) == 14
+    assert all(report.gptq_error[n] < report.rtn_error[n] for n in report.gptq_error)
