@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+from test_quant import FFN  # a BERT-shaped feed-forward block
 from torch import nn
 
 from compsearch.kernels.capture import capture
@@ -20,17 +21,6 @@ from compsearch.kernels.quant import quantize_
 from compsearch.recipes import CalibrationPlan, DistillPlan, FinetuneBudget, LayerPlan, Recipe
 
 pytestmark = pytest.mark.cuda
-
-
-class FFN(nn.Module):
-    def __init__(self, hidden: int = 768, inner: int = 3072) -> None:
-        super().__init__()
-        self.up = nn.Linear(hidden, inner)
-        self.act = nn.GELU()
-        self.down = nn.Linear(inner, hidden)
-
-    def forward(self, x):
-        return self.down(self.act(self.up(x)))
 
 
 def _relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
