@@ -36,6 +36,10 @@ VARIANTS = {  # group sizes divide SmolLM2's 576 and 1536 input features (128 do
     "w4 g32 rtn": (dict(w_bits=4, group_size=32), "static", {}),
     "w4 g32 gptq": (dict(w_bits=4, group_size=32, method="gptq"), "static", {"act_order": False}),
     "w4 g32 gptq act-order": (dict(w_bits=4, group_size=32, method="gptq"), "static", {}),
+    "w4 g32 gptq act-order, mse clipping": (
+        dict(w_bits=4, group_size=32, method="gptq"), "static", {"observer": "mse"}),
+    "w4 g32 gptq act-order, down_proj w8": (
+        dict(w_bits=4, group_size=32, method="gptq"), "static", {"down_proj": 8}),
     "w4 g64 awq": (dict(w_bits=4, group_size=64, method="awq"), "static", {}),
     "w4 g32 awq": (dict(w_bits=4, group_size=32, method="awq"), "static", {}),
     "w3 g32 rtn": (dict(w_bits=3, group_size=32), "static", {}),
@@ -88,9 +92,14 @@ def measure_variant(name: str) -> dict:
         rows = gptq.gptq_rows
         gptq.gptq_rows = lambda *args, **kwargs: rows(*args, **{**kwargs, "act_order": False})
     task = get_task("smollm")
-    layers = {PROJECTIONS: LayerPlan(**fields), **{key: LayerPlan(w_bits=8) for key in TIED}}
+    layers = {}
+    if "down_proj" in options:  # mixed precision: the down projections at more bits (the first
+        # matching 're:' key sets a field, so this one comes before the one for every projection)
+        layers["re:model\\.layers\\..*down_proj$"] = LayerPlan(**{**fields, "w_bits": 8})
+    layers.update({PROJECTIONS: LayerPlan(**fields), **{key: LayerPlan(w_bits=8) for key in TIED}})
     recipe = Recipe(layers=layers, finetune=FinetuneBudget(steps=0),
-                    calibration=CalibrationPlan(batches=CALIBRATION_BATCHES, activation_mode=mode))  # fmt: skip
+                    calibration=CalibrationPlan(batches=CALIBRATION_BATCHES, activation_mode=mode,
+                                                observer=options.get("observer", "minmax")))  # fmt: skip
     recipe = replace(recipe, provenance=replace(recipe.provenance, task="smollm"))
     began = time.perf_counter()
     result = compress(task, recipe)
