@@ -40,6 +40,8 @@ VARIANTS = {  # group sizes divide SmolLM2's 576 and 1536 input features (128 do
         dict(w_bits=4, group_size=32, method="gptq"), "static", {"observer": "mse"}),
     "w4 g32 gptq act-order, down_proj w8": (
         dict(w_bits=4, group_size=32, method="gptq"), "static", {"down_proj": 8}),
+    "w4 g32 gptq act-order, down_proj w8, mse clipping": (
+        dict(w_bits=4, group_size=32, method="gptq"), "static", {"down_proj": 8, "observer": "mse"}),
     "w4 g64 awq": (dict(w_bits=4, group_size=64, method="awq"), "static", {}),
     "w4 g32 awq": (dict(w_bits=4, group_size=32, method="awq"), "static", {}),
     "w3 g32 rtn": (dict(w_bits=3, group_size=32), "static", {}),
