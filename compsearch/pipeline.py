@@ -42,6 +42,7 @@ from compsearch.kernels.prune import (
 )
 from compsearch.kernels.quant import (
     QuantReport,
+    is_quantizable,
     learn_scales_,
     quant_modules,
     quantize_,
@@ -269,9 +270,15 @@ def _smooth(student, recipe, task, device) -> QuantReport:
     """SmoothQuant, on the float model, for the Linear layers whose plan has ``smooth`` and int8
     activations; what it did and what it could not do, as report entries."""
     out = QuantReport()
-    names = [n for n, m in student.named_modules() if n and isinstance(m, nn.Linear)]
-    wanted = {name: plan.smooth for name, plan in recipe.resolve(names).items()
-              if plan.smooth is not None and plan.a_bits == 8}  # fmt: skip
+    layers = [n for n, m in student.named_modules() if n and is_quantizable(m)]
+    linear = {n for n, m in student.named_modules() if isinstance(m, nn.Linear)}
+    asked = {n: p for n, p in recipe.resolve(layers).items() if p.smooth is not None}
+    wanted = {n: p.smooth for n, p in asked.items() if n in linear and p.a_bits == 8}
+    for name in asked.keys() - wanted.keys():  # said, never silently ignored
+        out.skipped[f"{name}:smooth"] = (
+            "SmoothQuant takes a Linear layer with int8 activations (a_bits: 8); this one keeps "
+            "its activations as they are"
+        )
     if not wanted:
         return out
     result = smooth_(student, wanted, _calibration(task, recipe), _runner(task, device))

@@ -178,9 +178,9 @@ def gptq_(
             wanted.append(name)
     if not wanted:
         return report
-    order = _call_order(model, wanted, batches[0], run)
-    blocks: dict[str, list[str]] = {}
-    for name in order:
+    chosen = set(wanted)
+    blocks: dict[str, list[str]] = {}  # in the model's order; _block_chain checks the call order
+    for name in (n for n in modules if n in chosen):
         blocks.setdefault(block_of(name), []).append(name)
     was_training = model.training
     model.eval()
@@ -333,23 +333,6 @@ def _hessians(modules, sums, counts) -> tuple[dict[str, torch.Tensor], int]:
 
 def _shares_weight(module: nn.Module, modules: dict[str, nn.Module], name: str) -> bool:
     return any(other is not module and other.weight is module.weight for other in modules.values())
-
-
-def _call_order(model: nn.Module, names: list[str], batch: Any, run: Run) -> list[str]:
-    seen: list[str] = []
-    handles = [
-        dict(model.named_modules())[name].register_forward_pre_hook(
-            lambda m, args, name=name: seen.append(name) if name not in seen else None
-        )
-        for name in names
-    ]
-    try:
-        run(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [n for n in names if n not in seen]
-    return seen + missing
 
 
 def _collect(

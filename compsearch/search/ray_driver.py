@@ -16,6 +16,7 @@ silent fresh start.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -133,16 +134,26 @@ class StudySearch(OptunaSearch):
         self._ot_trials = {k: optuna.trial.Trial(self._ot_study, i) for k, i in trials.items()}
 
     def save(self, checkpoint_path: str) -> None:
-        import pickle
-
-        with open(checkpoint_path, "wb") as stream:
-            pickle.dump(self.__getstate__(), stream)
+        """The searcher's own state as JSON: which Tune trial is which study trial, and which are
+        done. Everything else is the study's, reopened from its storage; no file is unpickled."""
+        state = {
+            "ot_trials": {k: t._trial_id for k, t in self._ot_trials.items()},
+            "completed": sorted(self._completed_trials),
+        }
+        Path(checkpoint_path).write_text(json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
-        import pickle
-
-        with open(checkpoint_path, "rb") as stream:
-            self.__setstate__(pickle.load(stream))
+        try:
+            state = json.loads(Path(checkpoint_path).read_text())
+            trials, completed = state["ot_trials"], state["completed"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise StorageError(
+                f"the Ray searcher state at {checkpoint_path}: expected the JSON an earlier run of "
+                "this compsearch wrote, but it is not (an older compsearch pickled it). Move the "
+                "study's ray/ folder aside to start the Ray search afresh on the same study."
+            ) from None
+        self._ot_trials = {k: optuna.trial.Trial(self._ot_study, int(i)) for k, i in trials.items()}
+        self._completed_trials = set(completed)
 
 
 def _driver_id(folder: Path) -> str:
