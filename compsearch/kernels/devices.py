@@ -14,16 +14,19 @@ LINEAR, CONV2D, EMBEDDING = "linear", "conv2d", "embedding"
 
 @functools.cache
 def onednn_available() -> bool:
-    """oneDNN's int8 linear runs here (x86 CPU builds of torch)."""
+    """oneDNN's int8 linear runs here (x86 CPU builds of torch) *and is exact*: on x86 CPUs without
+    VNNI (AVX2 only), oneDNN's u8×s8 path sums pairs of products in saturating 16-bit registers, so
+    large activations times large weights come out wrong (measured on an AVX2 EPYC: 1,048,544 for
+    2,072,640). The probe is such a product; where it is wrong, static int8 runs on torch._int_mm."""
     try:
-        weight = torch.ones(8, 8, dtype=torch.int8)
+        weight = torch.full((8, 64), 127, dtype=torch.int8)
         packed = torch.ops.onednn.qlinear_prepack(weight, None)
-        x = torch.full((2, 8), 129, dtype=torch.uint8)
+        x = torch.full((2, 64), 255, dtype=torch.uint8)
         out = torch.ops.onednn.qlinear_pointwise(
-            x, 1.0, 128, packed, torch.ones(8), torch.zeros(8, dtype=torch.int64), None,
+            x, 1.0, 0, packed, torch.ones(8), torch.zeros(8, dtype=torch.int64), None,
             1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
-        return bool(torch.allclose(out, torch.full((2, 8), 8.0)))
+        return bool(torch.equal(out, torch.full((2, 8), 255.0 * 127 * 64)))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
