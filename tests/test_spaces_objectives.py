@@ -16,6 +16,7 @@ from compsearch.objectives import (
     SizeObjective,
     count_macs,
     measure_latency,
+    median_ci,
     parse_constraint,
 )
 from compsearch.pipeline import compress
@@ -164,6 +165,47 @@ def test_latency_is_measured_in_milliseconds_with_its_spread(digits_task):
     assert 0.0 <= result.spread < 1.0
 
 
+class _Busy(torch.nn.Module):
+    """Sleeps ``scale`` times the shared machine's load, which triples or drops back every four
+    calls (two interleaved pairs): a machine whose load changes under the measurement."""
+
+    def __init__(self, scale: float, calls: list[int]) -> None:
+        super().__init__()
+        self.scale, self.calls = scale, calls
+
+    def forward(self, images):
+        load = 0.006 if (self.calls[0] // 4) % 2 else 0.002
+        self.calls[0] += 1
+        time.sleep(self.scale * load)
+        return images.flatten(1)[:, :10]
+
+
+def test_interleaved_latency_measures_the_ratio_under_a_changing_load(digits_task):
+    load = [0]
+    result = measure_latency(_Busy(0.5, load), digits_task, repeats=6, warmup=0,
+                             reference=_Busy(1.0, load), ci=0.05, max_repeats=40)  # fmt: skip
+    # absolute times swing 3x with the load, the paired ratio does not
+    assert result.p90_ms / result.p10_ms > 2
+    assert result.ratio == pytest.approx(0.5, rel=0.25) and result.reference_ms > 0
+    assert result.ci <= 0.05 or result.runs == 40
+
+
+def test_median_confidence_interval_narrows_with_more_runs():
+    noisy = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95] * 2
+    assert median_ci(noisy[:5]) == pytest.approx((1.2 - 0.9) / 2 / 1.05)  # the whole range
+    assert median_ci([]) == float("inf")
+    assert median_ci(noisy * 8) < median_ci(noisy)
+    assert median_ci([2.0] * 10) == 0.0
+
+
+def test_latency_objective_reports_speedup_against_the_interleaved_teacher(digits_task):
+    objective = LatencyObjective(repeats=5, warmup=1, ci=0.5, max_repeats=10)
+    objective.prepare(Candidate(digits_task, _Sleeper(), b""))
+    out = objective.measure(Candidate(digits_task, _Sleeper(), b""))
+    assert out["speedup"] == pytest.approx(1.0, rel=0.3) and out["teacher_latency_ms"] >= 8.0
+    assert {"latency_ci", "latency_spread", "latency_drift", "latency_runs"} <= set(out)
+
+
 def test_lookup_table_predicts_measured_latency_and_is_cached(digits_task, digits_info, tmp_path):
     teacher = digits_task.teacher()
     table = LatencyTable(tmp_path / "t.json", check_first=1, check_every=4)
@@ -217,7 +259,8 @@ def test_macs_proxy_counts_a_linear_exactly(digits_task):
     ("name", "value", "limit", "relative"),
     [("accuracy_drop", "3%", 0.03, True), ("accuracy_drop", 0.02, 0.02, False),
      ("latency_ms", "500 ms", 500.0, False), ("latency_ms", "0.5 s", 500.0, False),
-     ("size_bytes", "2 GB", 2e9, False), ("size_bytes", "900 KB", 9e5, False)],
+     ("size_bytes", "2 GB", 2e9, False), ("size_bytes", "900 KB", 9e5, False),
+     ("latency_ms", "0.5x", 0.5, True), ("size_bytes", "0.125X", 0.125, True)],
 )  # fmt: skip
 def test_constraints_parse_the_way_budgets_are_written(name, value, limit, relative):
     constraint = parse_constraint(name, value, f"constraints.{name}")
@@ -234,3 +277,21 @@ def test_bad_constraints_say_what_was_expected():
 def test_constraint_values_are_feasible_at_or_below_zero():
     constraint = parse_constraint("accuracy_drop", "3%", "c")
     assert constraint.value({"accuracy_drop_rel": 0.01}, "accuracy") == pytest.approx(-0.02)
+
+
+def test_relative_bounds_are_checked_on_the_ratio_to_the_teacher():
+    latency = parse_constraint("latency_ms", "0.5x", "c")
+    size = parse_constraint("size_bytes", "0.125x", "c")
+    # 2.5x faster and 10x smaller than the teacher: both bounds met, whatever the absolute values
+    measured = {"latency_ms": 400.0, "speedup": 2.5, "size_bytes": 1e5, "size_ratio": 10.0}
+    assert latency.value(measured, "accuracy") == pytest.approx(0.4 - 0.5)
+    assert size.value(measured, "accuracy") == pytest.approx(0.1 - 0.125)
+    assert latency.value({**measured, "speedup": 1.6}, "accuracy") > 0
+    teacher = {"latency_ms": 8.0, "size_bytes": 8e5}
+    assert latency.absolute(teacher) == 4.0 and size.absolute(teacher) == 1e5
+    assert size.describe() == "size <= 0.125x the teacher's"
+    assert parse_constraint("size_bytes", "250 KB", "c").describe() == "size <= 250 KB"
+    with pytest.raises(ConfigError, match="or a multiple of the teacher's latency like '0.5x'"):
+        parse_constraint("latency_ms", "half", "c")
+    with pytest.raises(ConfigError, match="positive multiple"):
+        parse_constraint("latency_ms", "0x", "c")

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     ctx, study = prepare_study(config, folder)
     table = load_or_measure(ctx, study, config.search.sensitivity_batches)
     reference = reference_params(ctx.space)
-    limits = {c.name: c.limit for c in config.constraints if c.name in COSTS}
+    limits = {c.name: c.absolute(ctx.teacher) for c in config.constraints if c.name in COSTS}
     points = args.points if args.points is not None else (config.search.plans or 4)
     plans = ladder(table, limits, points, lambda params: untrained_costs(ctx, params))
     if not plans:

@@ -3,7 +3,12 @@
 from compsearch.objectives.accuracy import AccuracyObjective
 from compsearch.objectives.base import Candidate, MeasureSetup, Objective
 from compsearch.objectives.constraints import Constraint, parse_constraint
-from compsearch.objectives.latency import LatencyObjective, LatencyResult, measure_latency
+from compsearch.objectives.latency import (
+    LatencyObjective,
+    LatencyResult,
+    measure_latency,
+    median_ci,
+)
 from compsearch.objectives.lut import LatencyTable
 from compsearch.objectives.proxies import (
     BitOpsObjective,
@@ -34,6 +39,7 @@ __all__ = [
     "count_macs_by_layer",
     "float_artifact",
     "measure_latency",
+    "median_ci",
     "objective_class",
     "parse_constraint",
 ]

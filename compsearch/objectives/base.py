@@ -6,7 +6,8 @@ secondary metrics, spread). Proxies (MACs, BitOps) are objectives too, but flagg
 never named latency.
 
 Lifecycle: ``build(setup)`` once per study (or final run) → ``prepare(reference)`` with the teacher's
-deploy form, or ``restore(values)`` with the teacher values a study recorded → ``measure(candidate)``
+deploy form, or ``use_reference(reference)`` and ``restore(values)`` with the teacher values a study
+recorded → ``measure(candidate)``
 per trial: at the trial's structure (its architecture and formats final) or, for objectives with
 ``after_training``, on the trained deploy form. Built-ins and ``module:Class`` plug-ins are found by
 :func:`compsearch.objectives.registry.objective_class`.
@@ -47,6 +48,12 @@ class MeasureSetup:
     warmup: int = 3
     repeats: int = 20
     table: Any = None  # a LatencyTable, in table mode
+    #: measured latency: repeats go on until the median ratio's 95 % interval is within this
+    #: (relative), up to ``max_repeats``; a teacher reference moved more than ``latency_drift``
+    #: re-measures the trial (see compsearch.objectives.latency)
+    latency_ci: float = 0.05
+    max_repeats: int = 60
+    latency_drift: float = 0.25
     split: str = "validation"
 
 
@@ -67,6 +74,10 @@ class Objective(abc.ABC):
 
     def prepare(self, reference: Candidate) -> None:  # noqa: B027 - an optional hook
         """Called once per study with the teacher's deploy form (to record reference values)."""
+
+    def use_reference(self, reference: Candidate) -> None:  # noqa: B027 - an optional hook
+        """Called in every process that measures — the one that starts a study and every worker
+        that joins it — with the teacher's deploy form (latency times it alongside candidates)."""
 
     def restore(self, teacher: dict[str, float]) -> None:  # noqa: B027 - an optional hook
         """Take the reference values a study recorded instead of measuring the teacher again."""

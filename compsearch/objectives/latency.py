@@ -3,13 +3,24 @@
 CPU: a fixed thread count, the task's example inputs, warm-up runs, then the median (and spread) of
 repeated runs. CUDA: the forward captured in a CUDA graph (small models are launch-bound otherwise),
 timed with device events.
+
+Noise: a shared machine's load changes from one second to the next, so a trial's latency is
+measured *interleaved* with the teacher's deploy form — teacher, candidate, candidate, teacher, … —
+in the same process. The ratio of each adjacent pair is what a relative bound (``"0.5x"``) is
+checked on and what ``speedup`` reports; both sides see the same load. Runs continue past
+``repeats`` until the 95 % confidence interval of the median ratio is within ``ci`` of it (relative
+half-width), or ``max_repeats``. Where the teacher's own time moved more than ``drift`` from the
+study's reference, the machine changed under the study: the trial is measured again (twice at
+most), and the drift it ends with is recorded beside the value.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +30,9 @@ from compsearch.kernels.capture import capture
 from compsearch.objectives.base import Candidate, Objective
 from compsearch.tasks.base import Task, move
 
+#: re-measurements of a trial whose teacher reference drifted, before its values are kept as they are
+REMEASURE = 2
+
 
 @dataclass(frozen=True)
 class LatencyResult:
@@ -26,6 +40,12 @@ class LatencyResult:
     p10_ms: float
     p90_ms: float
     runs: int
+    #: interleaved with a reference: the reference's median and the median of the pairwise ratios
+    reference_ms: float = 0.0
+    ratio: float = 0.0
+    #: relative half-width of the 95 % confidence interval of the median (of the ratio, where
+    #: interleaved)
+    ci: float = 0.0
 
     @property
     def spread(self) -> float:
@@ -44,6 +64,56 @@ def threads(count: int | None):
         torch.set_num_threads(previous)
 
 
+def median_ci(values: list[float]) -> float:
+    """Relative half-width of the distribution-free 95 % confidence interval of the median (order
+    statistics ``n/2 ± 0.98·√n``); below 6 values, of their whole range (an interval this few runs
+    cannot make narrower); infinite for none."""
+    n = len(values)
+    if not n:
+        return math.inf
+    ordered = sorted(values)
+    low = max(0, math.floor(n / 2 - 0.98 * math.sqrt(n)) - 1)
+    high = min(n - 1, math.ceil(n / 2 + 0.98 * math.sqrt(n)))
+    if n < 6:
+        low, high = 0, n - 1
+    middle = statistics.median(ordered)
+    return (ordered[high] - ordered[low]) / (2 * middle) if middle else math.inf
+
+
+def _timer(model: nn.Module, task: Task, batch, device: torch.device,
+           warmup: int) -> Callable[[], float]:  # fmt: skip
+    """Warm ``model`` up; return a function that times one forward in milliseconds."""
+    model.eval()
+
+    def call(inputs):
+        return task.forward(model, inputs)
+
+    if device.type == "cuda":
+        replay = capture(call, batch, warmup=warmup)
+        for _ in range(warmup):
+            replay(batch)
+
+        def timed() -> float:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            replay(batch)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+
+        return timed
+    for _ in range(warmup):
+        call(batch)
+
+    def timed() -> float:
+        started = time.perf_counter()
+        call(batch)
+        return (time.perf_counter() - started) * 1e3
+
+    return timed
+
+
 def measure_latency(
     model: nn.Module,
     task: Task,
@@ -51,42 +121,48 @@ def measure_latency(
     thread_count: int | None = 2,
     warmup: int = 3,
     repeats: int = 20,
+    reference: nn.Module | None = None,
+    ci: float = 0.0,
+    max_repeats: int | None = None,
 ) -> LatencyResult:
-    """Median latency of ``task.forward(model, example_inputs)`` on ``device``, in milliseconds."""
+    """Median latency of ``task.forward(model, example_inputs)`` on ``device``, in milliseconds.
+
+    With ``reference``, each run of ``model`` is paired with one of ``reference`` (alternating which
+    goes first) and the result carries the median pairwise ratio. With ``ci`` > 0, runs go on past
+    ``repeats`` until the median's 95 % interval is within ``ci`` (relative), or ``max_repeats``."""
     device = torch.device(device)
     batch = move(task.example_inputs(), device)
-    model.eval()
-
-    def call(inputs):
-        return task.forward(model, inputs)
-
+    cap = max(repeats, max_repeats or repeats) if ci > 0 else repeats
     times: list[float] = []
+    reference_times: list[float] = []
+    ratios: list[float] = []
     with torch.inference_mode(), threads(thread_count if device.type == "cpu" else None):
-        if device.type == "cuda":
-            replay = capture(call, batch, warmup=warmup)
-            for _ in range(warmup):
-                replay(batch)
-            for _ in range(repeats):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                replay(batch)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(warmup):
-                call(batch)
-            for _ in range(repeats):
-                started = time.perf_counter()
-                call(batch)
-                times.append((time.perf_counter() - started) * 1e3)
+        run = _timer(model, task, batch, device, warmup)
+        run_reference = _timer(reference, task, batch, device, warmup) if reference else None
+        for index in range(cap):
+            if run_reference is None:
+                times.append(run())
+            elif index % 2:
+                times.append(run())
+                reference_times.append(run_reference())
+            else:
+                reference_times.append(run_reference())
+                times.append(run())
+            if run_reference is not None:
+                ratios.append(times[-1] / reference_times[-1])
+            if len(times) >= repeats and (
+                ci <= 0 or (len(times) >= 6 and median_ci(ratios or times) <= ci)
+            ):
+                break
     ordered = sorted(times)
     return LatencyResult(
         statistics.median(ordered),
         ordered[int(0.1 * (len(ordered) - 1))],
         ordered[int(0.9 * (len(ordered) - 1))],
         len(ordered),
+        statistics.median(reference_times) if reference_times else 0.0,
+        statistics.median(ratios) if ratios else 0.0,
+        median_ci(ratios or times),
     )
 
 
@@ -106,17 +182,28 @@ class LatencyObjective(Objective):
         warmup: int = 3,
         repeats: int = 20,
         table=None,
+        ci: float = 0.05,
+        max_repeats: int = 60,
+        drift: float = 0.25,
     ) -> None:
         self.device = device
         self.thread_count = thread_count
         self.warmup = warmup
         self.repeats = repeats
         self.table = table
+        self.ci = ci
+        self.max_repeats = max_repeats
+        self.drift = drift
         self.teacher_ms = 0.0
+        self.reference: nn.Module | None = None  # the teacher's deploy form, timed alongside
 
     @classmethod
     def build(cls, setup) -> LatencyObjective:
-        return cls(setup.device, setup.threads, setup.warmup, setup.repeats, setup.table)
+        return cls(setup.device, setup.threads, setup.warmup, setup.repeats, setup.table,
+                   setup.latency_ci, setup.max_repeats, setup.latency_drift)  # fmt: skip
+
+    def use_reference(self, reference: Candidate) -> None:
+        self.reference = reference.deployed
 
     def restore(self, teacher: dict[str, float]) -> None:
         self.teacher_ms = teacher["latency_ms"]
@@ -128,10 +215,31 @@ class LatencyObjective(Objective):
 
     def prepare(self, reference: Candidate) -> None:
         # the reference every ratio and the lookup table hang on: median of three measurements
+        self.use_reference(reference)
         results = [self.measure_model(reference.deployed, reference.task) for _ in range(3)]
         self.teacher_ms = statistics.median(r.median_ms for r in results)
         if self.table is not None:
             self.table.calibrate(reference.deployed, reference.task, self.teacher_ms)
+
+    def measure_interleaved(self, model: nn.Module, task: Task,
+                            ci: float | None = None) -> dict[str, float | str]:  # fmt: skip
+        """Latency of ``model`` timed alongside the teacher (see the module docstring); ``ci`` 0
+        stops at ``repeats`` pairs."""
+        ci = self.ci if ci is None else ci
+        remeasured = 0
+        while True:
+            result = measure_latency(model, task, self.device, self.thread_count, self.warmup,
+                                     self.repeats, self.reference, ci,
+                                     self.max_repeats)  # fmt: skip
+            drift = result.reference_ms / self.teacher_ms - 1 if self.teacher_ms else 0.0
+            if abs(drift) <= self.drift or remeasured == REMEASURE:
+                break
+            remeasured += 1
+        return {self.name: result.median_ms, "latency_spread": result.spread,
+                "latency_ci": result.ci, "latency_runs": float(result.runs),
+                "speedup": 1.0 / result.ratio, "teacher_latency_ms": result.reference_ms,
+                "latency_drift": drift, "latency_remeasured": float(remeasured),
+                "latency_source": "measured"}  # fmt: skip
 
     def measure(self, candidate: Candidate) -> dict[str, float | str]:
         """Measured latency; with a table, possibly its prediction for trial ``candidate.extra
@@ -146,10 +254,16 @@ class LatencyObjective(Objective):
             number = candidate.extra.get("trial", 0)
             errors = candidate.extra.get("latency_checks", [])
             out = self.table.latency(candidate.deployed, candidate.task, self, number, errors)
+        elif self.reference is not None:
+            # the sensitivity table's many untrained variants feed a fitted cost model: a fixed
+            # number of pairs each, not the interval a trial's value must reach
+            quick = candidate.extra.get("prediction_only")
+            return self.measure_interleaved(candidate.deployed, candidate.task,
+                                            0.0 if quick else None)  # fmt: skip
         else:
             result = self.measure_model(candidate.deployed, candidate.task)
             out = {self.name: result.median_ms, "latency_spread": result.spread,
-                   "latency_source": "measured"}  # fmt: skip
+                   "latency_ci": result.ci, "latency_source": "measured"}  # fmt: skip
         if self.teacher_ms:
             out["speedup"] = self.teacher_ms / out[self.name]
         return out

@@ -54,7 +54,10 @@ class LatencySettings:
     mode: str = "measured"  # measured | table
     threads: int = 2
     warmup: int = 3
-    repeats: int = 20
+    repeats: int = 20  # at least; more until the median's interval is within `ci`
+    ci: float = 0.05  # relative half-width of the 95 % interval of the median latency ratio
+    max_repeats: int = 60
+    drift: float = 0.25  # the teacher's time moved more than this: the trial is measured again
     # table mode: the median relative error of the checks that keeps the table trusted, and which
     # trials are checked (the first `check_first`, then every `check_every`-th)
     table_bound: float = 0.15
@@ -84,6 +87,9 @@ class SearchSettings:
     baselines: bool = True
     #: a candidate whose latency or size breaks a hard bound is recorded, not fine-tuned
     screen: bool = True
+    #: a new study first checks that its latency and size bounds are reachable at all
+    #: (compsearch.search.preflight) and stops with the fix where they are not
+    preflight: bool = True
     #: one-shot ILP recipes (along a ladder of cost bounds) enqueued after the baselines; 0 = none
     plans: int = 4
     #: teacher-cache batches each sensitivity measurement averages over
@@ -204,6 +210,7 @@ def parse_config(data: Any, source: str = "config") -> StudyConfig:
         "cache_batches": _S.integer(1, 100_000),
         "baselines": _S.boolean(),
         "screen": _S.boolean(),
+        "preflight": _S.boolean(),
         "plans": _S.integer(0, 20),
         "sensitivity_batches": _S.integer(1, 1000),
         "save_models": _S.boolean(),
@@ -218,6 +225,9 @@ def parse_config(data: Any, source: str = "config") -> StudyConfig:
         "threads": _S.integer(1, 1024),
         "warmup": _S.integer(0, 1000),
         "repeats": _S.integer(1, 10_000),
+        "ci": _S.number(0.0, 1.0),
+        "max_repeats": _S.integer(1, 100_000),
+        "drift": _S.number(0.0, 10.0, lo_open=True),
         "table_bound": _S.number(0.0, 1.0, lo_open=True),
         "check_first": _S.integer(1, 1_000_000),
         "check_every": _S.integer(1, 1_000_000),

@@ -238,9 +238,7 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         out = {}
         for constraint in self.config.constraints:
             if constraint.name in info["objectives"] and teacher.get(constraint.name):
-                out[info["objectives"].index(constraint.name)] = (
-                    constraint.limit / teacher[constraint.name]
-                )
+                out[info["objectives"].index(constraint.name)] = constraint.fraction(teacher)
             elif constraint.name == "accuracy_drop" and "accuracy" in info["objectives"]:
                 limit = constraint.limit
                 if not constraint.relative and teacher.get(metric):

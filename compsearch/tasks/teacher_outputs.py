@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from compsearch._steps import say
 from compsearch.errors import KernelError
 from compsearch.fingerprint import tensors_fingerprint
 from compsearch.kernels.distill import TeacherOutputs, capture_features, eager_attention
@@ -120,6 +121,10 @@ class TeacherCache:
 
     @torch.no_grad()
     def _compute(self) -> list[TeacherOutputs]:
+        say(
+            f"building the teacher cache, one time ({len(self.batches)} batches of the teacher's "
+            "outputs for distillation)"
+        )
         teacher = self.task.teacher().to(self.device)
         outputs = []
         with _teacher_context(teacher, self.spec) as found:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compsearch._steps import say
 from compsearch.paths import teachers_dir
 from compsearch.tasks.base import SPLITS as SPLIT_NAMES
 from compsearch.tasks.base import Batch, Outputs, Task, check_split, halves, model_device, move
@@ -97,7 +99,12 @@ class ImageClassificationTask(Task):
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=total)
         batches = self.train_batches(settings.batch_size, settings.seed)
         model.train()
-        for _ in range(total):
+        started = time.perf_counter()
+        for step in range(total):
+            if step == min(20, total - 1):  # an estimate once the first steps are timed
+                minutes = (time.perf_counter() - started) / step * total / 60 if step else 0.0
+                say(f"training the {self.name} teacher, one time ({total} steps, about "
+                    f"{max(minutes, 0.1):.1f} min; cached under the runs root's _teachers)")  # fmt: skip
             batch = next(batches)
             loss = nn.functional.cross_entropy(model(batch["images"]), batch["labels"])
             optimizer.zero_grad(set_to_none=True)
