@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from compsearch.objectives import (
     float_artifact,
     objective_class,
 )
+from compsearch.objectives.constraints import format_bytes
 from compsearch.paths import runs_root
 from compsearch.pipeline import compress, rebuild
 from compsearch.recipes import Recipe, dumps, read_recipe
@@ -137,10 +139,12 @@ def report_markdown(name: str, recipe: Recipe, m: Measurements, metric: str) -> 
          f"drop {c.get(metric + '_drop', 0.0):+.4f}"),
         ("accuracy (validation split)", metric, f"{t[valid]:.4f}", f"{c[valid]:.4f}",
          f"drop {c.get(metric + '_drop_validation', 0.0):+.4f}"),
-        ("size (file)", "bytes", f"{t['size_bytes']:,.0f}", f"{c['size_bytes']:,.0f}",
+        ("size (file)", "KB/MB", format_bytes(t["size_bytes"]), format_bytes(c["size_bytes"]),
          f"{t['size_bytes'] / c['size_bytes']:.2f}× smaller"),
-        ("latency (measured)", "ms", f"{t['latency_ms']:.3f}", f"{c['latency_ms']:.3f}",
-         f"{c['speedup']:.2f}× faster"),
+        ("latency (measured)", "ms", f"{t['latency_ms']:.3f}", f"{c['latency_ms']:.3f}"
+         + (f" ±{c['latency_ci'] * 100:.0f}%" if math.isfinite(c.get("latency_ci", math.inf))
+            else ""),
+         f"{c['speedup']:.2f}× faster (timed side by side)"),
     ]  # fmt: skip
     lines = [
         f"# {name}",

@@ -159,6 +159,10 @@ def compress(
     device = torch.device(device)
     with _timed(timings, "setup"):
         recipe = checked(recipe)
+        if recipe.provenance.task is None:  # built in Python: the artifact still names its task
+            recipe = dataclasses.replace(
+                recipe, provenance=dataclasses.replace(recipe.provenance, task=task.name)
+            )
         total = recipe.finetune.steps if steps is None else steps
         if total < 0:
             raise RecipeError(f"steps: expected an integer >= 0, but got {total}.")

@@ -27,7 +27,7 @@ def tiny(study: str, **search) -> dict:
         "study": study,
         "task": "digits",
         "objectives": ["accuracy", "latency_ms", "size_bytes"],
-        "latency": {"repeats": 3, "warmup": 1},
+        "latency": {"repeats": 3, "warmup": 1, "ci": 0},
         "constraints": {"accuracy_drop": "10%"},
         "space": {"w_bits": [4, 8, 16], "keep_ratio": {"low": 0.5, "high": 1.0, "step": 0.25},
                   "calibration_batches": 1},
@@ -153,7 +153,13 @@ def test_search_runs_baselines_first_and_writes_its_files(tmp_path, runs_root, c
         "keep 0.5 + int8",
     ]
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
-    assert all(set(t.constraints) == {"accuracy_drop"} for t in trials)
+    # stored where Optuna's samplers and optuna-dashboard both read them, named by the study
+    assert all(list(t.system_attrs["constraints"]) == list(t.constraints.values()) for t in trials)
+    assert all(len(t.constraints) == 1 for t in trials)
+    assert study.user_attrs["compsearch"]["constraint_names"] == ["accuracy_drop"]
+    assert study.metric_names == ["accuracy", "latency_ms", "size_bytes"]
+    assert all(t.intermediate_values and t.user_attrs["recipe"].endswith("recipe.yaml")
+               for t in trials)  # fmt: skip
     folder = runs_root / name
     assert (folder / "config.yaml").exists() and (folder / "config.sha256").exists()
     assert (folder / "trials" / "00003" / "recipe.yaml").exists()

@@ -34,7 +34,7 @@ def test_a_candidate_over_a_hard_bound_is_screened_not_trained(tmp_path, runs_ro
         raise AssertionError("a screened candidate was fine-tuned")
 
     monkeypatch.setattr(pipeline, "finetune", no_training)
-    data = tiny("screen-all", baselines=False, plans=0, trials=2)
+    data = tiny("screen-all", baselines=False, plans=0, trials=2, preflight=False)
     data["constraints"]["size_bytes"] = 1000  # no recipe of the digits model is this small
     assert main(["search", str(write(tmp_path, data))]) == 0
     study = _study(runs_root, "screen-all")
@@ -52,8 +52,86 @@ def test_a_candidate_over_a_hard_bound_is_screened_not_trained(tmp_path, runs_ro
         assert metrics["screened"] and "finetune" not in metrics["timings"]
 
 
+def test_an_empty_front_explains_itself_and_exports_the_closest_marked(tmp_path, runs_root,
+                                                                        capsys):  # fmt: skip
+    data = tiny("explained", baselines=False, plans=0, trials=2, preflight=False)
+    data["constraints"]["size_bytes"] = 1000  # no point meets it (pre-flight off to get here)
+    assert main(["search", str(write(tmp_path, data))]) == 0
+    folder = runs_root / "explained"
+    capsys.readouterr()
+    assert main(["status", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "the feasible front has 0 of 2 measured trials" in out
+    assert "size <= 1 KB: broken by 2" in out and "closest: trial" in out
+    assert "--allow-infeasible" in out
+    assert main(["export", str(folder)]) == 2  # no feasible point: the plain export refuses
+    assert main(["export", str(folder), "--allow-infeasible"]) == 0
+    assert "INFEASIBLE" in capsys.readouterr().out
+    recipe = read_recipe(folder / "recipes" / "infeasible-0.yaml")
+    assert recipe.provenance.infeasible["size <= 1 KB"] > 0
+    # optuna-dashboard on the same storage, through its own API: named objectives, trials marked
+    # infeasible, and (through `compsearch dashboard`) no infeasible trial among its best trials
+    study = _dashboard_study(folder, patched=False)
+    assert study["objective_names"] == ["accuracy", "latency_ms", "size_bytes"]
+    assert all(any(c > 0 for c in t["constraints"]) for t in study["trials"])
+    assert study["best_trials"], "unpatched, the dashboard calls infeasible trials best"
+    assert _dashboard_study(folder, patched=True)["best_trials"] == []
+
+
+def _dashboard_study(folder, patched: bool) -> dict:
+    import io
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard import _app, wsgi
+
+    from compsearch.cli.dashboard import constraint_aware
+    from compsearch.search.storage import open_storage
+
+    storage = open_storage(None, folder)
+    original = _app.get_pareto_front_trials
+    try:
+        if patched:
+            assert constraint_aware(_app)
+        environ: dict = {}
+        setup_testing_defaults(environ)
+        study_id = storage.get_study_id_from_name(folder.name)
+        environ.update(PATH_INFO=f"/api/studies/{study_id}", QUERY_STRING="after=0",
+                       REQUEST_METHOD="GET", **{"wsgi.input": io.BytesIO()})  # fmt: skip
+        body = b"".join(wsgi(storage)(environ, lambda *status_headers: None))
+    finally:
+        _app.get_pareto_front_trials = original
+    return json.loads(body)
+
+
+def test_preflight_refuses_a_bound_no_point_of_the_space_reaches(tmp_path, runs_root, capsys):
+    data = tiny("unreachable", trials=2)
+    data["constraints"]["size_bytes"] = 1000
+    assert main(["search", str(write(tmp_path, data))]) == 2
+    error = capsys.readouterr().err
+    line = next(line for line in error.splitlines() if line.startswith("error:"))
+    assert "constraints.size_bytes: 1 KB is out of reach" in line
+    assert "the cheapest point of the space (formats w4" in line and "raise the bound" in line
+    assert not (runs_root / "unreachable").exists(), "nothing may be stored for a refused study"
+
+
+def test_preflight_passes_a_relative_bound_the_space_reaches(tmp_path, runs_root, capsys):
+    data = tiny("reachable", trials=1, baselines=False, plans=0)
+    data["constraints"].update(size_bytes="0.5x", latency_ms="3x")
+    assert main(["search", str(write(tmp_path, data))]) == 0
+    assert "pre-flight" in capsys.readouterr().err
+    study = _study(runs_root, "reachable")
+    (trial,) = study.get_trials()
+    names = study.user_attrs[STUDY_ATTR]["constraint_names"]
+    constraints = dict(zip(names, trial.constraints.values(), strict=True))
+    assert set(constraints) == {"accuracy_drop", "size_bytes", "latency_ms"}
+    measured = trial.user_attrs["measured"]
+    # the size bound is checked on the file's ratio to the teacher's, latency on the interleaved one
+    assert constraints["size_bytes"] == pytest.approx(1 / measured["size_ratio"] - 0.5)
+    assert constraints["latency_ms"] == pytest.approx(1 / measured["speedup"] - 3)
+
+
 def test_screening_off_trains_every_candidate(tmp_path, runs_root):
-    data = tiny("screen-off", baselines=False, plans=0, trials=1, screen=False)
+    data = tiny("screen-off", baselines=False, plans=0, trials=1, screen=False, preflight=False)
     data["constraints"]["size_bytes"] = 1000
     assert main(["search", str(write(tmp_path, data))]) == 0
     (trial,) = _study(runs_root, "screen-off").get_trials()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
+from compsearch._steps import show_on_stderr
 from compsearch.errors import CompsearchError
 
 SUBCOMMANDS = (
     "demo", "search", "worker", "status", "pareto", "export", "train", "evaluate", "tasks",
-    "teacher", "recipe", "formats", "sensitivity", "plan",
+    "teacher", "recipe", "formats", "sensitivity", "plan", "dashboard",
 )  # fmt: skip
 
 
@@ -39,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    show_on_stderr()
+    # plug-ins your config names (a task factory, a data hook) are found in the folder you run
+    # compsearch from, as with `python -m`; appended, so nothing there shadows an installed package
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         return int(args.handler(args) or 0)
     except CompsearchError as error:

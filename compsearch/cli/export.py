@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from compsearch.objectives.constraints import format_bytes
 from compsearch.search import StudyFolder
 from compsearch.search.export import export_recipes
 
@@ -24,15 +25,19 @@ def add_parser(commands) -> None:
     parser.add_argument("--knee", action="store_true", help="the knee of the front")
     parser.add_argument("--diverse", type=int, metavar="K", help="K points spread over the front")
     parser.add_argument("--name", help="file name for a single exported recipe")
+    parser.add_argument("--allow-infeasible", action="store_true",
+                        help="no feasible trial: export the 3 closest to the bounds, marked so")  # fmt: skip
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     written = export_recipes(StudyFolder(Path(args.study)), best_of=args.best,
                              where=tuple(args.where), take_knee=args.knee, spread=args.diverse,
-                             name=args.name)  # fmt: skip
+                             name=args.name, allow_infeasible=args.allow_infeasible)  # fmt: skip
     for path, row, results in written:
         m = row.measured
+        mark = "" if row.feasible else " — INFEASIBLE, breaks the study's bounds (see provenance)"
         print(f"{path}: trial {row.number}, {results.metric} {m.get(results.metric, float('nan')):.4f}, "
-              f"latency {m.get('latency_ms', float('nan')):.3f} ms, size {m.get('size_bytes', 0):,.0f} B")  # fmt: skip
+              f"latency {m.get('latency_ms', float('nan')):.3f} ms, "
+              f"size {format_bytes(m.get('size_bytes', 0))}{mark}")  # fmt: skip
     return 0

@@ -8,8 +8,10 @@ import io
 from pathlib import Path
 
 from compsearch._files import write_bytes_atomic, write_text_atomic
+from compsearch.objectives.constraints import format_bytes
 from compsearch.search import StudyFolder, load_results
-from compsearch.search.results import StudyResults, TrialRow
+from compsearch.search.explain import explain
+from compsearch.search.results import STUDY_ATTR, StudyResults, TrialRow
 from compsearch.search.study import open_study
 
 
@@ -28,7 +30,7 @@ def _names(results: StudyResults) -> list[str]:
 def columns(results: StudyResults) -> list[str]:
     names = _names(results)
     return ["trial", *names, f"{results.metric}_drop", "speedup", "size_ratio", "feasible",
-            "latency_source"]  # fmt: skip
+            "latency_source", "latency_ci"]  # fmt: skip
 
 
 def row_values(results: StudyResults, row: TrialRow) -> list[object]:
@@ -36,12 +38,13 @@ def row_values(results: StudyResults, row: TrialRow) -> list[object]:
     m = row.measured
     return [row.number, *[m.get(n) for n in names], m.get(f"{results.metric}_drop"),
             m.get("speedup"), m.get("size_ratio"), row.feasible,
-            m.get("latency_source", "measured")]  # fmt: skip
+            m.get("latency_source", "measured"), m.get("latency_ci")]  # fmt: skip
 
 
 def show_front(folder: StudyFolder) -> StudyResults:
     config = folder.frozen()
-    results = load_results(open_study(config, folder))
+    study = open_study(config, folder)
+    results = load_results(study)
     front = sorted(results.front(), key=lambda r: -r.measured.get(results.metric, 0))
     header = columns(results)
     from rich.console import Console
@@ -49,11 +52,19 @@ def show_front(folder: StudyFolder) -> StudyResults:
 
     table = Table(title=f"{config.study}: feasible Pareto front ({len(front)} of "
                         f"{len(results.rows)} trials), hypervolume {results.hypervolume():.4f}; "
-                        f"{results.metric} on the validation split, size in file bytes")  # fmt: skip
+                        f"{results.metric} on the validation split, size of the file, latency "
+                        "± its 95% interval")  # fmt: skip
     for name in header:
         table.add_column(name, justify="right")
     for row in front:
-        table.add_row(*[_fmt(v) for v in row_values(results, row)])
+        cells = [_fmt(v) for v in row_values(results, row)]
+        for index, name in enumerate(header):  # units a reader can take in at a glance
+            value = row.measured.get(name)
+            if name == "size_bytes" and isinstance(value, (int, float)):
+                cells[index] = format_bytes(value)
+            elif name == "latency_ms" and isinstance(row.measured.get("latency_ci"), float):
+                cells[index] = f"{value:.4g} ±{row.measured['latency_ci'] * 100:.0f}%"
+        table.add_row(*cells)
     Console(width=140).print(table)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -64,9 +75,12 @@ def show_front(folder: StudyFolder) -> StudyResults:
             state = "SCREENED" if row.screened else row.state
             writer.writerow([*row_values(results, row), row.number in on_front, state])
     write_text_atomic(folder.path / "pareto.csv", buffer.getvalue())
-    write_bytes_atomic(folder.path / "pareto.png", _plot(results, front))
+    setup = study.user_attrs.get(STUDY_ATTR, {}).get("latency_setup", "")
+    write_bytes_atomic(folder.path / "pareto.png", _plot(results, front, config.constraints, setup))
     print(f"front: {folder.path / 'pareto.csv'}, plot: {folder.path / 'pareto.png'}, "
           f"trials: {folder.path / 'trials'}")  # fmt: skip
+    for line in explain(results, config.constraints):
+        print(line)
     return results
 
 
@@ -76,38 +90,84 @@ def _fmt(value: object) -> str:
     return "" if value is None else str(value)
 
 
-def _plot(results: StudyResults, front: list[TrialRow]) -> bytes:
+def _plot(results: StudyResults, front: list[TrialRow], constraints=(), setup: str = "") -> bytes:
+    """Accuracy against each cost objective, one panel per cost (a 3-objective front is not a 2-D
+    line: with more than one cost, front points are marked, not joined). Bounds are drawn as lines;
+    stopped and screened trials faintly; marker area is the artifact's size (legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    done = [r for r in results.rows if r.state == "COMPLETE" and r.measured]
-    cost = next((n for n in _names(results)[1:]), "latency_ms")
-    figure, axes = plt.subplots(figsize=(7, 5))
-    for rows, style, label in (
-        ([r for r in done if r.feasible], "o", "feasible"),
-        ([r for r in done if not r.feasible and not r.screened], "x", "infeasible"),
-        ([r for r in done if r.screened], "+", "screened (bound broken, not fine-tuned)"),
-    ):
-        if rows:
-            sizes = [max(8.0, 1.5e3 * r.measured.get("size_bytes", 0) / max(
-                results.teacher.get("size_bytes", 1), 1)) for r in rows]  # fmt: skip
-            axes.scatter([r.measured[cost] for r in rows], [r.measured[results.metric] for r in rows],
-                         s=sizes, marker=style, alpha=0.25 if style == "+" else 0.6,
-                         label=label)  # fmt: skip
-    ordered = sorted(front, key=lambda r: r.measured[cost])
-    axes.plot([r.measured[cost] for r in ordered], [r.measured[results.metric] for r in ordered],
-              "k--", linewidth=1, label="feasible front")  # fmt: skip
-    axes.axhline(results.teacher[results.metric], color="grey", linewidth=0.8, label="teacher")
-    axes.set_xlabel(cost)
-    axes.set_ylabel(results.metric)
-    axes.set_title("trials (marker area ∝ artifact size)")
-    axes.legend()
+    done = [r for r in results.rows if r.state in ("COMPLETE", "PRUNED") and r.measured
+            and results.metric in r.measured]  # fmt: skip
+    costs = [n for n in _names(results)[1:] if any(n in r.measured for r in done)] or ["latency_ms"]
+    figure, panels = plt.subplots(1, len(costs), figsize=(6.5 * len(costs), 5), squeeze=False)
+    teacher_size = max(results.teacher.get("size_bytes", 1), 1)
+
+    def area(row: TrialRow) -> float:
+        return max(8.0, 300 * row.measured.get("size_bytes", 0) / teacher_size)
+
+    groups = (
+        ([r for r in done if r.state == "COMPLETE" and r.feasible and not r.screened], "o", 0.6,
+         "feasible"),
+        ([r for r in done if r.state == "COMPLETE" and not r.feasible and not r.screened], "x", 0.6,
+         "infeasible"),
+        ([r for r in done if r.screened], "+", 0.2, "screened (bound broken, not fine-tuned)"),
+        ([r for r in done if r.state == "PRUNED"], ".", 0.2, "stopped at a rung"),
+    )  # fmt: skip
+    for axes, cost in zip(panels[0], costs, strict=True):
+        for rows, marker, alpha, label in groups:
+            rows = [r for r in rows if cost in r.measured]
+            if rows:
+                axes.scatter([r.measured[cost] for r in rows],
+                             [r.measured[results.metric] for r in rows], s=[area(r) for r in rows],
+                             marker=marker, alpha=alpha, label=label)  # fmt: skip
+        on_front = sorted([r for r in front if cost in r.measured], key=lambda r: r.measured[cost])
+        if on_front:
+            xs = [r.measured[cost] for r in on_front]
+            ys = [r.measured[results.metric] for r in on_front]
+            axes.scatter(xs, ys, s=[area(r) for r in on_front], facecolors="none",
+                         edgecolors="black", linewidths=1.2, label="feasible front")  # fmt: skip
+            if len(costs) == 1:  # a 2-objective front is a staircase
+                axes.step(xs, ys, "k--", where="post", linewidth=0.8)
+        axes.axhline(results.teacher[results.metric], color="grey", linewidth=0.8,
+                     label="teacher")  # fmt: skip
+        for constraint in constraints:
+            if constraint.name == cost:
+                axes.axvline(constraint.absolute(results.teacher), color="red", linestyle=":",
+                             label=constraint.describe())  # fmt: skip
+            elif constraint.name == "accuracy_drop":
+                axes.axhline(_accuracy_bound(constraint, results), color="red", linestyle="-.",
+                             label=constraint.describe())  # fmt: skip
+        axes.set_xlabel(_axis_label(cost, setup))
+        axes.set_ylabel(f"{results.metric} (validation split)")
+    for size in (0.1, 0.5, 1.0):  # the marker-size legend
+        panels[0][0].scatter([], [], s=max(8.0, 300 * size), color="grey", alpha=0.4,
+                             label=f"size {size:g}x the teacher's")  # fmt: skip
+    panels[0][0].legend(fontsize=7, loc="best")
+    figure.suptitle(f"{len(front)} feasible front points of {len(done)} measured trials "
+                    "(marker area: artifact size)")  # fmt: skip
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
     return buffer.getvalue()
+
+
+def _accuracy_bound(constraint, results: StudyResults) -> float:
+    """The accuracy-drop bound as a value of the metric (a drop: below the teacher where higher is
+    better, above it where lower is, like perplexity)."""
+    teacher = results.teacher[results.metric]
+    drop = constraint.limit * abs(teacher) if constraint.relative else constraint.limit
+    return teacher - drop if results.direction == "maximize" else teacher + drop
+
+
+def _axis_label(cost: str, setup: str) -> str:
+    if cost == "latency_ms":
+        return f"latency, ms per batch ({setup})" if setup else "latency, ms per batch"
+    if cost == "size_bytes":
+        return "size, bytes of the file that ships"
+    return cost
 
 
 def run(args: argparse.Namespace) -> int:

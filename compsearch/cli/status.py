@@ -8,6 +8,7 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from compsearch.search import StudyFolder, load_results
+from compsearch.search.explain import explain
 from compsearch.search.study import open_study
 
 
@@ -34,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
               "training, so not fine-tuned (zero-shot accuracy)")  # fmt: skip
     front = results.front()
     print(f"  feasible front: {len(front)} trials, hypervolume {results.hypervolume(front):.4f}")
+    for line in explain(results, config.constraints):
+        print(f"  {line}")
     if finished:
         start = min(t.datetime_start for t in finished)
         end = max(t.datetime_complete for t in finished)

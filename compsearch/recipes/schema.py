@@ -191,6 +191,9 @@ class Provenance:
     #: values that came from a prediction (the latency lookup table), with the table's checked error
     predicted: Mapping[str, float] = field(default_factory=dict)
     latency_source: str | None = None  # "measured" or "predicted"
+    #: exported with ``--allow-infeasible`` from a study with no feasible point: each bound the
+    #: trial broke and by how much (its constraint value, > 0); empty for a feasible recipe
+    infeasible: Mapping[str, float] = field(default_factory=dict)
 
 
 _PRUNE_FIELDS = {
@@ -238,6 +241,7 @@ _PROVENANCE_FIELDS = {
     "measured": _measured,
     "predicted": _measured,
     "latency_source": _S.optional(_S.one_of(("measured", "predicted"))),
+    "infeasible": _measured,
 }
 
 ORDERS = ("prune_first", "quantize_first")

@@ -7,15 +7,20 @@ The library side of ``compsearch export`` and ``compsearch train --from-study``:
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import optuna
 
 from compsearch.errors import ConfigError
 from compsearch.recipes import Recipe, read_recipe, write_recipe
+from compsearch.search.explain import excesses, least_violating
 from compsearch.search.results import StudyResults, TrialRow, load_results
 from compsearch.search.select import best, diverse, knee, parse_bound
 from compsearch.search.study import StudyFolder, open_study
+
+#: trials ``--allow-infeasible`` exports from a study with no feasible point
+INFEASIBLE_EXPORTS = 3
 
 
 def trial_recipe(folder: StudyFolder, row: TrialRow, study_name: str) -> Recipe:
@@ -30,7 +35,8 @@ def trial_recipe(folder: StudyFolder, row: TrialRow, study_name: str) -> Recipe:
         context = build_context(folder.frozen(), folder.path)
         trial = optuna.trial.FixedTrial(row.params, number=row.number)
         recipe = context.space.suggest(trial)
-    measured = {k: float(v) for k, v in row.measured.items() if isinstance(v, (int, float))}
+    measured = {k: float(v) for k, v in row.measured.items()
+                if isinstance(v, (int, float)) and math.isfinite(v)}  # fmt: skip
     source = row.measured.get("latency_source", "measured")
     predicted = {}
     if source == "predicted":  # a table's value is never written down as measured
@@ -54,7 +60,7 @@ def choose(
     ``spread`` diverse points; none given = the knee, the most accurate and 3 diverse points."""
     chosen: list[tuple[str, TrialRow]] = []
     if best_of:
-        bounds = [parse_bound(text, results.metric) for text in where]
+        bounds = [parse_bound(text, results.metric, results.teacher) for text in where]
         suffix = "".join(f"-{b.name}{b.op.replace('<', 'lt').replace('>', 'gt').replace('=', 'e')}"
                          f"{b.limit:g}" for b in bounds)  # fmt: skip
         chosen.append((f"best-{best_of}{suffix}", best(results, best_of, bounds)))
@@ -72,13 +78,29 @@ def choose(
     return chosen
 
 
-def export_recipes(folder: StudyFolder, **rules) -> list[tuple[Path, TrialRow, StudyResults]]:
+def export_recipes(folder: StudyFolder, allow_infeasible: bool = False,
+                   **rules) -> list[tuple[Path, TrialRow, StudyResults]]:  # fmt: skip
     """Write the chosen points (see :func:`choose`) to ``<study>/recipes/<name>.yaml``; every rule
-    is checked before anything is written."""
-    study = open_study(folder.frozen(), folder)
+    is checked before anything is written. With ``allow_infeasible`` and no feasible trial, the
+    three trials closest to feasible are written instead, as ``infeasible-<k>.yaml``, each with the
+    bounds it broke in ``provenance.infeasible``."""
+    config = folder.frozen()
+    study = open_study(config, folder)
     results = load_results(study)
-    chosen = choose(results, **rules)
-    recipes = [(name, row, trial_recipe(folder, row, study.study_name)) for name, row in chosen]
+    if allow_infeasible and not results.front():
+        closest = least_violating(results, config.constraints, INFEASIBLE_EXPORTS)
+        if not closest:
+            raise ConfigError("the study has no measured trial yet; run some trials first.")
+        recipes = []
+        for k, row in enumerate(closest):
+            recipe = trial_recipe(folder, row, study.study_name)
+            broken = excesses(row, config.constraints, results.metric)
+            recipe = dataclasses.replace(recipe, provenance=dataclasses.replace(
+                recipe.provenance, infeasible=broken))  # fmt: skip
+            recipes.append((f"infeasible-{k}", row, recipe))
+    else:
+        chosen = choose(results, **rules)
+        recipes = [(name, row, trial_recipe(folder, row, study.study_name)) for name, row in chosen]
     return [(write_recipe(recipe, folder.path / "recipes" / f"{name}.yaml"), row, results)
             for name, row, recipe in recipes]  # fmt: skip
 

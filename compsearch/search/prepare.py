@@ -14,6 +14,7 @@ import optuna
 from compsearch._files import remove_stale_temporaries
 from compsearch.search.config import StudyConfig
 from compsearch.search.plan import ladder
+from compsearch.search.preflight import preflight
 from compsearch.search.results import STUDY_ATTR
 from compsearch.search.sensitivity import (
     COSTS,
@@ -38,19 +39,40 @@ def prepare_study(config: StudyConfig, folder: StudyFolder) -> tuple[SearchConte
     reference, and none spends time measuring the teacher again."""
     if config.search.storage not in (None, "journal"):  # a server: reachable first
         open_storage(config.search.storage, folder.path)
-    ctx = build_context(config, folder.path, recorded_teacher(config, folder))
+    recorded = recorded_teacher(config, folder)
+    ctx = build_context(config, folder.path, recorded)
+    if recorded is None and config.search.preflight:  # a new study: its bounds are reachable
+        preflight(config, ctx)
     folder.path.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder.path)  # what writers killed mid-write left behind
     study = open_study(config, folder, ctx.directions)
     folder.freeze(config)
+    if not study.metric_names:  # what Optuna's tools label the objectives with
+        study.set_metric_names([ctx.metric if n == "accuracy" else n for n in config.objectives])
     if STUDY_ATTR not in study.user_attrs:
         study.set_user_attr(STUDY_ATTR, {
             "objectives": list(config.objectives), "metric": ctx.metric,
             "direction": ctx.task.direction, "teacher": ctx.teacher, "task": ctx.task.name,
             "constraints": [c.describe() for c in config.constraints],
+            "constraint_names": [c.name for c in config.constraints],
+            "latency_setup": latency_setup(config, ctx),
+            "intermediate_values": (f"{ctx.metric} at each rung" if ctx.rungs else
+                                    "fine-tune loss at each quarter of the budget"),
             "keys": {n: list(k) for n, k in ctx.keys.items() if n in config.objectives},
         })  # fmt: skip
     return ctx, study
+
+
+def latency_setup(config: StudyConfig, ctx: SearchContext) -> str:
+    """What a latency of this study measures, in words: device, threads, batch, runtime."""
+    import torch
+
+    example = ctx.task.example_inputs()
+    sizes = [t.shape[0] for t in example.values() if isinstance(t, torch.Tensor) and t.dim()]
+    batch = f"batch {sizes[0]}, " if sizes else ""
+    if config.device == "cuda":
+        return f"{batch}CUDA, PyTorch, CUDA graph"
+    return f"{batch}{config.latency.threads} CPU threads, PyTorch eager"
 
 
 def recorded_teacher(config: StudyConfig, folder: StudyFolder) -> dict[str, float] | None:
@@ -88,7 +110,7 @@ def enqueue_plans(config: StudyConfig, ctx: SearchContext, study: optuna.Study,
     quarter of the trial budget (the sampler keeps most of it) and what the baselines left."""
     if table is None or not config.search.plans or study.user_attrs.get("plans_enqueued"):
         return
-    limits = {c.name: c.limit for c in config.constraints if c.name in COSTS}
+    limits = {c.name: c.absolute(ctx.teacher) for c in config.constraints if c.name in COSTS}
     room = config.search.trials - len(study.get_trials(deepcopy=False))  # baselines included
     reference = reference_params(ctx.space)
     count = min(config.search.plans, max(1, config.search.trials // 4), max(0, room))

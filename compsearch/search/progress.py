@@ -12,10 +12,11 @@ from compsearch.search.results import StudyResults
 
 class ProgressBar:
     def __init__(self, total: int, study: str) -> None:
+        # done/total first and a short bar, so the line fits 80 columns with the count visible
         self.bar = RichProgress(
-            TextColumn(f"[bold]{study}[/bold]"),
-            BarColumn(),
+            TextColumn(f"[bold]{study[:16]}[/bold]"),
             MofNCompleteColumn(),
+            BarColumn(bar_width=12),
             TextColumn("{task.description}"),
             TimeElapsedColumn(),
             transient=False,
@@ -29,8 +30,8 @@ class ProgressBar:
         done = sum(counts.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL"))
         front = results.front()
         text = (
-            f"failed {counts.get('FAIL', 0)} · stopped {counts.get('PRUNED', 0)} · "
-            f"front {len(front)} · hypervolume {results.hypervolume(front):.4f}"
+            f"front {len(front)} · hv {results.hypervolume(front):.3f} · "
+            f"failed {counts.get('FAIL', 0)} · stopped {counts.get('PRUNED', 0)}"
         )
         self.bar.update(self.task, completed=done, description=text)
         if not sys.stderr.isatty():

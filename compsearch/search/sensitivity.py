@@ -297,17 +297,25 @@ def untrained_costs(ctx: SearchContext, params: dict[str, object]) -> dict[str, 
 def compressed_costs(ctx: SearchContext, params: dict[str, object]):
     """The costs of the recipe ``params`` make, measured on its deploy form with no training (as
     a trial measures them), and the compression result."""
+    measured, result = untrained_measure(ctx, params)
+    costs = {c: float(measured[c]) for c in COSTS if isinstance(measured.get(c), (int, float))}
+    return costs, result
+
+
+def untrained_measure(ctx: SearchContext, params: dict[str, object], predicted: bool = True):
+    """Everything a trial measures once its structure is final (latency — the table's prediction
+    where ``predicted`` and the study has a table —, size, speed-up, …), for the recipe ``params``
+    make, with no training; and the compression result."""
     recipe = ctx.space.suggest(optuna.trial.FixedTrial(params))
     measured: dict[str, float | str] = {}
 
     def on_structure(student, metadata) -> None:
-        extra = {"trial": -1, "latency_checks": [], "prediction_only": True}
+        extra = {"trial": -1, "latency_checks": [], "prediction_only": predicted}
         measure_structure(ctx, student, metadata, measured, extra)
 
     result = compress(ctx.task, recipe, steps=0, device=ctx.device, cache=ctx.cache,
                       on_structure=on_structure)  # fmt: skip
-    costs = {c: float(measured[c]) for c in COSTS if isinstance(measured.get(c), (int, float))}
-    return costs, result
+    return measured, result
 
 
 def load_or_measure(ctx: SearchContext, study: optuna.Study, batches: int = 2,

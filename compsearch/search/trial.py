@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from compsearch._files import write_text_atomic
+from compsearch._steps import say
 from compsearch.errors import ConfigError, TrialError
 from compsearch.kernels.deploy import to_deploy
 from compsearch.kernels.packing import export_packed, packed_to_bytes
@@ -47,6 +48,7 @@ from compsearch.tasks.teacher_outputs import CacheSpec, TeacherCache
 from compsearch.train import Checkpointing
 
 log = logging.getLogger(__name__)
+CONSTRAINTS_ATTR = "constraints"  # optuna.study._constrained_optimization's key
 MODEL_FILE = "model.safetensors"  # a trained trial's artifact, with search.save_models
 RungRecords = Callable[[int], dict[int, tuple[tuple[float, ...], float]]]
 LatencyChecks = Callable[[], list[float]]
@@ -140,10 +142,13 @@ def build_context(
         table = LatencyTable(runs_root() / "_latency" / f"{key}.json", config.device,
                              settings.threads, settings.table_bound, settings.check_first,
                              settings.check_every)  # fmt: skip
-    setup = MeasureSetup(task, config.device, config.latency.threads, config.latency.warmup,
-                         config.latency.repeats, table)  # fmt: skip
+    settings = config.latency
+    setup = MeasureSetup(task, config.device, settings.threads, settings.warmup, settings.repeats,
+                         table, latency_ci=settings.ci, max_repeats=settings.max_repeats,
+                         latency_drift=settings.drift)  # fmt: skip
     objectives = build_objectives(config.objectives, setup)
     if teacher_values is None:
+        say(f"measuring the {task.name} teacher's deploy form (the study's reference)")
         values: dict[str, float | str] = {}
         for objective in objectives.values():
             objective.prepare(reference)
@@ -152,6 +157,7 @@ def build_context(
     else:
         values = dict(teacher_values)
         for objective in objectives.values():
+            objective.use_reference(reference)
             objective.restore(values)
         if table is not None:
             table.calibrate(shipped, task, values["latency_ms"])
@@ -209,8 +215,12 @@ def run_trial(
             measured.update(_after_training(ctx, candidate))  # zero-shot: before any fine-tune
             raise Screened(broken)
 
+    quarter = max(1, recipe.finetune.steps // 4)
+
     def progress(step: int, loss: float) -> None:
         if ctx.rungs is None or rung_records is None:
+            if step % quarter == 0:  # no rungs: the fine-tune's loss at each quarter
+                report_intermediate(trial, step, loss)
             return
         rung = ctx.rungs.index(step)
         if rung is None:
@@ -223,6 +233,7 @@ def run_trial(
         violation = sum(max(0.0, v) for v in ctx.cost_violations(at_rung).values())
         trial.set_user_attr(f"rung_{rung}", {"step": step, "point": list(point),
                                              "violation": violation})  # fmt: skip
+        report_intermediate(trial, step, float(at_rung[ctx.metric]))
         records = rung_records(rung)
         records[trial.number] = (point, violation)
         if not promotable(trial.number, records, ctx.rungs.eta):
@@ -259,8 +270,7 @@ def _finish(ctx: SearchContext, trial, measured: dict[str, float | str], steps: 
         if not math.isfinite(value):
             raise TrialError(f"objective {name} is {value} (not a finite number)")
     _record(trial, ctx, measured, steps)
-    for name, value in ctx.violations(measured).items():
-        trial.set_constraint(name, value)
+    store_constraints(trial, list(ctx.violations(measured).values()))
     trial_dir = ctx.folder / "trials" / f"{trial.number:05d}"
     write_text_atomic(trial_dir / "metrics.json", json.dumps({
         "values": dict(zip(ctx.config.objectives, values, strict=True)),
@@ -304,11 +314,34 @@ def _after_training(ctx: SearchContext, candidate: Candidate) -> dict[str, float
     return measured
 
 
+def store_constraints(trial, values: list[float]) -> None:
+    """The constraint values (``≤ 0`` feasible), in the config's order, where both Optuna's
+    samplers and optuna-dashboard read them: the trial's ``constraints`` system attribute, as a
+    list — Optuna's own ``constraints_func`` form. (``Trial.set_constraint``'s named keys are read
+    by Optuna 5 but not by optuna-dashboard, which then shows infeasible trials as feasible.) The
+    names are the study's ``constraints`` (``compsearch`` study attribute)."""
+    trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_ATTR,
+                                        [float(v) for v in values])  # fmt: skip
+
+
+def report_intermediate(trial, step: int, value: float) -> None:
+    """An intermediate value Optuna's tools plot. ``Trial.report`` refuses multi-objective
+    studies (it serves pruners, which they cannot use); the storage keeps the value all the same."""
+    if math.isfinite(value) and step not in trial._cached_frozen_trial.intermediate_values:
+        trial.storage.set_trial_intermediate_value(trial._trial_id, step, float(value))
+        trial._cached_frozen_trial.intermediate_values[step] = float(value)
+
+
 def _record(trial, ctx: SearchContext, measured: dict[str, float | str], steps: int) -> None:
     trial.set_user_attr("measured", {k: v if isinstance(v, str) else float(v)
                                      for k, v in measured.items()})  # fmt: skip
     trial.set_user_attr("steps", steps)
     trial.set_user_attr("violation", _violation(ctx, measured))
+    # concise, flat attributes for Optuna's own tools (optuna-dashboard's trial table)
+    trial.set_user_attr("recipe", f"trials/{trial.number:05d}/recipe.yaml")
+    for key in (f"{ctx.metric}_drop_rel", "speedup", "size_ratio", "latency_ci"):
+        if isinstance(measured.get(key), (int, float)):
+            trial.set_user_attr(key, round(float(measured[key]), 4))
 
 
 def _violation(ctx: SearchContext, measured: dict[str, float | str]) -> float:

@@ -163,12 +163,22 @@ def smollm_path() -> Path:
     return path
 
 
+def quiet_transformers() -> None:
+    """No loading bars and no advisory warnings from transformers: a bar per teacher load is noise
+    in a search's output (errors still show)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def make_smollm(runs_root: Path | None = None) -> CausalLMTask:
     path = smollm_path()
 
     def load():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        quiet_transformers()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(
@@ -318,6 +328,7 @@ def make_hf(spec: str, runs_root: Path | None = None) -> Task:
     location, _, hook = body.partition("@")
     import transformers
 
+    quiet_transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(location)
     except OSError as error:

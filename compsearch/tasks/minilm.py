@@ -60,9 +60,10 @@ class MiniLMTask(Task):
 
     def teacher(self) -> nn.Module:
         from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # a bar per teacher load is noise in a search's output
+        from compsearch.tasks.language import quiet_transformers
+
+        quiet_transformers()
         model = AutoModel.from_pretrained(self.model_path, attn_implementation="sdpa")
         return model.eval()
 
