@@ -36,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
                              name=args.name, allow_infeasible=args.allow_infeasible)  # fmt: skip
     for path, row, results in written:
         m = row.measured
+        ci = f" ±{m['latency_ci'] * 100:.0f}%" if isinstance(m.get("latency_ci"), float) else ""
         mark = "" if row.feasible else " — INFEASIBLE, breaks the study's bounds (see provenance)"
         print(f"{path}: trial {row.number}, {results.metric} {m.get(results.metric, float('nan')):.4f}, "
-              f"latency {m.get('latency_ms', float('nan')):.3f} ms, "
+              f"latency {m.get('latency_ms', float('nan')):.3f} ms{ci}, "
               f"size {format_bytes(m.get('size_bytes', 0))}{mark}")  # fmt: skip
     return 0
