@@ -5,6 +5,9 @@ becomes its relative drop vs the teacher, latency, size and MACs their ratio to 
 the teacher itself sits at (0, 1, 1). The fixed reference point is 1.0 for the accuracy drop (all
 accuracy lost) and 1.1 for the cost ratios — a point more than 10 % slower or larger than the
 teacher adds no volume; the 10 % absorbs timer noise on models compression barely speeds up.
+Latency's ratio is the one measured interleaved with the teacher (``1 / speedup``, see
+compsearch.objectives.latency) where the trial has it: trials measured minutes apart, under a
+different load, stay comparable, where their absolute times would not.
 """
 
 from __future__ import annotations
@@ -102,6 +105,13 @@ def normalize(values: dict[str, float], objectives: Sequence[str], metric: str, 
             point.append(drop / abs(base) if base else drop)
             continue
         key, sense = (keys or {}).get(name, (name, "minimize"))
+        if (
+            key == "latency_ms"
+            and values.get("latency_source") == "measured"
+            and values.get("speedup")
+        ):
+            point.append(1 / values["speedup"])  # timed beside the teacher: load cancels out
+            continue
         ratio = values[key] / teacher[key] if teacher.get(key) else values[key]
         point.append(ratio if sense == "minimize" else (1 / ratio if ratio else math.inf))
     return tuple(point)
