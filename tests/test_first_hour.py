@@ -16,13 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_commands() -> list[list[str]]:
-    """Every ``compsearch`` command in README.md's shell blocks, in order."""
+    """Every ``compsearch`` command on the demo study in README.md's shell blocks, in order (the
+    own-model example has its own test below)."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     commands = []
     for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
         for line in block.splitlines():
             words = shlex.split(line, comments=True)
-            if words and words[0].endswith("compsearch"):
+            if words and words[0].endswith("compsearch") and any("mnist" in w for w in words):
                 commands.append(words[1:])
     return commands
 
@@ -107,3 +108,18 @@ def test_the_readme_python_snippet_runs_from_any_folder(tmp_path, runs_root):
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "my-model.safetensors").exists()
     assert (runs_root / "my-first-study" / "study.db").exists()
+
+
+def test_the_progress_line_keeps_done_of_total_visible_at_80_columns():
+    from rich.console import Console
+
+    from compsearch.search.progress import ProgressBar
+    from compsearch.search.results import StudyResults
+
+    console = Console(width=80, force_terminal=True, record=True, color_system=None)
+    bar = ProgressBar(100, "a-study-name-longer-than-most", console)
+    bar.update(StudyResults(["accuracy", "latency_ms", "size_bytes"], "accuracy", "maximize",
+                            {"accuracy": 0.9, "latency_ms": 1.0, "size_bytes": 1.0}))  # fmt: skip
+    bar.close()
+    line = "a-study-name-lon" + console.export_text().strip().split("a-study-name-lon")[-1]
+    assert "0/100" in line and "front 0" in line and len(line) <= 80, line

@@ -116,16 +116,26 @@ def _plot(results: StudyResults, front: list[TrialRow], constraints=(), setup: s
         ([r for r in done if r.screened], "+", 0.2, "screened (bound broken, not fine-tuned)"),
         ([r for r in done if r.state == "PRUNED"], ".", 0.2, "stopped at a rung"),
     )  # fmt: skip
+    # a relative latency bound: latency is drawn as the ratio timed beside the teacher, the number
+    # the bound is checked on (absolute times measured minutes apart carry the machine's load)
+    relative = any(c.name == "latency_ms" and c.relative for c in constraints)
+
+    def x(row: TrialRow, cost: str) -> float:
+        if cost == "latency_ms" and relative:
+            speedup = row.measured.get("speedup")
+            return 1 / speedup if speedup else row.measured[cost] / results.teacher[cost]
+        return row.measured[cost]
+
     for axes, cost in zip(panels[0], costs, strict=True):
         for rows, marker, alpha, label in groups:
             rows = [r for r in rows if cost in r.measured]
             if rows:
-                axes.scatter([r.measured[cost] for r in rows],
+                axes.scatter([x(r, cost) for r in rows],
                              [r.measured[results.metric] for r in rows], s=[area(r) for r in rows],
                              marker=marker, alpha=alpha, label=label)  # fmt: skip
-        on_front = sorted([r for r in front if cost in r.measured], key=lambda r: r.measured[cost])
+        on_front = sorted([r for r in front if cost in r.measured], key=lambda r: x(r, cost))
         if on_front:
-            xs = [r.measured[cost] for r in on_front]
+            xs = [x(r, cost) for r in on_front]
             ys = [r.measured[results.metric] for r in on_front]
             axes.scatter(xs, ys, s=[area(r) for r in on_front], facecolors="none",
                          edgecolors="black", linewidths=1.2, label="feasible front")  # fmt: skip
@@ -135,12 +145,13 @@ def _plot(results: StudyResults, front: list[TrialRow], constraints=(), setup: s
                      label="teacher")  # fmt: skip
         for constraint in constraints:
             if constraint.name == cost:
-                axes.axvline(constraint.absolute(results.teacher), color="red", linestyle=":",
-                             label=constraint.describe())  # fmt: skip
+                bound = constraint.limit if cost == "latency_ms" and relative else (
+                    constraint.absolute(results.teacher))  # fmt: skip
+                axes.axvline(bound, color="red", linestyle=":", label=constraint.describe())
             elif constraint.name == "accuracy_drop":
                 axes.axhline(_accuracy_bound(constraint, results), color="red", linestyle="-.",
                              label=constraint.describe())  # fmt: skip
-        axes.set_xlabel(_axis_label(cost, setup))
+        axes.set_xlabel(_axis_label(cost, setup, relative))
         axes.set_ylabel(f"{results.metric} (validation split)")
     for size in (0.1, 0.5, 1.0):  # the marker-size legend
         panels[0][0].scatter([], [], s=max(8.0, 300 * size), color="grey", alpha=0.4,
@@ -162,9 +173,12 @@ def _accuracy_bound(constraint, results: StudyResults) -> float:
     return teacher - drop if results.direction == "maximize" else teacher + drop
 
 
-def _axis_label(cost: str, setup: str) -> str:
+def _axis_label(cost: str, setup: str, relative: bool = False) -> str:
+    what = f" ({setup})" if setup else ""
+    if cost == "latency_ms" and relative:
+        return f"latency ÷ the teacher's, timed side by side{what}"
     if cost == "latency_ms":
-        return f"latency, ms per batch ({setup})" if setup else "latency, ms per batch"
+        return f"latency, ms per batch{what}"
     if cost == "size_bytes":
         return "size, bytes of the file that ships"
     return cost

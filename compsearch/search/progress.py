@@ -6,21 +6,29 @@ import sys
 
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
+from rich.table import Column
 
 from compsearch.search.results import StudyResults
 
 
 class ProgressBar:
-    def __init__(self, total: int, study: str) -> None:
+    def __init__(self, total: int, study: str, console=None) -> None:
         # done/total first and a short bar, so the line fits 80 columns with the count visible
         self.bar = RichProgress(
             TextColumn(f"[bold]{study[:16]}[/bold]"),
-            MofNCompleteColumn(),
+            MofNCompleteColumn(
+                table_column=Column(no_wrap=True, min_width=len(f"{total}/{total}"))
+            ),
             BarColumn(bar_width=12),
-            TextColumn("{task.description}"),
+            # the description gives way first (cut with an ellipsis), never the count
+            TextColumn(
+                "{task.description}",
+                table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"),
+            ),
             TimeElapsedColumn(),
             transient=False,
-            disable=not sys.stderr.isatty(),
+            disable=console is None and not sys.stderr.isatty(),
+            console=console,
         )
         self.task = self.bar.add_task("", total=total)
         self.bar.start()
