@@ -4,7 +4,7 @@ Runs a small digits study whose size bound some trials break (its trials fine-tu
 second run resumes it), starts ``compsearch dashboard`` on it, and has Chromium (Debian's package,
 headless) render the study's pages: the overview (objective names, the Pareto front with feasible
 and infeasible trials, best trials), the trial list (a trial's attributes, constraints, intermediate
-values) and the intermediate-value plot. Screenshots go to ``benchmarks/screenshots/``;
+values; the overview's lower plots include the intermediate values). Screenshots go to ``benchmarks/screenshots/``;
 benchmarks/RESULTS.md describes them.
 
 Run: python benchmarks/dashboard_screenshots.py [--port 8765] [--trials 10]
@@ -27,10 +27,9 @@ from _common import header
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "screenshots"
-PAGES = {  # file name -> page of the study
-    "dashboard-overview.png": "",
-    "dashboard-trials.png": "/trials",
-    "dashboard-analytics.png": "/analytics",
+PAGES = {  # file name -> (page of the study, window height: the overview's plots run long)
+    "dashboard-overview.png": ("", 3000),
+    "dashboard-trials.png": ("/trials", 1100),
 }
 
 
@@ -79,9 +78,9 @@ def main() -> int:
     try:
         wait_for(f"http://127.0.0.1:{args.port}/api/studies")
         OUT.mkdir(parents=True, exist_ok=True)
-        for name, page in PAGES.items():
+        for name, (page, height) in PAGES.items():
             subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
-                            "--hide-scrollbars", "--window-size=1400,1100",
+                            "--hide-scrollbars", f"--window-size=1400,{height}",
                             "--virtual-time-budget=15000", f"--screenshot={OUT / name}",
                             base + page], check=True, capture_output=True, timeout=120)  # fmt: skip
             print(f"{OUT / name}: {(OUT / name).stat().st_size / 1e3:.0f} KB")
