@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "screenshots"
 PAGES = {  # file name -> (page of the study, window height: the overview's plots run long)
     "dashboard-overview.png": ("", 3000),
-    "dashboard-trials.png": ("/trials", 1100),
+    "dashboard-trials.png": ("/trials", 1100),  # the first trial (a screened baseline)
+    "dashboard-trial-trained.png": ("/trials?numbers={trained}", 1100),  # a fine-tuned one
 }
 
 
@@ -43,6 +44,14 @@ def study_config(trials: int) -> dict:
         "search": {"sampler": "nsga2", "trials": trials, "finetune_steps": 20, "cache_batches": 4,
                    "population_size": 4, "plans": 2},
     }  # fmt: skip
+
+
+def _trials(folder: Path):
+    from compsearch.search import StudyFolder
+    from compsearch.search.study import open_study
+
+    study_folder = StudyFolder(folder)
+    return open_study(study_folder.frozen(), study_folder).get_trials()
 
 
 def wait_for(url: str, seconds: float = 60.0) -> None:
@@ -75,6 +84,7 @@ def main() -> int:
     server = subprocess.Popen([sys.executable, "-m", "compsearch", "dashboard", str(folder),
                                "--port", str(args.port)], env=env)  # fmt: skip
     base = f"http://127.0.0.1:{args.port}/dashboard/studies/1"
+    trained = next(t.number for t in _trials(folder) if t.intermediate_values)
     try:
         wait_for(f"http://127.0.0.1:{args.port}/api/studies")
         OUT.mkdir(parents=True, exist_ok=True)
@@ -82,7 +92,7 @@ def main() -> int:
             subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
                             "--hide-scrollbars", f"--window-size=1400,{height}",
                             "--virtual-time-budget=15000", f"--screenshot={OUT / name}",
-                            base + page], check=True, capture_output=True, timeout=120)  # fmt: skip
+                            base + page.format(trained=trained)], check=True, capture_output=True, timeout=120)  # fmt: skip
             print(f"{OUT / name}: {(OUT / name).stat().st_size / 1e3:.0f} KB")
     finally:
         server.terminate()
