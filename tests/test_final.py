@@ -133,7 +133,7 @@ def test_export_rule_nobody_meets_shows_the_nearest_points(mnist_study, capsys):
     with pytest.raises(ConfigError, match="expected 'NAME OP VALUE'"):
         from compsearch.search.select import parse_bound
 
-        parse_bound("latency is small", "accuracy")
+        parse_bound("latency is small", "accuracy", {})
 
 
 def test_train_top_k_from_a_study_reports_the_best(mnist_study, capsys):

@@ -31,6 +31,6 @@ def run(args: argparse.Namespace) -> int:
             f"demo: expected the demo config at {args.config!r}, but it is not there. Run the demo "
             "from a checkout of compsearch, or pass --config PATH."
         )
-    config = search.with_overrides(read_config(args.config), argparse.Namespace(
-        config=args.config, driver=None, trials=None, time_limit=args.time_limit))  # fmt: skip
+    config = search.with_overrides(read_config(args.config), args.config,
+                                   time_limit=args.time_limit)  # fmt: skip
     return search.search_and_show(args.config, config)

@@ -18,20 +18,23 @@ def add_parser(commands) -> None:
     parser.set_defaults(handler=run)
 
 
-def with_overrides(config, args):
+def with_overrides(config, source: str, driver=None, trials=None, time_limit=None):
+    """``config`` with the command line's ``search`` overrides, checked as the file would be."""
     raw = copy.deepcopy(config.raw)
     search = raw.setdefault("search", {})
-    if args.driver:
-        search["driver"] = args.driver
-    if args.trials is not None:  # 0 is refused by the config's own check, not ignored
-        search["trials"] = args.trials
-    if args.time_limit:
-        search["time_limit"] = args.time_limit
-    return parse_config(raw, source=args.config) if raw != config.raw else config
+    if driver:
+        search["driver"] = driver
+    if trials is not None:  # 0 is refused by the config's own check, not ignored
+        search["trials"] = trials
+    if time_limit:
+        search["time_limit"] = time_limit
+    return parse_config(raw, source=source) if raw != config.raw else config
 
 
 def run(args: argparse.Namespace) -> int:
-    return search_and_show(args.config, with_overrides(read_config(args.config), args))
+    config = with_overrides(read_config(args.config), args.config, args.driver, args.trials,
+                            args.time_limit)  # fmt: skip
+    return search_and_show(args.config, config)
 
 
 def search_and_show(path: str, config=None) -> int:

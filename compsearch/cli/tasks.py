@@ -32,10 +32,11 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     print("built-in tasks:")
     for name, target in BUILTINS.items():
-        if name not in SUMMARY:  # a built-in added without a line here: its module's first line
+        line = SUMMARY.get(name)
+        if line is None:  # a built-in added without a line here: its module's first line
             module = importlib.import_module(target.partition(":")[0])
-            SUMMARY[name] = (module.__doc__ or "").strip().splitlines()[0]
-        print(f"  {name:10s} {SUMMARY[name]}")
+            line = (module.__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:10s} {line}")
     print("your own model (task: in a config, --task on train / evaluate):")
     for form, what in OWN:
         print(f"  {form}\n      {what}")

@@ -1,7 +1,8 @@
 """Constraints: budgets a feasible point must meet, kept apart from the objectives.
 
-Each is ``value − limit`` (feasible when ≤ 0) and goes to Optuna with ``trial.set_constraint``, so
-the sampler treats it as a constraint rather than a penalty. Names and what they bound:
+Each is ``value − limit`` (feasible when ≤ 0) and goes to Optuna as the trial's constraint values
+(see compsearch.search.trial.store_constraints), so the sampler treats it as a constraint rather
+than a penalty. Names and what they bound:
 
 * ``accuracy_drop`` — drop of the primary metric vs the teacher; ``"3%"`` bounds the drop relative
   to the teacher's value, a plain number bounds it in the metric's own units;

@@ -105,11 +105,7 @@ def normalize(values: dict[str, float], objectives: Sequence[str], metric: str, 
             point.append(drop / abs(base) if base else drop)
             continue
         key, sense = (keys or {}).get(name, (name, "minimize"))
-        if (
-            key == "latency_ms"
-            and values.get("latency_source") == "measured"
-            and values.get("speedup")
-        ):
+        if key == "latency_ms" and values.get("speedup"):
             point.append(1 / values["speedup"])  # timed beside the teacher: load cancels out
             continue
         ratio = values[key] / teacher[key] if teacher.get(key) else values[key]

@@ -20,7 +20,7 @@ from compsearch.search.trial import SearchContext
 
 #: a latency bound within this much (relative) of the fastest point measured is left to the search
 SLACK = 0.10
-#: the cheapest points tried: (format label the uniform recipe comes nearest to, its description)
+#: the cheapest points tried: the format label each uniform recipe comes nearest to
 EXTREMES = ("w2", "w2a8", "w8a8")
 
 

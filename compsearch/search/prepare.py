@@ -65,10 +65,8 @@ def prepare_study(config: StudyConfig, folder: StudyFolder) -> tuple[SearchConte
 
 def latency_setup(config: StudyConfig, ctx: SearchContext) -> str:
     """What a latency of this study measures, in words: device, threads, batch, runtime."""
-    import torch
-
     example = ctx.task.example_inputs()
-    sizes = [t.shape[0] for t in example.values() if isinstance(t, torch.Tensor) and t.dim()]
+    sizes = [t.shape[0] for t in example.values() if getattr(t, "ndim", 0)]
     batch = f"batch {sizes[0]}, " if sizes else ""
     if config.device == "cuda":
         return f"{batch}CUDA, PyTorch, CUDA graph"

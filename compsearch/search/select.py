@@ -43,7 +43,7 @@ class Bound:
         return f"{self.name} {self.op} {self.limit:g}"
 
 
-def parse_bound(text: str, metric: str, teacher: dict[str, float] | None = None) -> Bound:
+def parse_bound(text: str, metric: str, teacher: dict[str, float]) -> Bound:
     match = _BOUND.fullmatch(text)
     if not match:
         raise ConfigError(
@@ -53,7 +53,7 @@ def parse_bound(text: str, metric: str, teacher: dict[str, float] | None = None)
     name, op, value = match.groups()
     name = metric if name == "accuracy" else name
     if name in ("latency_ms", "size_bytes"):
-        limit = parse_constraint(name, value, f"bound {text!r}").absolute(teacher or {})
+        limit = parse_constraint(name, value, f"bound {text!r}").absolute(teacher)
     else:
         try:
             limit = float(value)

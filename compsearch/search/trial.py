@@ -318,8 +318,8 @@ def store_constraints(trial, values: list[float]) -> None:
     """The constraint values (``≤ 0`` feasible), in the config's order, where both Optuna's
     samplers and optuna-dashboard read them: the trial's ``constraints`` system attribute, as a
     list — Optuna's own ``constraints_func`` form. (``Trial.set_constraint``'s named keys are read
-    by Optuna 5 but not by optuna-dashboard, which then shows infeasible trials as feasible.) The
-    names are the study's ``constraints`` (``compsearch`` study attribute)."""
+    by Optuna 5 but not by optuna-dashboard, which then shows infeasible trials as feasible.) Their
+    names, in the same order, are the ``compsearch`` study attribute's ``constraint_names``."""
     trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_ATTR,
                                         [float(v) for v in values])  # fmt: skip
 
