@@ -201,7 +201,7 @@ def test_failing_trials_are_recorded_and_the_failure_limit_stops(tmp_path, runs_
     monkeypatch.setattr(trial_module, "compress", broken)
     name = f"f-{uuid.uuid4().hex[:6]}"
     config = write(tmp_path, tiny(name, trials=5, failure_limit=2))
-    assert main(["search", str(config)]) == 0
+    assert main(["search", str(config)]) == 1, "short of its trials: the exit code says so"
     trials = load(runs_root, name).get_trials()
     assert [t.state for t in trials[:2]] == [TrialState.FAIL, TrialState.FAIL]
     assert trials[0].user_attrs["fail_reason"] == "RuntimeError: out of memory (simulated)"
@@ -244,13 +244,13 @@ def test_a_nan_objective_fails_its_trial_once_and_is_never_retried(
     name = f"n-{uuid.uuid4().hex[:6]}"
     config = write(tmp_path, tiny(name, trials=3, baselines=False, failure_limit=2))
     monkeypatch.setattr(AccuracyObjective, "measure", nan_metric)
-    assert main(["search", str(config)]) == 0
+    assert main(["search", str(config)]) == 1
     trials = load(runs_root, name).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
     assert trials[0].user_attrs["fail_reason"] == (
         "TrialError: objective accuracy is nan (not a finite number)"
     )
-    assert main(["search", str(config)]) == 0, "resuming a study at its failure limit"
+    assert main(["search", str(config)]) == 1, "resuming a study at its failure limit"
     assert len(load(runs_root, name).get_trials()) == 2, "failed trials are not retried"
 
 

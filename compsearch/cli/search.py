@@ -48,9 +48,10 @@ def search_and_show(path: str, config=None) -> int:
         print(f"resuming study {config.study!r} in {folder.path}{note}")
     summary = driver_class(config, folder).run()
     print(f"search stopped: {summary.reason}")
+    print(summary.counts())
     if summary.recovered:
         print(f"re-ran trials whose worker had died: {summary.recovered}")
     from compsearch.cli.pareto import show_front
 
     show_front(folder)
-    return 0
+    return 1 if summary.short else 0

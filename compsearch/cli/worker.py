@@ -20,4 +20,4 @@ def run(args: argparse.Namespace) -> int:
     summary = load_driver("optuna")(config, folder).run()
     print(f"worker stopped: {summary.reason} ({summary.completed} completed, {summary.stopped} "
           f"stopped, {summary.failed} failed here)")  # fmt: skip
-    return 0
+    return 1 if summary.short else 0

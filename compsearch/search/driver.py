@@ -25,11 +25,25 @@ DRIVERS = {
 
 @dataclass
 class SearchSummary:
+    """What one ``run()`` did. ``completed``, ``stopped``, ``failed`` and ``retried`` count this
+    run's trials (``retried``: restarts after a lost worker or node, each resumed from its last
+    checkpoint); ``recovered`` are trials of dead workers enqueued again; ``short`` is True when
+    the search ended before the study had its ``requested`` trials for a reason the user did not
+    set as an end (failures, a lost cluster) — the command line then exits 1."""
+
     completed: int = 0
     stopped: int = 0
     failed: int = 0
     recovered: list[int] = field(default_factory=list)
     reason: str = ""
+    requested: int = 0
+    retried: int = 0
+    short: bool = False
+
+    def counts(self) -> str:
+        return (f"trials requested {self.requested}; this run: {self.completed} completed, "
+                f"{self.stopped} stopped, {self.failed} failed, {self.retried} retried after a "
+                "lost worker")  # fmt: skip
 
 
 class Driver(abc.ABC):

@@ -22,7 +22,7 @@ from compsearch.search.prepare import (
 )
 from compsearch.search.progress import ProgressBar
 from compsearch.search.results import load_results
-from compsearch.search.runner import COMPLETE, PRUNED, execute, stop_reason
+from compsearch.search.runner import COMPLETE, PRUNED, execute, failure_stop, stop_reason
 from compsearch.search.storage import (
     WorkerIdentity,
     budget_met,
@@ -41,7 +41,7 @@ class OptunaDriver(Driver):
         table = study_sensitivity(self.config, ctx, study)
         attach_probe(self.config, ctx, study)
         me = WorkerIdentity(self.folder.path)
-        summary = SearchSummary()
+        summary = SearchSummary(requested=self.config.search.trials)
         started = time.monotonic()
         progress = ProgressBar(self.config.search.trials, self.config.study)
         try:
@@ -54,6 +54,7 @@ class OptunaDriver(Driver):
                 reason = stop_reason(self.config, study, started)
                 if reason:
                     summary.reason = reason
+                    summary.short = failure_stop(self.config, study)
                     break
                 trial = self.next_trial(study, me)
                 if trial is None:

@@ -28,6 +28,7 @@ import logging
 import shutil
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def execute(
         raise
     except Exception as error:
         reason = f"{type(error).__name__}: {error}"
-        log.warning("trial %d failed: %s", trial.number, reason.splitlines()[0][:500])
+        where = write_error(ctx.folder, trial.number, traceback.format_exc())
+        log.warning("trial %d failed: %s (traceback in %s)", trial.number,
+                    reason.splitlines()[0][:300], where)  # fmt: skip
         trial.set_user_attr("fail_reason", reason[:2000])
         study.tell(trial, state=TrialState.FAIL)
         outcome = FAILED
@@ -78,6 +81,17 @@ def execute(
     if checkpoint is not None:
         shutil.rmtree(checkpoint.directory, ignore_errors=True)
     return outcome
+
+
+def write_error(folder: Path, number: int, text: str) -> Path:
+    """The full traceback of a failed trial, kept in its folder (the study keeps one line)."""
+    path = folder / "trials" / f"{number:05d}" / "error.txt"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as error:  # the reason is still stored in the study
+        log.warning("traceback of trial %d not written: %s", number, error)
+    return path
 
 
 def checkpoints_of(ctx: SearchContext, number: int) -> Path:
@@ -144,6 +158,11 @@ def failures(study: optuna.Study) -> int:
         for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
         if t.user_attrs.get("fail_reason") not in (None, DIED)
     )
+
+
+def failure_stop(config: StudyConfig, study: optuna.Study) -> bool:
+    """Whether the study is at its failure limit (the search ends short of its trials)."""
+    return failures(study) >= config.search.failure_limit
 
 
 def latency_checks(study: optuna.Study) -> list[float]:
