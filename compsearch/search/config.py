@@ -38,7 +38,7 @@ SAFE_TO_CHANGE = (
     "search.trials", "search.time_limit", "search.failure_limit", "search.step_budget",
     "search.heartbeat_grace",
     "search.driver", "search.ray.address", "search.ray.cpus_per_trial", "search.ray.gpus_per_trial",
-    "search.ray.max_concurrent",
+    "search.ray.max_concurrent", "search.ray.max_retries",
 )  # fmt: skip
 
 
@@ -71,6 +71,8 @@ class RaySettings:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent: int = 2
+    #: times Tune restarts a trial whose worker or node was lost (it resumes from its checkpoint)
+    max_retries: int = 3
 
 
 @dataclass(frozen=True)
@@ -193,10 +195,14 @@ def parse_config(data: Any, source: str = "config") -> StudyConfig:
         "min_steps": _S.integer(0, None),
     }
     ray_fields = {
-        "address": _S.string(r"local|auto|ray://.+", "'local', 'auto' or 'ray://host:port'"),
+        "address": _S.string(
+            r"local|auto|ray://[^\s:/]+:\d+|[^\s:/]+:\d+",
+            "'local', 'auto', 'host:port' (a cluster's GCS) or 'ray://host:port' (Ray Client)",
+        ),
         "cpus_per_trial": _S.number(0.0, None, lo_open=True),
         "gpus_per_trial": _S.number(0.0, None),
         "max_concurrent": _S.integer(1, 10_000),
+        "max_retries": _S.integer(0, 100),
     }
     search_fields = {
         "driver": _plugin_or(DRIVERS, "Class"),
