@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from compsearch.errors import KernelError
 from compsearch.kernels.deploy import deploy_table, kernel_for, to_deploy
@@ -321,3 +322,43 @@ def test_patterns_do_not_quantize_containers_named_by_exact_keys_for_pruning():
     recipe = Recipe(layers={"re:.*": LayerPlan(w_bits=4), "act": LayerPlan(keep_ratio=0.5)})
     report = quantize_(model, recipe)
     assert set(report.quantized) == {"up", "down"}
+
+
+class _ReadsItsLayers(nn.Module):
+    """Code around layers that reads their attributes, as Hugging Face models do: TF-style padding
+    from a conv's ``kernel_size`` (MobileNetV2), a position table's size from ``.weight`` (CLIP)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Embedding(16, 32)
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x):
+        pad = (self.conv.kernel_size[0] - 1) // 2
+        image = F.pad(x[:, None, :, :8], (pad, pad, pad, pad))
+        positions = torch.arange(min(self.pos.weight.shape[0], x.shape[1]))
+        hidden = x + self.pos(positions) + self.conv(image).mean((1, 3))[..., None]
+        return self.fc(hidden) @ self.fc.weight.new_ones(32)
+
+
+def test_deploy_layers_keep_what_code_reads_from_the_layers_they_replace():
+    torch.manual_seed(0)
+    model = _ReadsItsLayers()
+    x = torch.randn(2, 16, 32)
+    plans = {"pos": LayerPlan(w_bits=8), "conv": LayerPlan(w_bits=8),
+             "fc": LayerPlan(w_bits=8, a_bits=8)}  # fmt: skip
+    quantize_(model, plans, activation_mode="dynamic")
+    reference = model(x).detach()
+    packed = export_packed(model)
+    deployed, report = to_deploy(model, run=lambda m: m(x))
+    assert report.kernels["pos"] == "int8_gather"
+    conv, original = deployed.conv, model.conv
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "groups"):
+        assert getattr(conv, name) == getattr(original, name), name
+    assert torch.equal(deployed.pos.weight, packed.weights["pos"].dequantize())
+    if report.kernels["fc"] != "dequant":  # served from int8 codes: .weight is made from them
+        assert "weight" not in deployed.fc._buffers
+    torch.testing.assert_close(deployed.fc.weight, packed.weights["fc"].dequantize())
+    out = deployed(x)
+    assert float((out - reference).norm() / reference.norm()) <= 0.02

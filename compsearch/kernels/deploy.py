@@ -134,6 +134,7 @@ class DeployLinear(nn.Module):
         self.kernel = kernel
         self.spec = packed.spec
         self.out_features, self.in_features = packed.rows_shape
+        self.transposed = packed.transposed  # GPT-2's Conv1D keeps its weight as (in, out)
         self.input_scale = input_scale
         if kernel == "int_mm" and input_scale is not None:  # a tensor made per call breaks capture
             self.register_buffer("input_scale_t", torch.tensor(input_scale), persistent=False)
@@ -157,6 +158,11 @@ class DeployLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         self._onednn_weight = None  # re-pack for the new device / dtype
         return super()._apply(fn, recurse)
+
+    def __getattr__(self, name: str):
+        if name == "weight" and "weight" not in self._buffers:
+            return _float_weight(self)
+        return super().__getattr__(name)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -253,6 +259,10 @@ class DeployConv2d(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
+        # what code around a Conv2d reads (e.g. TF-style "same" padding from kernel_size)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.padding_mode = conv.kernel_size, conv.padding_mode
+        self.transposed, self.output_padding = False, conv.output_padding
         if conv.padding_mode != "zeros":
             raise NotImplementedError("deploy conv supports zero padding only")
 
@@ -290,8 +300,33 @@ class DeployEmbedding(nn.Module):
         rows = rows.reshape(*rows.shape[:-1], groups, -1) * scale.unsqueeze(-1)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
+    def __getattr__(self, name: str):
+        if name == "weight" and "weight" not in self._buffers:
+            return _float_weight(self)
+        return super().__getattr__(name)
+
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}×{self.embedding_dim}, w_bits={self.spec.w_bits}, kernel={self.kernel}"
+
+
+def _float_weight(module: nn.Module) -> torch.Tensor:
+    """The float weight a deploy layer serves, for code that reads ``.weight`` (its shape, dtype,
+    device; a model's forward that indexes it): computed from the stored codes on each access, so
+    the layer keeps only its compact form."""
+    buffers = module._buffers
+    if "fp8_weight" in buffers:
+        weight = buffers["fp8_weight"].float() * buffers["w_scale"].reshape(-1, 1)
+        return weight.t() if module.transposed else weight
+    if "codes" in buffers and "row_scale" in buffers:  # int8_gather: per-row or per-group scales
+        codes, scale = buffers["codes"].float(), buffers["row_scale"]
+        rows = codes.reshape(codes.shape[0], scale.shape[-1], -1) * scale.unsqueeze(-1)
+        return rows.reshape(codes.shape)
+    if "codes" in buffers:  # int8 linear: per-output-channel scales, padded for int_mm
+        out_features, in_features = module.out_features, module.in_features
+        codes = buffers["codes"][:out_features, :in_features].float()
+        weight = codes * buffers["w_scale"][:out_features].reshape(-1, 1)
+        return weight.t() if module.transposed else weight
+    raise AttributeError(f"{type(module).__name__} holds no weight")
 
 
 # -- building the deploy form ----------------------------------------------------------------------
