@@ -176,14 +176,32 @@ def test_auto_is_refused_when_several_ray_clusters_run_here(monkeypatch):
 
 
 class _LostTrial:
-    """What Tune hands its callbacks about an errored trial: its config and its error files."""
+    """What Tune hands its callbacks about an errored trial: its config and the error text it
+    wrote (a task error: a traceback ending with the original exception)."""
 
-    def __init__(self, trial_id, folder, error):
+    def __init__(self, trial_id, folder):
         self.config = {"compsearch_trial_id": trial_id}
-        self.pickled_error_file = str(folder / "error.pkl")
         self.error_file = str(folder / "error.txt")
-        (folder / "error.pkl").write_bytes(__import__("ray").cloudpickle.dumps(error))
-        (folder / "error.txt").write_text(f"Failure # 1\n{error!r}\n")
+        self.pickled_error_file = str(folder / "error.pkl")  # never read: nothing is unpickled
+        (folder / "error.pkl").write_bytes(b"not a pickle")
+        (folder / "error.txt").write_text(
+            "Failure # 1 (occurred at 2026-12-01_01-00-00)\n"
+            "ray::ImplicitFunc.train() (pid=1, ip=10.0.0.5)\n"
+            '  File "trainable.py", line 3, in trainable\n'
+            "FileNotFoundError: no such file: runs/x\n"
+        )
+
+
+def test_the_cause_of_a_lost_actor_is_its_first_line(tmp_path):
+    from compsearch.search.ray_driver import _cause
+
+    lost = _LostTrial(1, tmp_path)
+    (tmp_path / "error.txt").write_text(
+        "Failure # 1 (occurred at 2026-12-01_01-00-00)\nFileNotFoundError: an older failure\n"
+        "Failure # 2 (occurred at 2026-12-01_01-01-00)\n"
+        "The actor died unexpectedly before finishing this task.\n\tclass_name: ImplicitFunc\n"
+    )
+    assert _cause(lost) == "The actor died unexpectedly before finishing this task."
 
 
 def test_a_trial_lost_before_its_run_is_retried_then_failed_with_its_cause(tmp_path, runs_root):
@@ -201,7 +219,7 @@ def test_a_trial_lost_before_its_run_is_retried_then_failed_with_its_cause(tmp_p
     folder.freeze(config)
     study = open_study(config, folder, ["maximize", "minimize", "minimize"])
     trial = study.ask()
-    lost = _LostTrial(trial._trial_id, tmp_path, FileNotFoundError("no such file: runs/x"))
+    lost = _LostTrial(trial._trial_id, tmp_path)
     log = TrialLog(folder.path, max_retries=1)
     log.on_trial_recover(iteration=1, trials=[], trial=lost)
     assert study.trials[0].state == TrialState.RUNNING

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import socket
 import time
@@ -30,7 +31,7 @@ from pathlib import Path
 import optuna
 import ray
 from optuna.trial import TrialState
-from ray import cloudpickle, tune
+from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -192,21 +193,18 @@ class TrialLog(tune.Callback):
 
 
 def _cause(tune_trial) -> str:
-    """One line: the exception that ended the Tune trial's run (a task error's own cause). Tune
-    writes it next to the experiment (``local_path``) before syncing it to the storage."""
-    error = None
-    path = tune_trial.pickled_error_file
-    if path and Path(path).is_file():
-        try:
-            error = cloudpickle.loads(Path(path).read_bytes())
-        except Exception:  # an error that does not unpickle here: its text below
-            error = None
-    if error is None:
-        lines = _error_text(tune_trial).strip().splitlines()
-        return lines[-1][:300] if lines else "unknown error (Tune recorded none)"
-    error = getattr(error, "cause", None) or error
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+    """One line: what ended the Tune trial's last run, read from the text Tune writes next to the
+    experiment (``error.txt``; its pickled twin is never loaded). A task error's text ends with
+    the original exception's line; an actor's loss has no traceback, only its first line."""
+    blocks = re.split(r"^Failure # \d+.*$", _error_text(tune_trial), flags=re.M)
+    lines = [line.strip() for line in blocks[-1].splitlines() if line.strip()]
+    if not lines:
+        return "unknown error (Tune recorded none)"
+    raised = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    return (raised[-1] if raised else lines[0])[:300]
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: |$)")
 
 
 def _error_text(tune_trial) -> str:
