@@ -70,7 +70,46 @@ def build(name: str):
         return tf.ConvNextForImageClassification(config), lambda m: m(pixel_values=px).logits
     if name == "llava":
         return llava()
-    raise KeyError(name)
+    if name in SEQ2SEQ:
+        return _seq2seq(name, ids)
+    return _decoder(name, ids)
+
+
+def _decoder(name: str, ids: torch.Tensor):
+    import transformers as tf
+
+    common = dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    if name == "gemma":  # a scaled embedding (its own forward), a single key/value head
+        config = tf.GemmaConfig(**common, intermediate_size=128, num_key_value_heads=1,
+                                head_dim=16)  # fmt: skip
+        model = tf.GemmaForCausalLM(config)
+    elif name == "opt":  # a positional embedding with an offset, in its own forward
+        config = tf.OPTConfig(**common, ffn_dim=128, max_position_embeddings=64,
+                              word_embed_proj_dim=64)  # fmt: skip
+        model = tf.OPTForCausalLM(config)
+    elif name == "falcon":  # Linear's own forward computes input @ weight.T
+        model = tf.FalconForCausalLM(tf.FalconConfig(**common))
+    else:
+        raise KeyError(name)
+    return model, lambda m: m(input_ids=ids).logits
+
+
+def _seq2seq(name: str, ids: torch.Tensor):
+    import transformers as tf
+
+    if name == "bart":  # scaled word and learned positional embeddings, both with own forwards
+        config = tf.BartConfig(vocab_size=99, d_model=64, encoder_layers=2, decoder_layers=2,
+                               encoder_attention_heads=4, decoder_attention_heads=4,
+                               encoder_ffn_dim=128, decoder_ffn_dim=128,
+                               max_position_embeddings=64)  # fmt: skip
+        model = tf.BartForConditionalGeneration(config)
+    elif name == "t5":  # a per-head relative position bias, reused by every layer
+        config = tf.T5Config(vocab_size=99, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                             num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)  # fmt: skip
+        model = tf.T5ForConditionalGeneration(config)
+    else:
+        raise KeyError(name)
+    return model, lambda m: m(input_ids=ids, decoder_input_ids=ids[:, :6]).logits
 
 
 def llava():
@@ -96,5 +135,6 @@ def llava():
     return model, run
 
 
+SEQ2SEQ = ("bart", "t5")
 NAMES = ["digits-cnn", "mnist-resnet", "bert", "gpt2", "llama", "vit", "clip", "resnet",
-         "mobilenetv2", "convnext", "llava"]  # fmt: skip
+         "mobilenetv2", "convnext", "llava", "gemma", "opt", "falcon", "bart"]  # fmt: skip

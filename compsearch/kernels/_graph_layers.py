@@ -61,6 +61,15 @@ class LayerOps:
         self.consume(x, key, 1, "linear")
         self.produce(out, key, 0, bias, weight.shape[0], out.dim() - 1)
 
+    def op_matmul(self, out, x, other) -> None:
+        """``x @ W.T`` (Falcon's Linear) is a linear layer; other products follow nothing."""
+        origin = self.get(other).origin
+        if origin is None or other.dim() != 2 or None in origin[1] or self.get(x).origin:
+            return self.unknown(out, "matmul", [x, other], [self.get(x), self.get(other)])
+        key, (fan_in, fan_out) = origin
+        self.consume(x, key, fan_in, "linear")
+        self.produce(out, key, fan_out, None, other.shape[1], out.dim() - 1)
+
     def op_addmm(self, out, bias, x, weight, **kwargs) -> None:  # GPT-2 Conv1D: x @ W + b
         key = self.key_of.get(id(weight))
         if key is None:

@@ -51,6 +51,9 @@ class ShapeOps:
     def op_t(self, out, x) -> None:
         self.moved(out, x, list(range(x.dim()))[::-1])
 
+    def op_mT(self, out, x) -> None:
+        self.op_transpose(out, x, -2, -1)
+
     def op_swapaxes(self, out, x, dim0, dim1) -> None:
         self.op_transpose(out, x, dim0, dim1)
 

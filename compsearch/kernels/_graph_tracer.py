@@ -48,6 +48,9 @@ IGNORE = {"get", "set", "len", "size", "dim", "numel", "shape", "dtype", "device
 
 def _name(func: Callable) -> str:
     name = getattr(func, "__name__", "") or str(func)
+    if name == "__get__":  # a property: ``.T`` and ``.mT`` transpose, the others are metadata
+        prop = getattr(getattr(func, "__self__", None), "__name__", "")
+        return {"T": "t", "mT": "mT"}.get(prop, "get")
     if name.startswith("__") and name.endswith("__"):
         name = name[2:-2]
     return name

@@ -5,6 +5,7 @@ them. See :mod:`compsearch.kernels.quant`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -238,19 +239,75 @@ QUANT_TYPES: tuple[type, ...] = tuple(
 
 
 def quant_class(module: nn.Module) -> type | None:
-    """The Quant module type that replaces ``module``, or None if it is not quantizable."""
+    """The Quant module type that replaces ``module``, or None if it is not quantizable.
+
+    A model's own subclass of a layer (Gemma's scaled embedding, OPT's positional embedding, Falcon's
+    Linear) gets a Quant class derived from it too, so it keeps its methods and attributes; where it
+    has its own forward, that forward runs, seeing the fake-quantized weight as ``self.weight``.
+    """
     if isinstance(module, QUANT_TYPES):
         return None
     conv1d = conv1d_class()
     if conv1d is not None and isinstance(module, conv1d):
-        return QuantConv1D
-    if isinstance(module, nn.Linear):
-        return QuantLinear
-    if isinstance(module, nn.Conv2d):
-        return QuantConv2d
-    if isinstance(module, nn.Embedding):
-        return QuantEmbedding
+        base = QuantConv1D
+    elif isinstance(module, nn.Linear):
+        base = QuantLinear
+    elif isinstance(module, nn.Conv2d):
+        base = QuantConv2d
+    elif isinstance(module, nn.Embedding):
+        base = QuantEmbedding
+    else:
+        return None
+    if type(module) in _torch_layers():
+        return base
+    return _derived_quant_class(base, type(module))
+
+
+def _torch_layers() -> tuple[type, ...]:
+    conv1d = conv1d_class()
+    return (nn.Linear, nn.Conv2d, nn.Embedding) + ((conv1d,) if conv1d is not None else ())
+
+
+def original_class(module: nn.Module) -> type:
+    """The class of the layer that compsearch's Quant or deploy class stands in for."""
+    return next(
+        c for c in type(module).__mro__ if not c.__module__.startswith("compsearch.kernels")
+    )
+
+
+def own_forward(cls: type):
+    """The forward a model's own subclass of a torch layer defines, or None where it has none."""
+    for klass in cls.__mro__:
+        if klass in _torch_layers():
+            return None
+        if klass.__module__.startswith("compsearch.kernels"):
+            continue
+        if "forward" in vars(klass):
+            return klass.forward
     return None
+
+
+@functools.cache
+def _derived_quant_class(base: type, user: type) -> type:
+    own = own_forward(user)
+    namespace = {"forward": _forward_with_quantized_weight(own)} if own is not None else {}
+    return type(f"Quant{user.__name__}", (base, user), namespace)
+
+
+def _forward_with_quantized_weight(own):
+    def forward(self, *args, **kwargs):
+        if _float_forward:
+            return own(self, *args, **kwargs)
+        if args and self.input_quant is not None:
+            args = (self.quantized_input(args[0]), *args[1:])
+        raw = self._parameters["weight"]
+        self._parameters["weight"] = self.weight_quant(raw)
+        try:
+            return own(self, *args, **kwargs)
+        finally:
+            self._parameters["weight"] = raw
+
+    return forward
 
 
 def is_quantizable(module: nn.Module) -> bool:

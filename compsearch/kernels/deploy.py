@@ -21,6 +21,7 @@ Kernels:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -36,7 +37,14 @@ from compsearch.kernels.devices import (
 )
 from compsearch.kernels.formats import FORMATS, get_format
 from compsearch.kernels.packing import PackedWeight
-from compsearch.kernels.quant import ACT_QMAX, FP8_MAX, SCALE_MIN, QuantSpec
+from compsearch.kernels.quant import (
+    ACT_QMAX,
+    FP8_MAX,
+    SCALE_MIN,
+    QuantSpec,
+    original_class,
+    own_forward,
+)
 
 
 @dataclass(frozen=True)
@@ -392,7 +400,9 @@ def build_deploy(
         weight = packed.weights[source]
         module = skeleton.get_submodule(name)
         kind = layer_kind(module)
-        kernel = kernel_for(kind, weight.spec, device.type)
+        own = own_forward(original_class(module))
+        # a layer with its own forward runs it on the dequantized weight
+        kernel = "dequant" if own is not None else kernel_for(kind, weight.spec, device.type)
         bias = getattr(module, "bias", None)
         if kind == EMBEDDING:
             new = DeployEmbedding(weight, module, kernel)
@@ -400,6 +410,8 @@ def build_deploy(
             new = DeployConv2d(weight, module, bias)
         else:
             new = DeployLinear(weight, bias, kernel, packed.input_scales.get(name))
+        if own is not None:
+            new = _with_own_forward(new, module)
         replace_module(skeleton, module, new)
         kernels[name] = kernel
     for name, module in list(skeleton.named_modules()):
@@ -416,8 +428,36 @@ def build_deploy(
     return model, DeployReport(kernels, chains)
 
 
+def _with_own_forward(new: nn.Module, module: nn.Module) -> nn.Module:
+    """``new`` (a deploy layer) as an instance of the model's own layer class, whose forward it
+    runs: the deploy layer's weight and bias, the original's other attributes and buffers."""
+    user = original_class(module)
+    cls = _derived_deploy_class(type(new), user, own_forward(user))
+    made = cls.__new__(cls)
+    made.__dict__ = new.__dict__.copy()
+    for key, value in module.__dict__.items():
+        made.__dict__.setdefault(key, value)
+    for key, buffer in module._buffers.items():
+        if key != "weight" and key not in made._parameters:
+            made._buffers.setdefault(key, buffer)
+    return made
+
+
+@functools.cache
+def _derived_deploy_class(deploy: type, user: type, own) -> type:
+    def forward(self, *args, **kwargs):
+        spec = self.spec
+        if args and spec.quantizes_input and not isinstance(self, DeployEmbedding):
+            x = args[0]
+            scale = self.input_scale if self.input_scale is not None else per_token_scale(x)
+            args = (quantize_s8(x.float(), scale).to(x.dtype) * scale, *args[1:])
+        return own(self, *args, **kwargs)
+
+    return type(f"Deploy{user.__name__}", (deploy, user), {"forward": forward})
+
+
 def _plain(module: nn.Module) -> nn.Module:
-    base = type(module).__mro__[2]  # QuantX(QuantMixin, Base)
+    base = original_class(module)
     plain = base.__new__(base)
     plain.__dict__ = module.__dict__.copy()
     plain._modules = {

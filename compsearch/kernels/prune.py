@@ -9,6 +9,10 @@
    rounds the kept count (multiples of ``round_to`` where the group is wide enough), and replaces
    every tensor by its kept slice. Output layers are never pruned; groups that cannot be pruned
    safely are reported with the reason, never dropped silently.
+   Before a group inside the blocks (heads, MLP neurons, conv channels — every kind but a residual
+   stream) is committed, the pruned model must give, on the run's inputs, what the unpruned model
+   gives with the removed units zeroed (the *masked-equivalence check*); a group that does not is
+   refused with the error it showed. A prune that raises leaves the model as it was.
 3. The kept indices are a :class:`PruneRecord` — plain data. :func:`replay_` applies a record to a
    fresh model, rebuilding the same architecture so a saved state dict loads with ``strict=True``.
 """
@@ -21,7 +25,8 @@ import torch
 from torch import nn
 
 from compsearch.errors import KernelError
-from compsearch.kernels._modules import replace_module
+from compsearch.kernels._modules import replace_module, transaction
+from compsearch.kernels._prune_check import apply_checked
 from compsearch.kernels._prune_groups import (  # noqa: F401 - the public names of pruning
     HEAD_ATTRS,
     IMPORTANCES,
@@ -116,6 +121,11 @@ def prune_(
             "importance 'taylor' expected gradients, but none were given. Compute them with "
             "compsearch.kernels.prune.taylor_gradients(model, loss, batches)."
         )
+    with transaction(model):
+        return _prune(model, recipe, run, method, round_to, seed, grads)
+
+
+def _prune(model, recipe, run, method, round_to, seed, grads) -> tuple[PruneRecord, PruneReport]:
     analysis = analyze(model, run)
     ratios, blocks, skipped = plan_from_recipe(analysis, recipe)
     report = PruneReport(skipped=skipped)
@@ -131,16 +141,25 @@ def prune_(
         group = analysis.groups[name]
         count = kept_count(group.size, ratio, round_to, heads=group.kind == "heads")
         scores = importance(model, group, method, seed, grads)
-        kept = torch.sort(torch.topk(scores, count).indices).values
-        decisions[name] = kept
+        decisions[name] = torch.sort(torch.topk(scores, count).indices).values
+    refused = apply_checked(model, analysis, decisions, run, _apply)
+    report.skipped.update(refused)
+    for name, kept in decisions.items():
+        if name in refused:
+            continue
+        group = analysis.groups[name]
         record.groups[name] = {"kind": group.kind, "size": group.size, "kept": kept.tolist()}
-        report.pruned[name] = (count, group.size)
-    _apply(model, analysis, decisions, run)
+        report.pruned[name] = (len(kept), group.size)
     return record, report
 
 
 def replay_(model: nn.Module, record: PruneRecord, run: Run) -> None:
     """Apply ``record`` to a fresh model of the architecture it was made on."""
+    with transaction(model):
+        _replay(model, record, run)
+
+
+def _replay(model: nn.Module, record: PruneRecord, run: Run) -> None:
     if record.dropped_blocks:
         analysis = analyze(model, run)
         drop_blocks_(model, analysis.blocks, record.dropped_blocks)
@@ -161,6 +180,9 @@ def replay_(model: nn.Module, record: PruneRecord, run: Run) -> None:
             raise KernelError(f"pruning record: group {name!r} has kept indices out of range.")
         decisions[name] = kept
     _apply(model, analysis, decisions, run)
+
+
+# -- applying decisions ----------------------------------------------------------------------------
 
 
 def _apply(model: nn.Module, analysis: Analysis, decisions: dict[str, torch.Tensor], run: Run):
@@ -190,7 +212,7 @@ def _apply(model: nn.Module, analysis: Analysis, decisions: dict[str, torch.Tens
     _sync_attributes(model, analysis, decisions)
     try:
         with torch.no_grad():
-            run(model)
+            return run(model)
     except Exception as error:  # a bug in the analysis must not pass silently
         raise KernelError(
             f"the pruned model no longer runs ({type(error).__name__}: {error}). This is a bug in "

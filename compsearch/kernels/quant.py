@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from compsearch.errors import KernelError
-from compsearch.kernels._modules import replace_by_name
+from compsearch.kernels._modules import replace_by_name, transaction
 from compsearch.kernels._quant_grid import (  # noqa: F401 - the public names of quantization
     ACT_QMAX,
     FP8_MAX,
@@ -56,6 +56,8 @@ from compsearch.kernels._quant_modules import (  # noqa: F401
     conv1d_class,
     float_forward,
     is_quantizable,
+    original_class,
+    own_forward,
     quant_class,
 )
 from compsearch.kernels.formats import get_format, weight_scale  # noqa: F401
@@ -87,7 +89,8 @@ def quantize_(
     ``plans`` is a Recipe or a mapping of layer keys to plans; keys resolve as Recipe.plan_for does,
     and ``re:`` keys apply to the quantizable layers they match. Everything is checked
     before the model is touched: an exact name the model lacks or that is not quantizable, bits out
-    of range, a group size that does not divide the fan-in, tied weights with different plans.
+    of range, a group size that does not divide the fan-in, tied weights with different plans; and
+    a conversion that raises all the same puts the model back as it was.
     Returns a :class:`QuantReport`; nothing is skipped without a reason recorded there.
     """
     modules = dict(model.named_modules())
@@ -130,12 +133,22 @@ def quantize_(
         todo[name] = spec
     shared = _tied_groups(model, todo)
     for names in shared.values():
-        specs = {todo[n] for n in names}
+        specs = {_weight_part(todo[n]) for n in names}  # inputs are each layer's own
         if len(specs) > 1:
             raise KernelError(
                 f"layers {sorted(names)} share one weight (tied), so they need one plan, but got "
                 f"{len(specs)} different ones. Give them the same w_bits and granularity."
             )
+    with transaction(model):
+        _convert_all(model, modules, todo, report)
+    for names in shared.values():
+        first = sorted(names)[0]
+        for other in sorted(names)[1:]:
+            report.tied[other] = first
+    return report
+
+
+def _convert_all(model, modules, todo: Mapping[str, QuantSpec], report: QuantReport) -> None:
     quantizers: dict[int, WeightQuantizer] = {}
     for name, spec in todo.items():
         module = modules[name]
@@ -147,11 +160,10 @@ def quantize_(
         quantizers.setdefault(key, new.weight_quant)
         replace_by_name(model, name, new)
         report.quantized[name] = spec
-    for names in shared.values():
-        first = sorted(names)[0]
-        for other in sorted(names)[1:]:
-            report.tied[other] = first
-    return report
+
+
+def _weight_part(spec: QuantSpec) -> QuantSpec:
+    return dataclasses.replace(spec, a_bits=FLOAT_BITS, activation_mode="static")
 
 
 def _check_spec(name: str, module: nn.Module, spec: QuantSpec, report: QuantReport) -> QuantSpec:

@@ -1,0 +1,161 @@
+"""The masked-equivalence check: before a prune inside the blocks is committed, the pruned model
+must give, on the run's inputs, what the unpruned model gives with the removed units zeroed on the
+producing side. Equal means the trace saw every use of those units; a group that fails is refused
+with the error it showed, and the model is left as it was before that group.
+
+Residual streams are not checked: zeroing part of a normalized width is not what removing it does.
+Quant modules compute in float while checking (a grid that depends on a layer's width is not a
+structural difference). See :mod:`compsearch.kernels.prune`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from compsearch.errors import KernelError
+from compsearch.kernels._modules import transaction
+from compsearch.kernels._prune_groups import Analysis, Run, _tensor_table
+from compsearch.kernels._quant_modules import float_forward
+
+Apply = Callable[[nn.Module, Analysis, dict[str, torch.Tensor], Run], Any]
+
+# largest relative difference (over all output tensors) between the pruned model and the masked
+# unpruned one that still counts as equal: float rounding of the smaller matrix products, not a bug
+TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
+HALF_TOLERANCE = 3e-2
+
+
+class _Rollback(Exception):
+    pass
+
+
+def apply_checked(
+    model: nn.Module, analysis: Analysis, decisions: dict[str, torch.Tensor], run: Run, apply: Apply
+) -> dict[str, str]:
+    """Apply ``decisions`` with ``apply`` (which returns the output of its run); groups inside
+    blocks only where they pass the masked-equivalence check. Returns the refused groups with their
+    reasons; the model holds every other decision."""
+    inner = {n: k for n, k in decisions.items() if analysis.groups[n].kind != "stream"}
+    refused: dict[str, str] = {}
+    if inner and _try_inner(model, analysis, inner, run, apply, keep=True) is not None:
+        for name, kept in inner.items():
+            problem = _try_inner(model, analysis, {name: kept}, run, apply, keep=False)
+            if problem is not None:
+                refused[name] = f"refused by the masked-equivalence check: {problem}"
+        passing = {n: k for n, k in inner.items() if n not in refused}
+        if passing:
+            problem = _try_inner(model, analysis, passing, run, apply, keep=True)
+            if problem is not None:  # each passes alone, not together: refuse them all
+                refused.update(
+                    (
+                        n,
+                        f"refused by the masked-equivalence check, with the other groups: {problem}",
+                    )
+                    for n in passing
+                )
+    rest = {n: k for n, k in decisions.items() if n not in inner}
+    if rest:
+        apply(model, analysis, rest, run)
+    return refused
+
+
+def _try_inner(model, analysis, decisions, run, apply: Apply, keep: bool) -> str | None:
+    """Apply ``decisions`` and compare with the masked reference. None if equal (the pruning stays
+    when ``keep``); else what went wrong, with the model left as it was."""
+    reference = _masked_outputs(model, analysis, decisions, run)
+    found: list[str] = []
+    try:
+        with transaction(model):
+            try:
+                with _evaluating(model):
+                    actual = apply(model, analysis, decisions, run)
+            except KernelError as error:
+                found.append(str(error))
+                raise _Rollback from error
+            error = _difference(_float_tensors(actual), reference)
+            if error is not None:
+                found.append(
+                    f"the pruned model's output differs by {error:.2g} (relative) from the "
+                    "unpruned model's with the removed units zeroed, so these units are used "
+                    "somewhere the trace did not see"
+                )
+            if found or not keep:
+                raise _Rollback
+    except _Rollback:
+        pass
+    return found[0] if found else None
+
+
+def _masked_outputs(model, analysis, decisions, run) -> list[torch.Tensor]:
+    """The model's outputs with the units ``decisions`` remove zeroed on the producing side; every
+    tensor written is restored before returning."""
+    tensors = _tensor_table(model)
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        with torch.no_grad():
+            for name, kept in decisions.items():
+                group = analysis.groups[name]
+                removed = torch.ones(group.size, dtype=torch.bool)
+                removed[kept] = False
+                units = torch.nonzero(removed).reshape(-1)
+                for member, width in group.members:
+                    if member.role == "in":
+                        continue
+                    tensor = tensors[member.key]
+                    saved.setdefault(id(tensor), (tensor, tensor.detach().clone()))
+                    index = group.indices(member, width, units).to(tensor.device)
+                    tensor.index_fill_(member.dim, index, 0.0)
+            with _evaluating(model):
+                return [t.clone() for t in _float_tensors(run(model))]
+    finally:
+        with torch.no_grad():
+            for tensor, original in saved.values():
+                tensor.copy_(original)
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout), no gradients, and Quant modules in float (a grid that depends on the
+    layer's width is not a structural difference); each module's own mode back afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), float_forward():
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _float_tensors(output) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _float_tensors(item)]
+    return []
+
+
+def _difference(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float | None:
+    """None when ``actual`` equals ``expected`` within the tolerance of their dtype, else the
+    relative error (infinite for another structure or a non-finite value the reference lacks)."""
+    if len(actual) != len(expected) or not expected:
+        return float("inf") if len(actual) != len(expected) else None
+    worst = 0.0
+    for a, b in zip(actual, expected, strict=True):
+        if a.shape != b.shape:
+            return float("inf")
+        a, b = a.detach().double(), b.detach().double()
+        if not torch.equal(torch.isfinite(a), torch.isfinite(b)):
+            return float("inf")
+        finite = torch.isfinite(b)
+        scale = b[finite].norm().clamp(min=1e-12)
+        worst = max(worst, float((a[finite] - b[finite]).norm() / scale))
+    tolerance = TOLERANCE.get(expected[0].dtype, HALF_TOLERANCE)
+    return worst if worst > tolerance else None

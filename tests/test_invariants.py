@@ -1,0 +1,189 @@
+"""The kernels' run-time invariants: nothing silently wrong (the masked-equivalence check refuses a
+prune it cannot vouch for; Quant layers keep a model's own layer classes), and transactional (a
+kernel that raises leaves the model bit-identical)."""
+
+import copy
+
+import pytest
+import torch
+from zoo import build
+
+from compsearch.errors import KernelError
+from compsearch.kernels import quant as quant_module
+from compsearch.kernels._prune_groups import Group
+from compsearch.kernels.deploy import to_deploy
+from compsearch.kernels.observers import calibrate
+from compsearch.kernels.prune import analyze, prune_, zero_removed_
+from compsearch.kernels.quant import QuantReport, quantize_
+from compsearch.recipes import LayerPlan, Recipe
+
+
+def snapshot(model):
+    """Everything a kernel could change: classes, attributes that are plain values, tensors."""
+    classes = [(name, type(m)) for name, m in model.named_modules()]
+    values = [
+        (name, key, value)
+        for name, m in model.named_modules()
+        for key, value in vars(m).items()
+        if isinstance(value, (int, float, str, bool, tuple)) and not key.startswith("_")
+    ]
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}
+    return classes, values, tensors
+
+
+def assert_same(model, before):
+    classes, values, tensors = snapshot(model)
+    assert classes == before[0]
+    assert values == before[1]
+    assert tensors.keys() == before[2].keys()
+    for key, tensor in tensors.items():
+        assert torch.equal(tensor, before[2][key]), key
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_a_prune_that_raises_leaves_the_model_bit_identical():
+    model, run = build("llama")
+    model.eval()
+    analysis = analyze(model, run)
+    plans = {g.name: LayerPlan(keep_ratio=0.5) for g in analysis.groups.values() if g.prunable}
+    plans[next(iter(analysis.blocks))] = LayerPlan(keep=False)  # a block is replaced first
+    with torch.no_grad():
+        expected = run(model)
+    before = snapshot(model)
+
+    def fails_once_narrower(m):  # the hidden width is pruned last: everything else is done by then
+        if m.model.norm.weight.shape[0] < 64:
+            raise RuntimeError("the run broke")
+        return run(m)
+
+    with pytest.raises(KernelError, match="no longer runs"):
+        prune_(model, plans, fails_once_narrower)
+    assert_same(model, before)
+    with torch.no_grad():
+        assert torch.equal(run(model), expected)
+
+
+def test_a_quantize_that_raises_leaves_the_model_bit_identical(monkeypatch):
+    model, run = build("gpt2")
+    before = snapshot(model)
+    convert, calls = quant_module._convert, []
+
+    def fails_third(module, spec, shared):
+        calls.append(module)
+        if len(calls) == 3:
+            raise RuntimeError("conversion broke")
+        return convert(module, spec, shared)
+
+    monkeypatch.setattr(quant_module, "_convert", fails_third)
+    with pytest.raises(RuntimeError, match="conversion broke"):
+        quantize_(model, Recipe(layers={"re:.*": LayerPlan(w_bits=4)}))
+    assert len(calls) == 3
+    assert_same(model, before)
+    assert not quant_module.quant_modules(model)
+
+
+def test_a_group_the_trace_got_wrong_is_refused_and_the_rest_is_pruned(monkeypatch):
+    """Negative control of the check: the MLP's down projection is made to keep other columns than
+    the rows its gate and up projections keep. The model runs, and is wrong; the check refuses."""
+    model, run = build("llama")
+    model.eval()
+    analysis = analyze(model, run)
+    mlp = "model.layers.0.mlp.gate_proj"
+    assert analysis.groups[mlp].kind == "channels"
+    indices = Group.indices
+
+    def misread(self, member, width, units):
+        found = indices(self, member, width, units)
+        if self.name == mlp and member.role == "in":
+            return (found + 1) % self.size
+        return found
+
+    monkeypatch.setattr(Group, "indices", misread)
+    inner = [g.name for g in analysis.groups.values() if g.prunable and g.kind != "stream"]
+    reference = copy.deepcopy(model)
+    record, report = prune_(model, {name: LayerPlan(keep_ratio=0.5) for name in inner}, run)
+    assert "masked-equivalence" in report.skipped[mlp] and "differs by" in report.skipped[mlp]
+    assert mlp not in report.pruned and mlp not in record.groups
+    assert model.model.layers[0].mlp.down_proj.in_features == 128  # left as it was
+    assert set(report.pruned) == set(inner) - {mlp}
+    decisions = {n: torch.tensor(e["kept"]) for n, e in record.groups.items()}
+    monkeypatch.setattr(Group, "indices", indices)
+    zero_removed_(reference, analyze(reference, run), decisions)
+    with torch.no_grad():
+        assert relative_error(run(model), run(reference)) < 1e-4
+
+
+def test_t5_heads_the_trace_cannot_follow_are_refused_with_a_reason():
+    """T5's per-head position bias is made once and reused by every layer's attention; pruning heads
+    layer by layer breaks it. The heads are refused, the MLPs pruned, the output stays right."""
+    model, run = build("t5")
+    model.eval()
+    analysis = analyze(model, run)
+    prunable = [g.name for g in analysis.groups.values() if g.prunable]
+    reference = copy.deepcopy(model)
+    record, report = prune_(model, {name: LayerPlan(keep_ratio=0.5) for name in prunable}, run)
+    heads = [g.name for g in analysis.groups.values() if g.kind == "heads"]
+    assert heads and all("masked-equivalence" in report.skipped[h] for h in heads)
+    assert all("\n" not in reason for reason in report.skipped.values())
+    assert [n for n in report.pruned if "DenseReluDense" in n] == [
+        n for n in prunable if "DenseReluDense" in n
+    ]
+    decisions = {n: torch.tensor(e["kept"]) for n, e in record.groups.items()}
+    zero_removed_(reference, analyze(reference, run), decisions)
+    with torch.no_grad():
+        assert relative_error(run(model), run(reference)) < 1e-4
+
+
+def sqnr(actual, expected):
+    return float(10 * torch.log10(expected.pow(2).mean() / (actual - expected).pow(2).mean()))
+
+
+@pytest.mark.parametrize(
+    ("name", "own"),
+    [
+        ("gemma", "GemmaTextScaledWordEmbedding"),  # forward: scaled by embed_scale
+        ("opt", "OPTLearnedPositionalEmbedding"),  # forward: positions + offset, own keywords
+        ("bart", "BartLearnedPositionalEmbedding"),
+        ("falcon", "FalconLinear"),  # forward: input @ weight.T
+    ],
+)
+def test_quantized_layers_keep_the_models_own_layer_classes(name, own):
+    model, run = build(name)
+    model.eval()
+    with torch.no_grad():
+        expected = run(model)
+    for plan in (LayerPlan(w_bits=8), LayerPlan(w_bits=8, a_bits=8)):  # a8: tied embeddings too
+        fake = copy.deepcopy(model)
+        report = quantize_(fake, Recipe(layers={"re:.*": plan}))
+        assert isinstance(report, QuantReport) and not report.skipped.keys() - {
+            k for k in report.skipped if k.endswith(":input")
+        }
+        kinds = {type(m).__name__: m for m in fake.modules()}
+        assert f"Quant{own}" in kinds and isinstance(kinds[f"Quant{own}"], quant_module.QUANT_TYPES)
+        calibrate(fake, [None], lambda m, _: run(m))
+        with torch.no_grad():
+            quantized = run(fake)
+        assert sqnr(quantized, expected) > 30, "8-bit weights keep the output (Gemma was 2.7 dB)"
+        deployed, deploy_report = to_deploy(fake, "cpu", run)
+        assert any(type(m).__name__ == f"Deploy{own}" for m in deployed.modules())
+        with torch.no_grad():
+            shipped = run(deployed)
+        if plan.a_bits is None:
+            assert torch.equal(shipped, quantized), "the deploy form is the fake-quant model"
+        else:
+            assert sqnr(shipped, quantized) > 35
+
+
+def test_a_changed_weight_seen_by_an_own_forward_is_the_quantized_one():
+    """Without the Quant class, an own forward reading ``self.weight`` would compute in float."""
+    model, run = build("falcon")
+    model.eval()
+    fake = copy.deepcopy(model)
+    quantize_(fake, Recipe(layers={"re:.*dense_h_to_4h": LayerPlan(w_bits=2)}))
+    with torch.no_grad():
+        assert relative_error(run(fake), run(model)) > 1e-2
+        with quant_module.float_forward():
+            assert torch.equal(run(fake), run(model))
