@@ -131,7 +131,10 @@ def _suffixed(values: dict[str, float | str], suffix: str) -> dict[str, float | 
     return {f"{key}{suffix}": value for key, value in values.items()}
 
 
-def report_markdown(name: str, recipe: Recipe, m: Measurements, metric: str) -> str:
+def report_markdown(
+    name: str, recipe: Recipe, m: Measurements, metric: str, left_float: dict[str, str] | None = None,
+    float_share: float = 0.0,
+) -> str:  # fmt: skip
     t, c = m.teacher, m.compressed
     valid = f"{metric}_validation"
     rows = [
@@ -163,12 +166,24 @@ def report_markdown(name: str, recipe: Recipe, m: Measurements, metric: str) -> 
                     and not k.startswith(("size", "latency", "speedup", "params")))  # fmt: skip
     for other in others:
         lines.append(f"- {other}: teacher {t[other]:.4f}, compressed {c[other]:.4f}")
+    if left_float:
+        lines += ["", float_summary(left_float, float_share)]
     if m.constraints:
         lines += ["", "| constraint (test split) | met |", "|---|---|"]
         lines += [
             f"| {v['limit']} | {'yes' if v['met'] else 'no'} |" for v in m.constraints.values()
         ]
     return "\n".join(lines) + "\n"
+
+
+def float_summary(left_float: dict[str, str], share: float) -> str:
+    """One line: the share of the weights kept in float, and why, by reason."""
+    reasons: dict[str, int] = {}
+    for reason in left_float.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    parts = "; ".join(f"{count} {'tensor' if count == 1 else 'tensors'}: {reason}"
+                      for reason, count in sorted(reasons.items(), key=lambda r: -r[1]))  # fmt: skip
+    return f"Weights kept in float: {share:.1%} of the weight elements ({parts})."
 
 
 def final_dir(recipe: Recipe, name: str) -> Path:
@@ -219,14 +234,19 @@ def train_recipe(
                        threads)  # fmt: skip
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=target.parent if target.parent.exists()
                                     else _mkdir(target.parent)))  # fmt: skip
+    quant = result.quant_report
     (staging / ARTIFACT).write_bytes(artifact)
     (staging / "recipe.yaml").write_text(dumps(recipe))
     (staging / "report.json").write_text(json.dumps({
         "name": name, "recipe": str(recipe_path), "steps": result.train.steps,
         "final_loss": result.train.final_loss, "kernels": result.deploy_report.kernels,
+        "float_weights": {"share": quant.float_share, "tensors": quant.left_float},
         **measured.to_dict()}, indent=2, sort_keys=True))  # fmt: skip
-    (staging / "report.md").write_text(report_markdown(name, recipe, measured,
-                                                       the_task.primary_metric))  # fmt: skip
+    (staging / "report.md").write_text(
+        report_markdown(
+            name, recipe, measured, the_task.primary_metric, quant.left_float, quant.float_share
+        )
+    )
     _publish(staging, target)
     return FinalRun(target, measured, result.deployed)
 

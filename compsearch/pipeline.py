@@ -41,12 +41,15 @@ from compsearch.kernels.prune import (
     taylor_gradients,
 )
 from compsearch.kernels.quant import (
+    NOT_CALLED,
     QuantReport,
     is_quantizable,
     learn_scales_,
+    left_in_float,
     quant_modules,
     quantize_,
     spec_from_plan,
+    unquantize_uncalled_,
 )
 from compsearch.kernels.smooth import smooth_
 from compsearch.recipes import dumps, validate
@@ -233,6 +236,8 @@ def compress(
     if total > 0:
         with _timed(timings, "calibrate"):
             _recalibrate(student, task, recipe, device)
+    uncalled = {n: r for n, r in quant_report.skipped.items() if r == NOT_CALLED}
+    quant_report.left_float, quant_report.float_share = left_in_float(student, uncalled)
     with _timed(timings, "deploy"):
         deployed, deploy_report = to_deploy(student, device, run)
     result = TrainResult(
@@ -257,6 +262,7 @@ def _quantize(student, recipe, task, run, timings, device) -> QuantReport:
         scaling = _smooth(student, recipe, task, device)
         _awq(student, recipe, task, device, scaling)
         report = quantize_(student, recipe, recipe.calibration.activation_mode)
+        report.skipped.update(unquantize_uncalled_(student, run))
         for name in ("smoothed", "rounding", "skipped"):
             getattr(report, name).update(getattr(scaling, name))
     with _timed(timings, "calibrate"):

@@ -66,6 +66,10 @@ def test_search_export_train_load_evaluate_end_to_end(mnist_study, mnist_task, c
     report = json.loads((run.path / "report.json").read_text())
     assert report["compressed"]["size_bytes"] == file_bytes
     assert "accuracy (test split)" in (run.path / "report.md").read_text()
+    floats = report["float_weights"]  # every weight left in float is listed, with why
+    assert 0 <= floats["share"] < 1 and all(isinstance(r, str) for r in floats["tensors"].values())
+    if floats["tensors"]:
+        assert "Weights kept in float" in (run.path / "report.md").read_text()
     assert measured.compressed["size_bytes"] < measured.teacher["size_bytes"]
     assert "accuracy_drop" in measured.constraints
     assert main(["evaluate", str(run.path)]) == 0

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from zoo import build
 
 from compsearch.errors import KernelError
@@ -187,3 +188,68 @@ def test_a_changed_weight_seen_by_an_own_forward_is_the_quantized_one():
         assert relative_error(run(fake), run(model)) > 1e-2
         with quant_module.float_forward():
             assert torch.equal(run(fake), run(model))
+
+
+@pytest.mark.parametrize("name", ["whisper", "gpt2", "llava"])
+def test_every_weight_is_quantized_or_listed_with_why(name):
+    """After quantize_, every parameter of two or more dimensions is in a Quant layer or listed;
+    Whisper's Conv1d feature encoder has no quantized form: it stays float, said so."""
+    model, run = build(name)
+    model.eval()
+    report = quantize_(
+        model, Recipe(layers={"re:.*(fc|mlp|proj|embed|conv|wte|head).*": LayerPlan(w_bits=8)})
+    )
+    report.skipped.update(quant_module.unquantize_uncalled_(model, run))
+    left, share = quant_module.left_in_float(model, report.skipped)
+    quantized = {f"{n}.weight" for n, m in quant_module.quant_modules(model).items()}
+    seen, total, floats = set(), 0, 0
+    for key, param in model.named_parameters():
+        if param.dim() < 2:
+            continue
+        total += param.numel()
+        assert key in quantized or key in left, f"{key}: neither quantized nor listed"
+        floats += param.numel() if key in left else 0
+        seen.add(key)
+    assert left.keys() <= seen and share == pytest.approx(floats / total)
+    assert all(reason and "\n" not in reason for reason in left.values())
+    if name == "whisper":
+        assert "Conv1d has no quantized form" in left["model.encoder.conv1.weight"]
+    with torch.no_grad():
+        fake = run(model)
+        deployed, _ = to_deploy(model, "cpu", run)
+        assert torch.equal(run(deployed), fake)
+
+
+class ReadsTheTable(nn.Module):
+    """Uses its position table as ``.weight`` and never calls it (as some encoders do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions = nn.Embedding(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(x + self.positions.weight[: x.shape[1]])
+
+
+def test_a_layer_the_model_never_calls_is_kept_float_and_said_so():
+    torch.manual_seed(0)
+    model, x = ReadsTheTable(), torch.randn(2, 6, 8)
+    quantize_(model, Recipe(layers={"re:.*": LayerPlan(w_bits=4)}))
+    reverted = quant_module.unquantize_uncalled_(model, lambda m: m(x))
+    assert reverted == {"positions": quant_module.NOT_CALLED}
+    assert type(model.positions) is nn.Embedding and type(model.head).__name__ == "QuantLinear"
+    left, _ = quant_module.left_in_float(model, reverted)
+    assert left == {"positions.weight": quant_module.NOT_CALLED}
+    with torch.no_grad():
+        fake = model(x)
+        deployed, _ = to_deploy(model, "cpu")
+        assert torch.equal(deployed(x), fake), "fake-quant and deploy forms agree"
+
+
+def test_weights_no_prune_group_reaches_are_listed():
+    model, run = build("whisper")
+    model.eval()
+    _, report = prune_(model, {}, run)
+    assert set(report.untouched) >= {"model.encoder.conv1.weight", "model.encoder.conv2.weight"}
+    assert all("no prune group reaches it" in reason for reason in report.untouched.values())

@@ -107,6 +107,16 @@ def _seq2seq(name: str, ids: torch.Tensor):
         config = tf.T5Config(vocab_size=99, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                              num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)  # fmt: skip
         model = tf.T5ForConditionalGeneration(config)
+    elif name == "whisper":  # audio: a Conv1d feature encoder, sinusoidal and learned positions
+        config = tf.WhisperConfig(vocab_size=99, d_model=64, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4,
+                                  encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
+                                  max_source_positions=16, max_target_positions=32,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  decoder_start_token_id=1)  # fmt: skip
+        features = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))
+        model = tf.WhisperForConditionalGeneration(config)
+        return model, lambda m: m(input_features=features, decoder_input_ids=ids[:, :6]).logits
     else:
         raise KeyError(name)
     return model, lambda m: m(input_ids=ids, decoder_input_ids=ids[:, :6]).logits
@@ -135,6 +145,6 @@ def llava():
     return model, run
 
 
-SEQ2SEQ = ("bart", "t5")
+SEQ2SEQ = ("bart", "t5", "whisper")
 NAMES = ["digits-cnn", "mnist-resnet", "bert", "gpt2", "llama", "vit", "clip", "resnet",
          "mobilenetv2", "convnext", "llava", "gemma", "opt", "falcon", "bart"]  # fmt: skip

@@ -29,15 +29,15 @@ def _names(results: StudyResults) -> list[str]:
 
 def columns(results: StudyResults) -> list[str]:
     names = _names(results)
-    return ["trial", *names, f"{results.metric}_drop", "speedup", "size_ratio", "feasible",
-            "latency_source", "latency_ci"]  # fmt: skip
+    return ["trial", *names, f"{results.metric}_drop", "speedup", "size_ratio", "float_share",
+            "feasible", "latency_source", "latency_ci"]  # fmt: skip
 
 
 def row_values(results: StudyResults, row: TrialRow) -> list[object]:
     names = _names(results)
     m = row.measured
     return [row.number, *[m.get(n) for n in names], m.get(f"{results.metric}_drop"),
-            m.get("speedup"), m.get("size_ratio"), row.feasible,
+            m.get("speedup"), m.get("size_ratio"), m.get("float_share"), row.feasible,
             m.get("latency_source", "measured"), m.get("latency_ci")]  # fmt: skip
 
 

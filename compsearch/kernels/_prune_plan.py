@@ -71,6 +71,8 @@ class PruneReport:
     pruned: dict[str, tuple[int, int]] = field(default_factory=dict)
     dropped_blocks: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    # weight tensors (2-D or more) that no prune group reaches, with why
+    untouched: dict[str, str] = field(default_factory=dict)
 
 
 def plan_from_recipe(

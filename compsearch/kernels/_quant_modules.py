@@ -263,6 +263,17 @@ def quant_class(module: nn.Module) -> type | None:
     return _derived_quant_class(base, type(module))
 
 
+def float_layer(module: nn.Module) -> nn.Module:
+    """The float layer a Quant module was made from: its own class, its weight, no quantizers."""
+    base = original_class(module)
+    plain = base.__new__(base)
+    plain.__dict__ = module.__dict__.copy()
+    plain._modules = {
+        k: v for k, v in module._modules.items() if k not in ("weight_quant", "input_quant")
+    }
+    return plain
+
+
 def _torch_layers() -> tuple[type, ...]:
     conv1d = conv1d_class()
     return (nn.Linear, nn.Conv2d, nn.Embedding) + ((conv1d,) if conv1d is not None else ())

@@ -42,6 +42,7 @@ from compsearch.kernels.quant import (
     FP8_MAX,
     SCALE_MIN,
     QuantSpec,
+    float_layer,
     original_class,
     own_forward,
 )
@@ -416,7 +417,7 @@ def build_deploy(
         kernels[name] = kernel
     for name, module in list(skeleton.named_modules()):
         if isinstance(module, QUANT_TYPES):  # a8 with float weight: ships as a float layer
-            replace_module(skeleton, module, _plain(module))
+            replace_module(skeleton, module, float_layer(module))
             kernels[name] = "float"
     model = skeleton.to(device).eval().requires_grad_(False)
     if run is not None:
@@ -454,16 +455,6 @@ def _derived_deploy_class(deploy: type, user: type, own) -> type:
         return own(self, *args, **kwargs)
 
     return type(f"Deploy{user.__name__}", (deploy, user), {"forward": forward})
-
-
-def _plain(module: nn.Module) -> nn.Module:
-    base = original_class(module)
-    plain = base.__new__(base)
-    plain.__dict__ = module.__dict__.copy()
-    plain._modules = {
-        k: v for k, v in module._modules.items() if k not in ("weight_quant", "input_quant")
-    }
-    return plain
 
 
 def to_deploy(

@@ -142,6 +142,7 @@ def _prune(model, recipe, run, method, round_to, seed, grads) -> tuple[PruneReco
         count = kept_count(group.size, ratio, round_to, heads=group.kind == "heads")
         scores = importance(model, group, method, seed, grads)
         decisions[name] = torch.sort(torch.topk(scores, count).indices).values
+    report.untouched = _untouched(model, analysis)
     refused = apply_checked(model, analysis, decisions, run, _apply)
     report.skipped.update(refused)
     for name, kept in decisions.items():
@@ -151,6 +152,15 @@ def _prune(model, recipe, run, method, round_to, seed, grads) -> tuple[PruneReco
         record.groups[name] = {"kind": group.kind, "size": group.size, "kept": kept.tolist()}
         report.pruned[name] = (len(kept), group.size)
     return record, report
+
+
+def _untouched(model: nn.Module, analysis: Analysis) -> dict[str, str]:
+    reached = {member.key for group in analysis.groups.values() for member, _ in group.members}
+    return {
+        key: "no prune group reaches it: the trace found no channel of it to remove"
+        for key, param in model.named_parameters()
+        if param.dim() >= 2 and key not in reached
+    }
 
 
 def replay_(model: nn.Module, record: PruneRecord, run: Run) -> None:

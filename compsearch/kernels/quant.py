@@ -55,6 +55,7 @@ from compsearch.kernels._quant_modules import (  # noqa: F401
     WeightQuantizer,
     conv1d_class,
     float_forward,
+    float_layer,
     is_quantizable,
     original_class,
     own_forward,
@@ -77,6 +78,9 @@ class QuantReport:
     rounding: dict[str, str] = field(default_factory=dict)
     # layer -> the SmoothQuant scale it took: through which normalization layer, with which spread
     smoothed: dict[str, str] = field(default_factory=dict)
+    # every weight tensor (2-D or more) left in float, with why; and their share of all such weights
+    left_float: dict[str, str] = field(default_factory=dict)
+    float_share: float = 0.0
 
 
 def quantize_(
@@ -145,7 +149,81 @@ def quantize_(
         first = sorted(names)[0]
         for other in sorted(names)[1:]:
             report.tied[other] = first
+    report.left_float, report.float_share = left_in_float(model)
     return report
+
+
+KEPT_BY_RECIPE = "kept in float by the recipe"
+NOT_CALLED = (
+    "the model reads its weight directly instead of calling it, so fake quantization cannot reach "
+    "it: kept in float"
+)
+
+
+def unquantize_uncalled_(model: nn.Module, run) -> dict[str, str]:
+    """Put back the float layer for every Quant module that ``run(model)`` never calls (Whisper's
+    encoder reads its position table as ``.weight``): quantizing it would change the deploy form
+    but not the model that was trained and measured. Returns those layers with the reason."""
+    called: set[int] = set()
+    layers = quant_modules(model)
+    handles = [
+        m.register_forward_pre_hook(lambda module, args: called.add(id(module)))
+        for m in layers.values()
+    ]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), float_forward():  # before calibration: nothing to quantize with yet
+            run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes:
+            module.training = mode
+    used_quantizers = {id(m.weight_quant) for m in layers.values() if id(m) in called}
+    reverted = {}
+    for name, module in layers.items():
+        if id(module) in called or id(module.weight_quant) in used_quantizers:
+            continue  # a tied layer that runs quantizes the shared weight for both
+        replace_by_name(model, name, float_layer(module))
+        reverted[name] = NOT_CALLED
+    return reverted
+
+
+def left_in_float(
+    model: nn.Module, reasons: Mapping[str, str] | None = None
+) -> tuple[dict[str, str], float]:
+    """Every parameter with two or more dimensions whose weight no Quant module compresses, with
+    the reason (``reasons`` gives it for layers that know better), and the share of such
+    parameters' elements they hold."""
+    reasons = reasons or {}
+    left: dict[str, str] = {}
+    seen: set[int] = set()
+    total = floats = 0
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen or param.dim() < 2:
+                continue
+            seen.add(id(param))
+            total += param.numel()
+            if isinstance(module, QUANT_TYPES) and name == "weight":
+                if module.spec.quantizes_weight:
+                    continue
+                reason = "int8 inputs with a float weight, as the recipe asks"
+            elif is_quantizable(module) and name == "weight":
+                reason = reasons.get(module_name, KEPT_BY_RECIPE)
+            elif isinstance(module, nn.modules.conv._ConvNd):
+                reason = (
+                    f"{type(module).__name__} has no quantized form (compsearch quantizes Linear, "
+                    "Conv2d, Embedding and GPT-2's Conv1D)"
+                )
+            else:
+                reason = (
+                    f"a {param.dim()}-D parameter of {type(module).__name__}: no quantized form"
+                )
+            left[f"{module_name}.{name}" if module_name else name] = reason
+            floats += param.numel()
+    return left, floats / total if total else 0.0
 
 
 def _convert_all(model, modules, todo: Mapping[str, QuantSpec], report: QuantReport) -> None:

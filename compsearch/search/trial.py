@@ -250,6 +250,7 @@ def run_trial(
                                                  "seconds": time.perf_counter() - started})  # fmt: skip
     evaluated = time.perf_counter()
     measured.update(_after_training(ctx, Candidate(ctx.task, result.deployed, b"")))
+    measured["float_share"] = result.quant_report.float_share  # of the weights, kept in float
     if ctx.config.search.save_models:
         result.save(trial_dir / MODEL_FILE)
     timings = {**result.timings, "measure": ctx.timings.pop("measure", 0.0),
@@ -258,6 +259,8 @@ def run_trial(
         "timings": timings, "seconds": time.perf_counter() - started,
         "kernels": result.deploy_report.kernels,
         "skipped": {**result.quant_report.skipped, **result.prune_report.skipped},
+        "float_weights": result.quant_report.left_float,
+        "unpruned": result.prune_report.untouched,
         "rounding": {**result.quant_report.rounding, **result.quant_report.smoothed},
     })  # fmt: skip
 
