@@ -101,6 +101,8 @@ class LayerOps:
         self.produce(out, key, 0, bias, weight.shape[0], 1)
         self.layer_spaces[key].block("grouped convolution")
 
+    op_conv1d = op_conv2d  # the same channel layout: (batch, channels, ...)
+
     def op_embedding(self, out, ids, weight, *args, **kwargs) -> None:
         key = self.key_of.get(id(weight))
         if key is None:

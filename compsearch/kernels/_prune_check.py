@@ -37,37 +37,43 @@ class _Rollback(Exception):
 def apply_checked(
     model: nn.Module, analysis: Analysis, decisions: dict[str, torch.Tensor], run: Run, apply: Apply
 ) -> dict[str, str]:
-    """Apply ``decisions`` with ``apply`` (which returns the output of its run); groups inside
-    blocks only where they pass the masked-equivalence check. Returns the refused groups with their
-    reasons; the model holds every other decision."""
+    """Apply ``decisions`` with ``apply`` (which returns the output of its run): groups inside
+    blocks only where they pass the masked-equivalence check, residual streams only where the
+    pruned model still runs. Returns the refused groups with their reasons; the model holds every
+    other decision."""
     inner = {n: k for n, k in decisions.items() if analysis.groups[n].kind != "stream"}
-    refused: dict[str, str] = {}
-    if inner and _try_inner(model, analysis, inner, run, apply, keep=True) is not None:
-        for name, kept in inner.items():
-            problem = _try_inner(model, analysis, {name: kept}, run, apply, keep=False)
-            if problem is not None:
-                refused[name] = f"refused by the masked-equivalence check: {problem}"
-        passing = {n: k for n, k in inner.items() if n not in refused}
-        if passing:
-            problem = _try_inner(model, analysis, passing, run, apply, keep=True)
-            if problem is not None:  # each passes alone, not together: refuse them all
-                refused.update(
-                    (
-                        n,
-                        f"refused by the masked-equivalence check, with the other groups: {problem}",
-                    )
-                    for n in passing
-                )
     rest = {n: k for n, k in decisions.items() if n not in inner}
-    if rest:
-        apply(model, analysis, rest, run)
+    refused = _apply_or_refuse(model, analysis, inner, run, apply, compare=True)
+    refused.update(_apply_or_refuse(model, analysis, rest, run, apply, compare=False))
     return refused
 
 
-def _try_inner(model, analysis, decisions, run, apply: Apply, keep: bool) -> str | None:
-    """Apply ``decisions`` and compare with the masked reference. None if equal (the pruning stays
-    when ``keep``); else what went wrong, with the model left as it was."""
-    reference = _masked_outputs(model, analysis, decisions, run)
+def _apply_or_refuse(
+    model, analysis, decisions, run, apply: Apply, compare: bool
+) -> dict[str, str]:
+    """All of ``decisions`` if they pass together; else each alone, and those that pass together."""
+    what = "the masked-equivalence check" if compare else "the check that the pruned model runs"
+    if not decisions or _try(model, analysis, decisions, run, apply, True, compare) is None:
+        return {}
+    refused = {}
+    for name, kept in decisions.items():
+        problem = _try(model, analysis, {name: kept}, run, apply, False, compare)
+        if problem is not None:
+            refused[name] = f"refused by {what}: {problem}"
+    passing = {n: k for n, k in decisions.items() if n not in refused}
+    if passing:
+        problem = _try(model, analysis, passing, run, apply, True, compare)
+        if problem is not None:  # each passes alone, not together: refuse them all
+            refused.update(
+                (n, f"refused by {what}, with the other groups: {problem}") for n in passing
+            )
+    return refused
+
+
+def _try(model, analysis, decisions, run, apply: Apply, keep: bool, compare: bool) -> str | None:
+    """Apply ``decisions`` (and with ``compare``, compare with the masked reference). None if all
+    is well (the pruning stays when ``keep``); else what went wrong, the model left as it was."""
+    reference = _masked_outputs(model, analysis, decisions, run) if compare else []
     found: list[str] = []
     try:
         with transaction(model):
@@ -77,7 +83,7 @@ def _try_inner(model, analysis, decisions, run, apply: Apply, keep: bool) -> str
             except KernelError as error:
                 found.append(str(error))
                 raise _Rollback from error
-            error = _difference(_float_tensors(actual), reference)
+            error = _difference(_float_tensors(actual), reference) if compare else None
             if error is not None:
                 found.append(
                     f"the pruned model's output differs by {error:.2g} (relative) from the "

@@ -1,4 +1,4 @@
-"""Quantizer modules and the Quant layers (Linear, Conv2d, Embedding, GPT-2's Conv1D) that wrap
+"""Quantizer modules and the Quant layers (Linear, Conv1d, Conv2d, Embedding, GPT-2's Conv1D) that wrap
 them. See :mod:`compsearch.kernels.quant`.
 """
 
@@ -187,6 +187,13 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
+class QuantConv1d(QuantMixin, nn.Conv1d):
+    """torch's Conv1d (audio feature encoders); GPT-2's transposed Linear is QuantConv1D."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
 class QuantEmbedding(QuantMixin, nn.Embedding):
     """Quantizes only the rows it looks up: scales are per row (or per group within a row), so a
     gathered row quantizes exactly as it would inside the whole table — at a fraction of the cost."""
@@ -234,7 +241,7 @@ def _make_quant_conv1d():
 
 QuantConv1D = _make_quant_conv1d()
 QUANT_TYPES: tuple[type, ...] = tuple(
-    t for t in (QuantLinear, QuantConv2d, QuantEmbedding, QuantConv1D) if t is not None
+    t for t in (QuantLinear, QuantConv2d, QuantConv1d, QuantEmbedding, QuantConv1D) if t is not None
 )
 
 
@@ -254,6 +261,8 @@ def quant_class(module: nn.Module) -> type | None:
         base = QuantLinear
     elif isinstance(module, nn.Conv2d):
         base = QuantConv2d
+    elif isinstance(module, nn.Conv1d):
+        base = QuantConv1d
     elif isinstance(module, nn.Embedding):
         base = QuantEmbedding
     else:
@@ -276,7 +285,7 @@ def float_layer(module: nn.Module) -> nn.Module:
 
 def _torch_layers() -> tuple[type, ...]:
     conv1d = conv1d_class()
-    return (nn.Linear, nn.Conv2d, nn.Embedding) + ((conv1d,) if conv1d is not None else ())
+    return (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding) + ((conv1d,) if conv1d else ())
 
 
 def original_class(module: nn.Module) -> type:

@@ -118,6 +118,15 @@ def per_token_scale(x: torch.Tensor) -> torch.Tensor:
     return x.abs().amax(-1, keepdim=True).float().clamp_(min=SCALE_MIN) / ACT_QMAX
 
 
+def input_qdq(x: torch.Tensor, mode: str | None, scale: float | None) -> torch.Tensor:
+    """The int8 levels a layer with ``a_bits: 8`` reads (``mode`` static or dynamic), for kernels
+    that compute in float: the deploy form computes what the fake-quant model trained on."""
+    if mode is None:
+        return x
+    s = scale if mode == "static" else per_token_scale(x)
+    return (torch.round(x / s).clamp_(-ACT_QMAX, ACT_QMAX) * s).to(x.dtype)
+
+
 _ONEDNN_POST_OPS = {"relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 
 
@@ -138,10 +147,12 @@ class DeployLinear(nn.Module):
         bias: torch.Tensor | None,
         kernel: str,
         input_scale: float | None,
+        activation_mode: str | None = None,
     ) -> None:
         super().__init__()
         self.kernel = kernel
         self.spec = packed.spec
+        self.activation_mode = activation_mode  # a8 inputs: "static" / "dynamic"; None: float
         self.out_features, self.in_features = packed.rows_shape
         self.transposed = packed.transposed  # GPT-2's Conv1D keeps its weight as (in, out)
         self.input_scale = input_scale
@@ -186,6 +197,7 @@ class DeployLinear(nn.Module):
         elif self.kernel == "fp8_scaled_mm":
             out = self._fp8(x)
         else:
+            x = input_qdq(x, self.activation_mode, self.input_scale)
             out = F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias)
         return _post_op(out, self.post_op)
 
@@ -258,12 +270,21 @@ def _post_op(x: torch.Tensor, post_op: str | None) -> torch.Tensor:
 
 
 class DeployConv2d(nn.Module):
-    """A Conv2d whose weight was stored packed and is dequantized to float (``dequant`` kernel)."""
+    """A Conv2d (or Conv1d: a 3-D weight) whose weight was stored packed and is dequantized to
+    float (``dequant`` kernel)."""
 
-    def __init__(self, packed: PackedWeight, conv: nn.Conv2d, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        packed: PackedWeight,
+        conv: nn.Conv2d,
+        bias: torch.Tensor | None,
+        input_scale: float | None = None,
+        activation_mode: str | None = None,
+    ) -> None:
         super().__init__()
         self.kernel = "dequant"
         self.spec = packed.spec
+        self.input_scale, self.activation_mode = input_scale, activation_mode
         self.register_buffer("weight", packed.dequantize())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
         self.stride, self.padding = conv.stride, conv.padding
@@ -276,9 +297,11 @@ class DeployConv2d(nn.Module):
             raise NotImplementedError("deploy conv supports zero padding only")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = input_qdq(x, self.activation_mode, self.input_scale)
         weight = self.weight.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        conv = F.conv1d if weight.dim() == 3 else F.conv2d  # nn.Conv1d's weights are 3-D
+        return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return f"w_bits={self.spec.w_bits}, kernel=dequant"
@@ -355,8 +378,8 @@ def layer_kind(module: nn.Module) -> str:
     conv1d = conv1d_class()
     if isinstance(module, nn.Embedding):
         return EMBEDDING
-    if isinstance(module, nn.Conv2d):
-        return CONV2D
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return CONV2D  # convolutions: a dequantized weight, whatever their dimensions
     if isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)):
         return LINEAR
     raise TypeError(f"not a quantizable layer: {type(module).__name__}")
@@ -405,12 +428,13 @@ def build_deploy(
         # a layer with its own forward runs it on the dequantized weight
         kernel = "dequant" if own is not None else kernel_for(kind, weight.spec, device.type)
         bias = getattr(module, "bias", None)
+        scale, mode = packed.input_scales.get(name), packed.activation_modes.get(name)
         if kind == EMBEDDING:
             new = DeployEmbedding(weight, module, kernel)
         elif kind == CONV2D:
-            new = DeployConv2d(weight, module, bias)
+            new = DeployConv2d(weight, module, bias, scale, mode)
         else:
-            new = DeployLinear(weight, bias, kernel, packed.input_scales.get(name))
+            new = DeployLinear(weight, bias, kernel, scale, mode)
         if own is not None:
             new = _with_own_forward(new, module)
         replace_module(skeleton, module, new)
@@ -447,11 +471,9 @@ def _with_own_forward(new: nn.Module, module: nn.Module) -> nn.Module:
 @functools.cache
 def _derived_deploy_class(deploy: type, user: type, own) -> type:
     def forward(self, *args, **kwargs):
-        spec = self.spec
-        if args and spec.quantizes_input and not isinstance(self, DeployEmbedding):
-            x = args[0]
-            scale = self.input_scale if self.input_scale is not None else per_token_scale(x)
-            args = (quantize_s8(x.float(), scale).to(x.dtype) * scale, *args[1:])
+        mode = getattr(self, "activation_mode", None)  # embeddings read ids: no a8
+        if args and mode is not None:
+            args = (input_qdq(args[0], mode, self.input_scale), *args[1:])
         return own(self, *args, **kwargs)
 
     return type(f"Deploy{user.__name__}", (deploy, user), {"forward": forward})

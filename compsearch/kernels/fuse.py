@@ -242,6 +242,42 @@ def fuse_activation_chains_(model: nn.Module, run: Run) -> list[tuple[str, str, 
             first.post_op, first.output_scale = None, None
             continue
         chains.append((producer, act, consumer))
-    for _, act, _ in chains:
+    activations_of = {act: model.get_submodule(act) for _, act, _ in chains}
+    for act in activations_of:
         replace_by_name(model, act, nn.Identity())
-    return chains
+    return _unfuse_what_model_code_changes(model, run, chains, activations_of)
+
+
+def _unfuse_what_model_code_changes(model, run, chains, activations_of) -> list:
+    """A fused consumer must receive its producer's uint8 codes as they are; model code between
+    them can change them (T5 casts its MLP's hidden states to the weight's dtype), which the local
+    check cannot see. One more forward finds such chains; they are unfused."""
+    if not chains:
+        return []
+    seen: dict[str, torch.dtype] = {}
+
+    def record(name: str):
+        def hook(module, args) -> None:
+            seen.setdefault(name, args[0].dtype)
+
+        return hook
+
+    handles = [
+        model.get_submodule(consumer).register_forward_pre_hook(record(consumer))
+        for _, _, consumer in chains
+    ]
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    kept = []
+    for producer, act, consumer in chains:
+        if seen.get(consumer) == torch.uint8:
+            kept.append((producer, act, consumer))
+            continue
+        first = model.get_submodule(producer)
+        first.post_op, first.output_scale = None, None
+        replace_by_name(model, act, activations_of[act])
+    return kept

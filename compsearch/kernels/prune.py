@@ -256,7 +256,7 @@ def _sync_attributes(model: nn.Module, analysis: Analysis, decisions) -> None:
             module.nx, module.nf = weight.shape
         elif isinstance(module, nn.Linear):
             module.out_features, module.in_features = weight.shape
-        elif isinstance(module, nn.Conv2d):
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
             if module.groups > 1 and module.groups == module.in_channels:
                 module.groups = weight.shape[0]
             module.out_channels = weight.shape[0]

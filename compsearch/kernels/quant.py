@@ -48,6 +48,7 @@ from compsearch.kernels._quant_grid import (  # noqa: F401 - the public names of
 from compsearch.kernels._quant_modules import (  # noqa: F401
     QUANT_TYPES,
     ActQuantizer,
+    QuantConv1d,
     QuantConv2d,
     QuantEmbedding,
     QuantLinear,
@@ -122,7 +123,7 @@ def quantize_(
             own = recipe.layers.get(name)
             if own is not None and (own.w_bits not in (None, FLOAT_BITS) or own.a_bits == 8):
                 raise KernelError(
-                    f"layer {name!r}: expected a quantizable layer (Linear, Conv2d, Conv1D, "
+                    f"layer {name!r}: expected a quantizable layer (Linear, Conv1d, Conv2d, Conv1D, "
                     f"Embedding), but it is a {type(module).__name__}. Name a layer inside it, or "
                     "use a 're:' pattern."
                 )
@@ -215,7 +216,7 @@ def left_in_float(
             elif isinstance(module, nn.modules.conv._ConvNd):
                 reason = (
                     f"{type(module).__name__} has no quantized form (compsearch quantizes Linear, "
-                    "Conv2d, Embedding and GPT-2's Conv1D)"
+                    "Conv1d, Conv2d, Embedding and GPT-2's Conv1D)"
                 )
             else:
                 reason = (
