@@ -209,7 +209,7 @@ def test_every_weight_is_quantized_or_listed_with_why(name):
     )
     report.skipped.update(quant_module.unquantize_uncalled_(model, run))
     left, share = quant_module.left_in_float(model, report.skipped)
-    quantized = {f"{n}.weight" for n, m in quant_module.quant_modules(model).items()}
+    quantized = quant_module.quantized_weights(model)
     seen, total, floats = set(), 0, 0
     for key, param in model.named_parameters():
         if param.dim() < 2:

@@ -29,8 +29,8 @@ from compsearch.kernels.prune import analyze, prune_, zero_removed_
 from compsearch.kernels.quant import (
     KEPT_BY_RECIPE,
     left_in_float,
-    quant_modules,
     quantize_,
+    quantized_weights,
     unquantize_uncalled_,
 )
 from compsearch.recipes import LayerPlan, Recipe
@@ -187,7 +187,7 @@ def _quantized(row: dict, name: str, label: str, plan: LayerPlan) -> None:
     report.skipped.update(unquantize_uncalled_(model, run))
     calibrate(model, [None], lambda m, _: run(m))
     left, share = left_in_float(model, report.skipped)
-    quantized = {f"{n}.weight" for n in quant_modules(model)}
+    quantized = quantized_weights(model)
     unreported = [k for k, p in model.named_parameters() if p.dim() >= 2 and k not in quantized
                   and k not in left]  # fmt: skip
     if unreported:

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 from compsearch.errors import KernelError
 from compsearch.kernels._quant_grid import (
@@ -252,8 +253,8 @@ def quant_class(module: nn.Module) -> type | None:
     Linear) gets a Quant class derived from it too, so it keeps its methods and attributes; where it
     has its own forward, that forward runs, seeing the fake-quantized weight as ``self.weight``.
     """
-    if isinstance(module, QUANT_TYPES):
-        return None
+    if isinstance(module, QUANT_TYPES) or parametrize.is_parametrized(module):
+        return None  # a parametrized weight (weight norm) is computed, not stored: left float
     conv1d = conv1d_class()
     if conv1d is not None and isinstance(module, conv1d):
         base = QuantConv1D

@@ -42,7 +42,9 @@ from compsearch.kernels.quant import (
     FP8_MAX,
     SCALE_MIN,
     QuantSpec,
+    StackedQuantMixin,
     float_layer,
+    float_stacked,
     original_class,
     own_forward,
 )
@@ -400,13 +402,14 @@ def build_deploy(
     from compsearch.kernels.quant import QUANT_TYPES
 
     device = torch.device(device)
-    quantized = set(packed.weights) | set(packed.ties)
+    stacked = {name for name, weight in packed.weights.items() if weight.stacked}
+    quantized = (set(packed.weights) | set(packed.ties)) - stacked
     state_keys = set()
     for key in skeleton.state_dict():
         owner, _, leaf = key.rpartition(".")
-        if ".weight_quant." in f".{key}" or ".input_quant." in f".{key}":
+        if any(f".{q}." in f".{key}" for q in ("weight_quant", "input_quant", "stack_quant")):
             continue
-        if leaf == "weight" and owner in quantized:
+        if (leaf == "weight" and owner in quantized) or key in stacked:
             continue
         state_keys.add(key)
     missing = sorted(state_keys - set(packed.floats))
@@ -439,6 +442,9 @@ def build_deploy(
             new = _with_own_forward(new, module)
         replace_module(skeleton, module, new)
         kernels[name] = kernel
+    for name in sorted(stacked):  # experts: their own forward on the dequantized matrices
+        _set_stacked(skeleton, name, packed.weights[name])
+        kernels[name] = "dequant"
     for name, module in list(skeleton.named_modules()):
         if isinstance(module, QUANT_TYPES):  # a8 with float weight: ships as a float layer
             replace_module(skeleton, module, float_layer(module))
@@ -451,6 +457,16 @@ def build_deploy(
         model = model.to(memory_format=torch.channels_last)
     chains = fuse_activation_chains_(model, run) if run is not None else []
     return model, DeployReport(kernels, chains)
+
+
+def _set_stacked(skeleton: nn.Module, name: str, weight: PackedWeight) -> None:
+    owner_name, _, param = name.rpartition(".")
+    owner = skeleton.get_submodule(owner_name)
+    if isinstance(owner, StackedQuantMixin):  # the fake-quant model as skeleton
+        plain = float_stacked(owner)
+        replace_module(skeleton, owner, plain)
+        owner = plain
+    owner._parameters[param] = nn.Parameter(weight.dequantize(), requires_grad=False)
 
 
 def _with_own_forward(new: nn.Module, module: nn.Module) -> nn.Module:

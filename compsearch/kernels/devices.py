@@ -7,6 +7,7 @@ import functools
 import torch
 
 LINEAR, CONV2D, EMBEDDING = "linear", "conv2d", "embedding"
+EXPERTS = "experts"  # stacked (experts, out, in) matrices of a mixture-of-experts layer
 
 
 # -- what the device can do ------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from compsearch.kernels.quant import (
     QuantSpec,
     quant_modules,
     rows_view,
+    stacked_modules,
 )
 
 FORMAT = "compsearch-packed/2"
@@ -66,15 +67,24 @@ class PackedWeight:
     transposed: bool  # Conv1D keeps its weight as (in, out)
     scale: torch.Tensor  # float16 (rows, groups)
     data: torch.Tensor  # what the format stores (int: packed unsigned codes; fp8: float8 values)
+    stacked: bool = False  # a module's own (experts, out, in) parameter: rows are (expert, out)
 
     @property
     def rows_shape(self) -> tuple[int, int]:
+        if self.stacked:
+            return (self.data_rows(), self.shape[-1])
         if self.transposed:
             return (self.shape[1], self.shape[0])
         fan_in = 1
         for size in self.shape[1:]:
             fan_in *= size
         return (self.shape[0], fan_in)
+
+    def data_rows(self) -> int:
+        rows = 1
+        for size in self.shape[:-1]:
+            rows *= size
+        return rows
 
     def signed_codes(self) -> torch.Tensor:
         """Codes ``q`` as int32, shape ``rows_shape`` (int formats)."""
@@ -110,6 +120,23 @@ def pack_weight(module: nn.Module) -> PackedWeight:
         transposed=quantizer.transposed,
         scale=scale16.reshape(scale16.shape[0], scale16.shape[1]).contiguous(),
         data=get_format(spec.w_format).pack(rows, scale, spec),
+    )
+
+
+@torch.no_grad()
+def pack_stacked(module: nn.Module, name: str) -> PackedWeight:
+    """The stored form of one stacked parameter of a StackedQuant module."""
+    quantizer = module.stack_quant[name]
+    param = module._parameters[name].detach()
+    rows = param.reshape(-1, param.shape[-1]).float()
+    scale = quantizer.current_scale(rows).detach().float()
+    return PackedWeight(
+        spec=quantizer.spec,
+        shape=tuple(param.shape),
+        transposed=False,
+        scale=scale.to(torch.float16).reshape(scale.shape[0], scale.shape[1]).contiguous(),
+        data=get_format(quantizer.spec.w_format).pack(rows, scale, quantizer.spec),
+        stacked=True,
     )
 
 
@@ -150,6 +177,13 @@ def export_packed(model: nn.Module) -> PackedModel:
         by_weight[id(module.weight)] = name
         weights[name] = pack_weight(module)
     skip = set()
+    for name, module in stacked_modules(model).items():  # keyed by the parameter's own name
+        for param in module.stacked:
+            weights[f"{name}.{param}"] = pack_stacked(module, param)
+            skip.add(f"{name}.{param}")
+        skip.update(
+            f"{name}.{key}" for key in module.state_dict() if key.startswith("stack_quant.")
+        )
     for name, module in layers.items():
         prefix = f"{name}." if name else ""
         skip.update(
@@ -174,13 +208,16 @@ def packed_to_bytes(packed: PackedModel, metadata: dict[str, str] | None = None)
     layers_meta = {}
     for name, weight in packed.weights.items():
         suffix = get_format(weight.spec.w_format).stored_suffix
-        tensors[f"{name}.weight.{suffix}"] = weight.data.contiguous().cpu()
-        tensors[f"{name}.weight.scale"] = weight.scale.contiguous().cpu()
+        stem = stored_stem(name, weight.stacked)
+        tensors[f"{stem}.{suffix}"] = weight.data.contiguous().cpu()
+        tensors[f"{stem}.scale"] = weight.scale.contiguous().cpu()
         layers_meta[name] = {
             "spec": weight.spec.to_dict(),
             "shape": list(weight.shape),
             "transposed": weight.transposed,
         }
+        if weight.stacked:
+            layers_meta[name]["stacked"] = True
     for name, scale in packed.input_scales.items():
         tensors[f"{name}.input_scale"] = torch.tensor(scale, dtype=torch.float32)
     for key, value in packed.floats.items():
@@ -195,6 +232,11 @@ def packed_to_bytes(packed: PackedModel, metadata: dict[str, str] | None = None)
     }
     meta.update(metadata or {})
     return save_bytes(_dedupe_shared(tensors), metadata={METADATA_KEY: encode_metadata(meta)})
+
+
+def stored_stem(name: str, stacked: bool) -> str:
+    """``<layer>.weight`` for a layer's weight; a stacked parameter is stored under its own name."""
+    return name if stacked else f"{name}.weight"
 
 
 def encode_metadata(entries: dict[str, str]) -> str:
@@ -260,15 +302,18 @@ def packed_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, st
     used = set()
     for name, meta in layers_meta.items():
         spec = QuantSpec(**meta["spec"])
-        stored = f"{name}.weight.{get_format(spec.w_format).stored_suffix}"
+        stacked = bool(meta.get("stacked", False))
+        stem = stored_stem(name, stacked)
+        stored = f"{stem}.{get_format(spec.w_format).stored_suffix}"
         weights[name] = PackedWeight(
             spec=spec,
             shape=tuple(meta["shape"]),
             transposed=meta["transposed"],
-            scale=tensors[f"{name}.weight.scale"],
+            scale=tensors[f"{stem}.scale"],
             data=tensors[stored],
+            stacked=stacked,
         )
-        used.update({stored, f"{name}.weight.scale"})
+        used.update({stored, f"{stem}.scale"})
     input_scales = {
         key[: -len(".input_scale")]: float(value)
         for key, value in tensors.items()

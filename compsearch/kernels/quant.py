@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from compsearch.errors import KernelError
 from compsearch.kernels._modules import replace_by_name, transaction
@@ -61,6 +62,12 @@ from compsearch.kernels._quant_modules import (  # noqa: F401
     original_class,
     own_forward,
     quant_class,
+)
+from compsearch.kernels._quant_stacked import (  # noqa: F401
+    StackedQuantMixin,
+    convert_stacked,
+    float_stacked,
+    stacked_params,
 )
 from compsearch.kernels.formats import get_format, weight_scale  # noqa: F401
 from compsearch.recipes.schema import FLOAT_BITS, GROUP_SIZES, LayerPlan, Recipe
@@ -102,13 +109,16 @@ def quantize_(
     recipe = plans if isinstance(plans, Recipe) else Recipe(layers=dict(plans))
     exact = {key for key in recipe.layers if not key.startswith("re:")}
     resolved = {name: recipe.plan_for(name) for name in exact}
+    stacks = {name: stacked_params(module) for name, module in modules.items() if name}
+    stacks = {name: params for name, params in stacks.items() if params}
     resolved.update(
         (name, recipe.plan_for(name))
         for name, module in modules.items()
-        if name and name not in exact and is_quantizable(module)
+        if name and name not in exact and (is_quantizable(module) or name in stacks)
     )
     report = QuantReport()
     todo: dict[str, QuantSpec] = {}
+    todo_stacked: dict[str, QuantSpec] = {}
     for name, plan in resolved.items():
         spec = spec_from_plan(plan, activation_mode)
         if not (spec.quantizes_weight or spec.quantizes_input):
@@ -119,12 +129,18 @@ def quantize_(
                 f"layer {name!r}: expected a module name of the model, but there is none. Names "
                 f"look like {', '.join(repr(n) for n in list(modules)[1:4])}."
             )
+        if name in stacks:
+            spec = _check_stacked(name, module, stacks[name], spec, report)
+            if spec is not None:
+                todo_stacked[name] = spec
+            continue
         if not is_quantizable(module):
             own = recipe.layers.get(name)
             if own is not None and (own.w_bits not in (None, FLOAT_BITS) or own.a_bits == 8):
                 raise KernelError(
                     f"layer {name!r}: expected a quantizable layer (Linear, Conv1d, Conv2d, Conv1D, "
-                    f"Embedding), but it is a {type(module).__name__}. Name a layer inside it, or "
+                    f"Embedding, stacked experts), but it is a {type(module).__name__}. Name a layer "
+                    "inside it, or "
                     "use a 're:' pattern."
                 )
             continue
@@ -146,6 +162,9 @@ def quantize_(
             )
     with transaction(model):
         _convert_all(model, modules, todo, report)
+        for name, spec in todo_stacked.items():
+            replace_by_name(model, name, convert_stacked(modules[name], spec, stacks[name]))
+            report.quantized[name] = spec
     for names in shared.values():
         first = sorted(names)[0]
         for other in sorted(names)[1:]:
@@ -207,12 +226,16 @@ def left_in_float(
                 continue
             seen.add(id(param))
             total += param.numel()
+            if isinstance(module, StackedQuantMixin) and name in module.stacked:
+                continue
             if isinstance(module, QUANT_TYPES) and name == "weight":
                 if module.spec.quantizes_weight:
                     continue
                 reason = "int8 inputs with a float weight, as the recipe asks"
             elif is_quantizable(module) and name == "weight":
                 reason = reasons.get(module_name, KEPT_BY_RECIPE)
+            elif isinstance(module, parametrize.ParametrizationList):
+                reason = "a parametrized weight (weight norm, say): no quantized form"
             elif isinstance(module, nn.modules.conv._ConvNd):
                 reason = (
                     f"{type(module).__name__} has no quantized form (compsearch quantizes Linear, "
@@ -239,6 +262,32 @@ def _convert_all(model, modules, todo: Mapping[str, QuantSpec], report: QuantRep
         quantizers.setdefault(key, new.weight_quant)
         replace_by_name(model, name, new)
         report.quantized[name] = spec
+
+
+def _check_stacked(name, module, params, spec: QuantSpec, report: QuantReport) -> QuantSpec | None:
+    """The spec for a module's stacked expert matrices (weights only: their inputs are tokens
+    routed per expert, with no place for one activation scale), or None if it asks nothing."""
+    if spec.quantizes_input:
+        report.skipped[f"{name}:input"] = (
+            "stacked expert matrices quantize their weights only; a_bits does not apply"
+        )
+        spec = dataclasses.replace(spec, a_bits=FLOAT_BITS)
+    if not spec.quantizes_weight:
+        return None
+    _check_bits(spec.w_bits)
+    fan_in = module._parameters[params[0]].shape[-1]
+    if spec.granularity == "per_group" and (
+        spec.group_size not in GROUP_SIZES or any(
+            module._parameters[p].shape[-1] % spec.group_size for p in params)
+    ):  # fmt: skip
+        raise KernelError(
+            f"layer {name!r}: expected a group_size in {GROUP_SIZES} that divides the experts' "
+            f"input features ({fan_in}), but got {spec.group_size!r}. Use per_channel or another."
+        )
+    refused = get_format(spec.w_format).check(spec)
+    if refused:
+        raise KernelError(f"layer {name!r}: {refused}.")
+    return spec
 
 
 def _weight_part(spec: QuantSpec) -> QuantSpec:
@@ -302,6 +351,18 @@ def _convert(module: nn.Module, spec: QuantSpec, shared: WeightQuantizer | None)
 
 def quant_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
+
+
+def stacked_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, StackedQuantMixin)}
+
+
+def quantized_weights(model: nn.Module) -> set[str]:
+    """The parameter names whose values the model fake-quantizes."""
+    names = {f"{n}.weight" for n, m in quant_modules(model).items() if m.spec.quantizes_weight}
+    for name, module in stacked_modules(model).items():
+        names.update(f"{name}.{param}" for param in module.stacked)
+    return names
 
 
 def quant_bits(model: nn.Module) -> dict[str, tuple[int, int]]:

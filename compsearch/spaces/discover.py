@@ -7,6 +7,7 @@ model), the first layer that runs and the output layers — all from one traced 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -14,14 +15,15 @@ from torch import nn
 from compsearch.errors import SpaceError
 from compsearch.fingerprint import model_fingerprint
 from compsearch.kernels.deploy import layer_kind
+from compsearch.kernels.devices import EXPERTS
 from compsearch.kernels.prune import Analysis, Group, analyze
-from compsearch.kernels.quant import conv1d_class, is_quantizable, rows_view
+from compsearch.kernels.quant import conv1d_class, is_quantizable, rows_view, stacked_params
 from compsearch.tasks.base import Task
 
 
 @dataclass
 class ModelInfo:
-    layers: dict[str, str]  # quantizable layer -> kind (linear, conv2d, embedding)
+    layers: dict[str, str]  # quantizable layer -> kind (linear, conv2d, embedding, experts)
     fan_in: dict[str, int]
     ties: list[set[str]]  # layers that share one weight
     groups: dict[str, Group]
@@ -57,6 +59,11 @@ def discover(task: Task, model: nn.Module | None = None) -> ModelInfo:
             transposed = conv1d is not None and isinstance(module, conv1d)
             fan_in[name] = rows_view(weight, transposed).shape[1]
             owners.setdefault(id(weight), set()).add(name)
+        elif name and stacked_params(module):  # MoE experts: one decision for all their matrices
+            layers[name] = EXPERTS
+            fan_in[name] = math.gcd(
+                *(module._parameters[p].shape[-1] for p in stacked_params(module))
+            )
     ties = [names for names in owners.values() if len(names) > 1]
     regions = task.regions(model)
     for region, prefixes in regions.items():

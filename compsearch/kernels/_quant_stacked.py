@@ -1,0 +1,104 @@
+"""Stacked matrices: a module's own parameters of shape ``(experts, out, in)`` (the fused experts of a
+mixture-of-experts layer, run through ``F.linear`` per expert or ``torch._grouped_mm``).
+
+Each row of each expert's matrix gets its own scale (per channel) or one per group of ``in``: the
+grid of an ordinary Linear, applied expert by expert. The module keeps its class and its forward;
+while that forward runs, its stacked parameters are the fake-quantized ones. The deploy form holds
+the dequantized matrices (``dequant``); the artifact stores the codes. See
+:mod:`compsearch.kernels.quant`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from compsearch.kernels import _quant_modules  # its _float_forward flag, read at call time
+from compsearch.kernels._quant_grid import QuantSpec
+from compsearch.kernels._quant_modules import (
+    WeightQuantizer,
+    is_quantizable,
+    original_class,
+    own_forward,
+)
+
+
+def stacked_params(module: nn.Module) -> list[str]:
+    """The module's own parameters that are stacks of matrices: three or more dimensions, more than
+    one matrix, in a module that is not a layer compsearch quantizes otherwise (nor a convolution)."""
+    skip = (nn.modules.conv._ConvNd, StackedQuantMixin, parametrize.ParametrizationList)
+    if is_quantizable(module) or isinstance(module, skip):
+        return []
+    return [
+        name
+        for name, param in module.named_parameters(recurse=False)
+        if param.dim() >= 3 and param.shape[0] > 1
+    ]
+
+
+class StackedQuantMixin:
+    """Holds one weight quantizer per stacked parameter (``stack_quant``) and the spec."""
+
+    spec: QuantSpec
+    stacked: tuple[str, ...]
+
+    def _setup_stacked(self, spec: QuantSpec, names: list[str]) -> None:
+        self.spec = spec
+        self.stacked = tuple(names)
+        quantizers = {}
+        for name in names:
+            param = self._parameters[name]
+            rows = param.numel() // param.shape[-1]
+            quantizers[name] = WeightQuantizer(spec, rows, param.shape[-1]).to(param.device)
+        self.stack_quant = nn.ModuleDict(quantizers)
+
+    def quantized_param(self, name: str) -> torch.Tensor:
+        param = self._parameters[name]
+        rows = param.reshape(-1, param.shape[-1])
+        return self.stack_quant[name](rows).reshape(param.shape)
+
+
+def stacked_quant_class(module: nn.Module) -> type:
+    user = type(module)
+    return _derived(user, own_forward(user) or user.forward)
+
+
+@functools.cache
+def _derived(user: type, own) -> type:
+    def forward(self, *args, **kwargs):
+        if _quant_modules._float_forward:
+            return own(self, *args, **kwargs)
+        raw = {name: self._parameters[name] for name in self.stacked}
+        for name in self.stacked:
+            self._parameters[name] = self.quantized_param(name)
+        try:
+            return own(self, *args, **kwargs)
+        finally:
+            self._parameters.update(raw)
+
+    return type(f"Quant{user.__name__}", (StackedQuantMixin, user), {"forward": forward})
+
+
+def convert_stacked(module: nn.Module, spec: QuantSpec, names: list[str]) -> nn.Module:
+    cls = stacked_quant_class(module)
+    new = cls.__new__(cls)
+    new.__dict__ = module.__dict__.copy()
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    new._setup_stacked(spec, names)
+    return new
+
+
+def float_stacked(module: nn.Module) -> nn.Module:
+    """The module a StackedQuant module was made from: its own class, no quantizers."""
+    base = original_class(module)
+    plain = base.__new__(base)
+    plain.__dict__ = module.__dict__.copy()
+    plain._modules = {k: v for k, v in module._modules.items() if k != "stack_quant"}
+    for key in ("spec", "stacked"):
+        plain.__dict__.pop(key, None)
+    return plain
