@@ -148,6 +148,11 @@ def float_forward():
         _float_forward = previous
 
 
+def in_float_forward() -> bool:
+    """Whether a :func:`float_forward` block is running."""
+    return _float_forward
+
+
 class QuantMixin:
     """Shared by the Quant modules: ``weight_quant`` always, ``input_quant`` when ``a_bits == 8``."""
 

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compsearch.kernels import _quant_modules  # its _float_forward flag, read at call time
 from compsearch.kernels._quant_grid import QuantSpec
 from compsearch.kernels._quant_modules import (
     WeightQuantizer,
+    in_float_forward,
     is_quantizable,
     original_class,
     own_forward,
@@ -69,7 +69,7 @@ def stacked_quant_class(module: nn.Module) -> type:
 @functools.cache
 def _derived(user: type, own) -> type:
     def forward(self, *args, **kwargs):
-        if _quant_modules._float_forward:
+        if in_float_forward():
             return own(self, *args, **kwargs)
         raw = {name: self._parameters[name] for name in self.stacked}
         for name in self.stacked:

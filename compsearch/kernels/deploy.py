@@ -29,6 +29,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from compsearch.kernels._act_codes import (
+    input_qdq,
+    per_token_scale,
+    quantize_s8,
+    quantize_u8_static,
+)
 from compsearch.kernels._modules import replace_module
 from compsearch.kernels.devices import (
     CONV2D,
@@ -38,7 +44,6 @@ from compsearch.kernels.devices import (
 from compsearch.kernels.formats import FORMATS, get_format
 from compsearch.kernels.packing import PackedWeight
 from compsearch.kernels.quant import (
-    ACT_QMAX,
     FP8_MAX,
     SCALE_MIN,
     QuantSpec,
@@ -101,32 +106,6 @@ def deploy_table(device_type: str = "cpu") -> list[FormatSupport]:
             FormatSupport(layer, label, name, a_bits, shown, kernel, kernel in FAST_KERNELS)
         )
     return rows
-
-
-# -- activation quantization for the kernels -------------------------------------------------------
-
-
-def quantize_u8_static(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Codes ``round(x / scale) + 128`` in [1, 255] as uint8 (int8 levels, zero point 128)."""
-    codes = torch.round(x * (1.0 / scale))
-    return codes.clamp_(-ACT_QMAX, ACT_QMAX).add_(128).to(torch.uint8)
-
-
-def quantize_s8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.round(x / scale).clamp_(-ACT_QMAX, ACT_QMAX).to(torch.int8)
-
-
-def per_token_scale(x: torch.Tensor) -> torch.Tensor:
-    return x.abs().amax(-1, keepdim=True).float().clamp_(min=SCALE_MIN) / ACT_QMAX
-
-
-def input_qdq(x: torch.Tensor, mode: str | None, scale: float | None) -> torch.Tensor:
-    """The int8 levels a layer with ``a_bits: 8`` reads (``mode`` static or dynamic), for kernels
-    that compute in float: the deploy form computes what the fake-quant model trained on."""
-    if mode is None:
-        return x
-    s = scale if mode == "static" else per_token_scale(x)
-    return (torch.round(x / s).clamp_(-ACT_QMAX, ACT_QMAX) * s).to(x.dtype)
 
 
 _ONEDNN_POST_OPS = {"relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
