@@ -124,25 +124,34 @@ def test_a_group_the_trace_got_wrong_is_refused_and_the_rest_is_pruned(monkeypat
         assert relative_error(run(model), run(reference)) < 1e-4
 
 
-def test_t5_heads_the_trace_cannot_follow_are_refused_with_a_reason():
-    """T5's per-head position bias is made once and reused by every layer's attention; pruning heads
-    layer by layer breaks it. The heads are refused, the MLPs pruned, the output stays right."""
+def test_t5_heads_are_pruned_together_across_the_layers_that_share_its_position_bias():
+    """T5's per-head position bias is made once per stack (an Embedding) and reused by every
+    layer's attention: the heads of those layers make one group, pruned together with the bias
+    columns, and the pruned model equals the masked one."""
     model, run = build("t5")
     model.eval()
     analysis = analyze(model, run)
+    encoder = analysis.groups["encoder.block.0.layer.0.SelfAttention"]
+    assert encoder.prunable and encoder.attentions == (
+        "encoder.block.0.layer.0.SelfAttention", "encoder.block.1.layer.0.SelfAttention")  # fmt: skip
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    assert any(m.key == bias and m.dim == 1 for m, _ in encoder.members)
     prunable = [g.name for g in analysis.groups.values() if g.prunable]
     reference = copy.deepcopy(model)
     record, report = prune_(model, {name: LayerPlan(keep_ratio=0.5) for name in prunable}, run)
-    heads = [g.name for g in analysis.groups.values() if g.kind == "heads"]
-    assert heads and all("masked-equivalence" in report.skipped[h] for h in heads)
-    assert all("\n" not in reason for reason in report.skipped.values())
-    assert [n for n in report.pruned if "DenseReluDense" in n] == [
-        n for n in prunable if "DenseReluDense" in n
-    ]
+    assert not report.skipped and set(report.pruned) == set(prunable)
+    for block in model.encoder.block:
+        assert block.layer[0].SelfAttention.n_heads == 2
+    assert (
+        model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.shape[1] == 2
+    )
+    inner = [n for n in prunable if analysis.groups[n].kind != "stream"]  # the masked reference
+    pruned = copy.deepcopy(reference)
+    record, _ = prune_(pruned, {n: LayerPlan(keep_ratio=0.5) for n in inner}, run)
     decisions = {n: torch.tensor(e["kept"]) for n, e in record.groups.items()}
     zero_removed_(reference, analyze(reference, run), decisions)
     with torch.no_grad():
-        assert relative_error(run(model), run(reference)) < 1e-4
+        assert relative_error(run(pruned), run(reference)) < 1e-4
 
 
 def sqnr(actual, expected):

@@ -14,7 +14,7 @@ FULL = {
     "digits-cnn", "mnist-resnet", "bert", "roberta", "distilbert", "albert", "gpt2", "llama",
     "mistral", "qwen2", "phi3", "gemma", "opt", "falcon", "bloom", "gpt-neox", "gptj", "bart",
     "resnet", "mobilenetv2", "convnext", "regnet", "clip", "llava", "whisper", "vit", "dinov2",
-    "deberta-v2", "mixtral", "qwen2-moe",
+    "deberta-v2", "mixtral", "qwen2-moe", "swin", "t5",
 }  # fmt: skip
 
 

@@ -86,7 +86,7 @@ SPECS: dict[str, tuple[str, str, dict, str]] = {
     "vit": ("ViTForImageClassification", "ViTConfig", VISION, "image"),
     "dinov2": ("Dinov2ForImageClassification", "Dinov2Config", VISION, "image"),
     "swin": ("SwinForImageClassification", "SwinConfig",  # windowed attention, relative bias
-             dict(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+             dict(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                   window_size=4, num_labels=10), "image"),
     "segformer": ("SegformerForImageClassification", "SegformerConfig",  # spatial reduction
                   dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
@@ -198,4 +198,5 @@ def llava(batch: int = 2, length: int = 12, siglip: bool = False):
 
 # the architectures every pruning test runs on (the others: see benchmarks/zoo_matrix.py)
 NAMES = ["digits-cnn", "mnist-resnet", "bert", "gpt2", "llama", "vit", "clip", "resnet",
-         "mobilenetv2", "convnext", "llava", "gemma", "opt", "falcon", "bart"]  # fmt: skip
+         "mobilenetv2", "convnext", "llava", "gemma", "opt", "falcon", "bart", "t5", "swin",
+         "whisper", "mixtral"]  # fmt: skip

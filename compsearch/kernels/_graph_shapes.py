@@ -109,7 +109,8 @@ class ShapeOps:
         if not isinstance(out, torch.Tensor):
             return
         if info.layout is None:
-            return self.put(out, TensorInfo(lineage=info.lineage))
+            origin = _index_origin(info.origin, x, out, index) if info.origin else None
+            return self.put(out, TensorInfo(lineage=info.lineage, origin=origin))
         dim = info.layout.dim
         entries = list(index) if isinstance(index, tuple) else [index]
         if any(e is Ellipsis for e in entries):
@@ -254,6 +255,17 @@ class ShapeOps:
         infos = [self.get(t) for t in (q, k, v)]
         for info in infos:
             self.block_layout(info.layout, "attention over tracked channels")
+        mask = kwargs.get("attn_mask", args[0] if args else None)
+        origin = self.get(mask).origin if isinstance(mask, torch.Tensor) else None
+        if origin is not None and mask.dim() == 4 and mask.shape[1] == q.shape[1] > 1:
+            key, dims = origin
+            if dims[1] is not None:  # a parameter's values per query head: pruned with the heads
+                self.trace.head_params.append((infos[0].lineage, key, dims[1]))
+        layout = self.get(mask).layout if isinstance(mask, torch.Tensor) else None
+        if layout is not None and mask.dim() == 4 and layout.dim == 1 and len(layout.spaces) == 1:
+            self.trace.head_spaces.append((infos[0].lineage, layout.spaces[0]))
+        else:
+            self.block_layout(layout, "an attention mask made from tracked channels")
         self.put(out, TensorInfo(lineage=frozenset().union(*(i.lineage for i in infos))))
 
 
@@ -289,6 +301,32 @@ def _reshape_origin(origin, before, after):
     squeezed_before = [(s, d) for s, d in zip(before, dims, strict=True) if s != 1]
     squeezed_after = [s for s in after if s != 1]
     if [s for s, _ in squeezed_before] != squeezed_after:
-        return None
+        # dimensions that survive whole keep their origin (a table's head column after a view)
+        followed = [None] * len(after)
+        for i, source in enumerate(dims):
+            j = _follow_dim(tuple(before), tuple(after), i) if source is not None else None
+            if j is not None and before[i] > 1:
+                followed[j] = source
+        return (key, tuple(followed)) if any(d is not None for d in followed) else None
     sources = iter(d for _, d in squeezed_before)
     return key, tuple(None if s == 1 else next(sources) for s in after)
+
+
+def _index_origin(origin, x: torch.Tensor, out: torch.Tensor, index):
+    """A parameter indexed by rows (``table[index]``) or sliced: the dimensions left whole keep
+    their origin; the indexed or sliced ones lose it."""
+    key, dims = origin
+    entries = list(index) if isinstance(index, tuple) else [index]
+    if any(e is None or e is Ellipsis or isinstance(e, (int, bool)) for e in entries):
+        return None
+    tensors = [i for i, e in enumerate(entries) if isinstance(e, torch.Tensor)]
+    if tensors and (tensors != [0] or len(entries) > x.dim()):
+        return None  # advanced indexing other than rows of the first dimension
+    entries += [slice(None)] * (x.dim() - len(entries))
+    whole = [isinstance(e, slice) and e == slice(None) for e in entries]
+    lead = out.dim() - x.dim() + 1 if tensors else 0  # the index tensor's own dimensions
+    kept = tuple([None] * lead + [d if w else None for d, w in zip(dims, whole, strict=True)][
+        1 if tensors else 0 :])  # fmt: skip
+    if len(kept) != out.dim() or all(d is None for d in kept):
+        return None
+    return key, kept

@@ -181,6 +181,12 @@ class Attention:
     q_heads: int
     kv_heads: int
     head_dim: int
+    # per-head parameters reaching the attention as its mask or bias (Swin's relative position
+    # table): (state-dict key, the dimension that indexes query heads)
+    head_params: list[tuple[str, int]] = field(default_factory=list)
+    # channel spaces whose channels are this attention's query heads (T5's position bias, made by
+    # an Embedding once and passed to every layer of the stack)
+    head_spaces: list[ChannelSpace] = field(default_factory=list)
 
 
 @dataclass
@@ -196,6 +202,10 @@ class Trace:
     spaces: list[ChannelSpace] = field(default_factory=list)
     splits: list[HeadSplit] = field(default_factory=list)
     attentions: list[Attention] = field(default_factory=list)
+    # (head splits of the queries, parameter key, its head dimension) for attention masks that
+    # carry a parameter's values along the head dimension
+    head_params: list[tuple[frozenset, str, int]] = field(default_factory=list)
+    head_spaces: list[tuple[frozenset, ChannelSpace]] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
     producers: dict[int, str] = field(default_factory=dict)  # space id -> producing layer
     layers_out: dict[str, ChannelSpace] = field(default_factory=dict)  # layer -> its output space

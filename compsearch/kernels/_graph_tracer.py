@@ -70,6 +70,27 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def _broadcast_origin(out: torch.Tensor, operands, infos):
+    """A parameter combined with untracked tensors (Swin's position table plus its window mask):
+    a dimension keeps the parameter's origin where only the parameter varies along it."""
+    (tensor, info), *_ = [(t, i) for t, i in zip(operands, infos, strict=True) if i.origin]
+    key, dims = info.origin
+    extra = out.dim() - tensor.dim()
+    if extra < 0:
+        return None
+    kept = [None] * extra
+    for j, source in enumerate(dims):
+        at = j + extra
+        others_vary = any(
+            other is not tensor and other.dim() > out.dim() - at - 1
+            and other.shape[other.dim() - (out.dim() - at)] != 1
+            for other in operands
+        )  # fmt: skip
+        whole = tensor.shape[j] == out.shape[at]
+        kept.append(source if whole and not others_vary else None)
+    return (key, tuple(kept)) if any(d is not None for d in kept) else None
+
+
 # -- the tracer ------------------------------------------------------------------------------------
 
 
@@ -199,6 +220,8 @@ class Tracer(LayerOps, ShapeOps, TorchFunctionMode):
             origin = None
             if len(operands) == 1 and infos[0].origin and operands[0].shape == out.shape:
                 origin = infos[0].origin
+            elif sum(1 for i in infos if i.origin) == 1:
+                origin = _broadcast_origin(out, operands, infos)
             self.put(out, TensorInfo(lineage=lineage, origin=origin))
             return
         first = layouts[0]

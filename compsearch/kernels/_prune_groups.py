@@ -39,6 +39,7 @@ class Group:
     attention: str | None = None
     q_per_kv: int = 1
     head_dim: int = 1
+    attentions: tuple[str, ...] = ()  # every attention whose heads this group prunes, if several
 
     @property
     def prunable(self) -> bool:
@@ -70,10 +71,12 @@ def analyze(model: nn.Module, run: Run) -> Analysis:
     groups: dict[str, Group] = {}
     claimed: set[int] = set()
     embeddings = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
-    for attention in trace.attentions:
-        group = _head_group(attention, order)
-        for space in [s.space for s in attention.q + attention.kv] + [attention.out_space]:
-            claimed.add(space.find().id)
+    for together in _sharing_head_spaces(trace.attentions):
+        group = _head_group(together, order)
+        for attention in together:
+            spaces = [s.space for s in attention.q + attention.kv] + [attention.out_space]
+            for space in spaces + attention.head_spaces:
+                claimed.add(space.find().id)
         groups[_unique(group.name, groups)] = group
     outputs: set[str] = set()
     seen: set[int] = set()
@@ -131,7 +134,49 @@ def _channel_group(
     return Group(anchor, kind, root.size, [(m, 1) for m in members], layers, reason)
 
 
-def _head_group(attention, order: dict[str, int]) -> Group:
+def _sharing_head_spaces(attentions: list) -> list[list]:
+    """Attentions in clusters: those fed one per-head space (T5's position bias, reused by every
+    layer of a stack) keep the same heads, so they make one group."""
+    clusters: list[list] = []
+    by_space: dict[int, list] = {}
+    for attention in attentions:
+        found = [by_space[s.find().id] for s in attention.head_spaces if s.find().id in by_space]
+        if found:
+            cluster = found[0]
+            for other in found[1:]:
+                if other is not cluster:
+                    cluster.extend(other)
+                    clusters.remove(other)
+            cluster.append(attention)
+        else:
+            cluster = [attention]
+            clusters.append(cluster)
+        for member in cluster:
+            for space in member.head_spaces:
+                by_space[space.find().id] = cluster
+    return clusters
+
+
+def _head_group(together: list, order: dict[str, int]) -> Group:
+    if len(together) == 1:
+        return _one_head_group(together[0], order)
+    groups = [_one_head_group(attention, order) for attention in together]
+    first = groups[0]
+    reasons = [g.reason for g in groups if g.reason]
+    if len({(g.size, g.q_per_kv, g.head_dim) for g in groups}) > 1:
+        reasons.append("attentions sharing one position bias with different head counts")
+    layers = sorted({n for g in groups for n in g.layers}, key=lambda n: order.get(n, 0))
+    members = []
+    for group in groups:
+        members += [m for m in group.members if m not in members]
+    return Group(
+        first.name, "heads", first.size, members, layers, "; ".join(reasons) or None,
+        attention=first.attention, q_per_kv=first.q_per_kv, head_dim=first.head_dim,
+        attentions=tuple(g.attention for g in groups if g.attention),
+    )  # fmt: skip
+
+
+def _one_head_group(attention, order: dict[str, int]) -> Group:
     g = attention.q_heads // attention.kv_heads
     width_q = g * attention.head_dim
     members: list[tuple[Member, int]] = []
@@ -144,6 +189,11 @@ def _head_group(attention, order: dict[str, int]) -> Group:
         reasons += space.blocked + ([space.pinned] if space.pinned else [])
     out = attention.out_space.find()
     members += [(m, width_q) for m in out.all_members()]
+    for key, dim in attention.head_params:  # a table with a column per query head
+        members.append((Member(key, dim, 0, attention.q_heads, "param"), g))
+    for space in attention.head_spaces:  # a bias made per query head (T5's embedding)
+        members += [(m, g) for m in space.all_members()]
+        reasons += space.blocked + ([space.pinned] if space.pinned else [])
     reasons += out.blocked + ([out.pinned] if out.pinned else [])
     if attention.kv_heads < 2:
         reasons.append("a single key/value head")

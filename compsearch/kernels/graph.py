@@ -136,6 +136,15 @@ def _find_attentions(tracer: _Tracer) -> None:
             continue
         for split in splits:
             split.claimed = True
+        queries = {trace.splits.index(s) for s in attention.q}
+        attention.head_params = sorted(
+            {(key, dim) for lineage, key, dim in trace.head_params if lineage & queries}
+        )
+        for lineage, space in trace.head_spaces:
+            if lineage & queries and space.find().size == attention.q_heads:
+                attention.head_spaces.append(space.find())
+            elif lineage & queries:
+                space.block("an attention mask whose head count is not the attention's")
         trace.attentions.append(attention)
     for split in trace.splits:
         if not split.claimed:

@@ -273,18 +273,22 @@ def _sync_attributes(model: nn.Module, analysis: Analysis, decisions) -> None:
         group = analysis.groups[name]
         if group.kind != "heads" or not group.attention:
             continue
-        module = model.get_submodule(group.attention)
-        old_kv, new_kv = group.size, len(kept)
-        old_q, new_q = old_kv * group.q_per_kv, new_kv * group.q_per_kv
-        for attribute in HEAD_ATTRS:
-            if getattr(module, attribute, None) == old_q:
-                setattr(module, attribute, new_q)
-        for attribute in KV_HEAD_ATTRS:
-            if getattr(module, attribute, None) == old_kv:
-                setattr(module, attribute, new_kv)
-        for attribute in WIDTH_ATTRS:
-            if getattr(module, attribute, None) == old_q * group.head_dim:
-                setattr(module, attribute, new_q * group.head_dim)
+        for attention in group.attentions or (group.attention,):
+            _sync_heads(model.get_submodule(attention), group, len(kept))
+
+
+def _sync_heads(module: nn.Module, group: Group, new_kv: int) -> None:
+    old_kv = group.size
+    old_q, new_q = old_kv * group.q_per_kv, new_kv * group.q_per_kv
+    for attribute in HEAD_ATTRS:
+        if getattr(module, attribute, None) == old_q:
+            setattr(module, attribute, new_q)
+    for attribute in KV_HEAD_ATTRS:
+        if getattr(module, attribute, None) == old_kv:
+            setattr(module, attribute, new_kv)
+    for attribute in WIDTH_ATTRS:
+        if getattr(module, attribute, None) == old_q * group.head_dim:
+            setattr(module, attribute, new_q * group.head_dim)
 
 
 # -- helpers for callers ---------------------------------------------------------------------------
