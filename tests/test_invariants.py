@@ -275,3 +275,32 @@ def test_weights_no_prune_group_reaches_are_listed():
         f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")
     }
     assert all("no prune group reaches it" in reason for reason in report.untouched.values())
+
+
+def test_heads_of_one_fused_projection_are_pruned_whole():
+    """GPT-NeoX: one projection viewed as (heads, 3 × head_dim), then chunked into q, k, v."""
+    model, run = build("gpt-neox")
+    model.eval()
+    analysis = analyze(model, run)
+    heads = analysis.groups["gpt_neox.layers.0.attention"]
+    assert heads.kind == "heads" and heads.prunable and heads.size == 4
+    reference = copy.deepcopy(model)
+    record, report = prune_(model, {heads.name: LayerPlan(keep_ratio=0.5)}, run)
+    attention = model.gpt_neox.layers[0].attention
+    assert (
+        attention.query_key_value.out_features == 2 * 3 * 16 and attention.dense.in_features == 32
+    )
+    decisions = {n: torch.tensor(e["kept"]) for n, e in record.groups.items()}
+    zero_removed_(reference, analyze(reference, run), decisions)
+    with torch.no_grad():
+        assert relative_error(run(model), run(reference)) < 1e-4
+
+
+def test_heads_with_a_bias_computed_from_the_head_count_are_blocked_with_why():
+    """BLOOM's ALiBi slopes are made from the number of heads at run time: a kept head would get
+    another head's slope, so its heads are not offered (its MLPs are)."""
+    model, run = build("bloom")
+    analysis = analyze(model.eval(), run)
+    heads = analysis.groups["transformer.h.0.self_attention"]
+    assert not heads.prunable and "ALiBi" in heads.reason
+    assert analysis.groups["transformer.h.0.mlp.dense_h_to_4h"].prunable

@@ -266,7 +266,31 @@ class ShapeOps:
             self.trace.head_spaces.append((infos[0].lineage, layout.spaces[0]))
         else:
             self.block_layout(layout, "an attention mask made from tracked channels")
+        per_head = (
+            isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] > 1
+            and not torch.equal(mask, mask[:, :1].expand_as(mask))  # not one mask for all heads
+        )  # fmt: skip
+        if per_head and origin is None and layout is None:
+            self.trace.head_blocks.append((infos[0].lineage, COMPUTED_HEAD_BIAS))
         self.put(out, TensorInfo(lineage=frozenset().union(*(i.lineage for i in infos))))
+
+    def op_baddbmm(self, out, bias, batch1, batch2, *args, **kwargs) -> None:
+        """BLOOM's ``alibi.baddbmm(q, k)``: a bias per (batch × head) made at run time."""
+        lineage = self.get(batch1).lineage
+        untracked = isinstance(bias, torch.Tensor) and not (
+            self.get(bias).origin or self.get(bias).layout
+        )
+        varies = untracked and bias.dim() == 3 and not torch.equal(bias, bias[:1].expand_as(bias))
+        if lineage and varies:
+            self.trace.head_blocks.append((lineage, COMPUTED_HEAD_BIAS))
+        tensors = [t for t in (bias, batch1, batch2) if isinstance(t, torch.Tensor)]
+        self.unknown(out, "baddbmm", tensors, [self.get(t) for t in tensors])
+
+
+COMPUTED_HEAD_BIAS = (
+    "a per-head attention bias computed at run time from the head count (ALiBi, say): pruning "
+    "heads would give the kept heads other heads' biases"
+)
 
 
 def _follow_dim(before: tuple[int, ...], after: tuple[int, ...], dim: int) -> int | None:
@@ -281,18 +305,21 @@ def _follow_dim(before: tuple[int, ...], after: tuple[int, ...], dim: int) -> in
 
 
 def _head_split(before, after, dim) -> tuple[int, int] | None:
-    """``(heads, head_dim)`` if the reshape splits dimension ``dim`` into two consecutive ones."""
+    """``(heads, head_dim)`` if the reshape splits dimension ``dim`` into heads and what each head
+    holds: one dimension (head_dim), or several (BLOOM's fused ``(heads, 3, head_dim)``)."""
     size = before[dim]
     prefix, suffix = math.prod(before[:dim]), math.prod(before[dim + 1 :])
-    for j in range(len(after) - 1):
-        if (
-            after[j] * after[j + 1] == size
-            and after[j] > 1
-            and after[j + 1] > 1
-            and math.prod(after[:j]) == prefix
-            and math.prod(after[j + 2 :]) == suffix
-        ):
-            return after[j], after[j + 1]
+    for width in range(1, len(after)):
+        for j in range(len(after) - width):
+            rest = math.prod(after[j + 1 : j + 1 + width])
+            if (
+                after[j] * rest == size
+                and after[j] > 1
+                and rest > 1
+                and math.prod(after[:j]) == prefix
+                and math.prod(after[j + 1 + width :]) == suffix
+            ):
+                return after[j], rest
     return None
 
 

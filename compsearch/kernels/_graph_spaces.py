@@ -187,6 +187,8 @@ class Attention:
     # channel spaces whose channels are this attention's query heads (T5's position bias, made by
     # an Embedding once and passed to every layer of the stack)
     head_spaces: list[ChannelSpace] = field(default_factory=list)
+    fused_width: int = 0  # rows per head of a fused q/k/v projection (0: separate projections)
+    blocked_by: list[str] = field(default_factory=list)  # why its heads cannot be pruned
 
 
 @dataclass
@@ -206,6 +208,7 @@ class Trace:
     # carry a parameter's values along the head dimension
     head_params: list[tuple[frozenset, str, int]] = field(default_factory=list)
     head_spaces: list[tuple[frozenset, ChannelSpace]] = field(default_factory=list)
+    head_blocks: list[tuple[frozenset, str]] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
     producers: dict[int, str] = field(default_factory=dict)  # space id -> producing layer
     layers_out: dict[str, ChannelSpace] = field(default_factory=dict)  # layer -> its output space

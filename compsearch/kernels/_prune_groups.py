@@ -181,7 +181,8 @@ def _one_head_group(attention, order: dict[str, int]) -> Group:
     width_q = g * attention.head_dim
     members: list[tuple[Member, int]] = []
     reasons = []
-    for split, width in [(s, width_q) for s in attention.q] + [
+    split_width = attention.fused_width or width_q
+    for split, width in [(s, split_width) for s in attention.q] + [
         (s, attention.head_dim) for s in attention.kv
     ]:
         space = split.space.find()
@@ -194,7 +195,7 @@ def _one_head_group(attention, order: dict[str, int]) -> Group:
     for space in attention.head_spaces:  # a bias made per query head (T5's embedding)
         members += [(m, g) for m in space.all_members()]
         reasons += space.blocked + ([space.pinned] if space.pinned else [])
-    reasons += out.blocked + ([out.pinned] if out.pinned else [])
+    reasons += out.blocked + ([out.pinned] if out.pinned else []) + attention.blocked_by
     if attention.kv_heads < 2:
         reasons.append("a single key/value head")
     layers = sorted({m.key.rpartition(".")[0] for m, _ in members}, key=lambda n: order.get(n, 0))

@@ -140,6 +140,9 @@ def _find_attentions(tracer: _Tracer) -> None:
         attention.head_params = sorted(
             {(key, dim) for lineage, key, dim in trace.head_params if lineage & queries}
         )
+        attention.blocked_by = sorted(
+            {why for lineage, why in trace.head_blocks if lineage & queries}
+        )
         for lineage, space in trace.head_spaces:
             if lineage & queries and space.find().size == attention.q_heads:
                 attention.head_spaces.append(space.find())
@@ -152,6 +155,8 @@ def _find_attentions(tracer: _Tracer) -> None:
 
 
 def _attention(layer: str, out_space: ChannelSpace, splits: list[HeadSplit]) -> Attention | None:
+    if len(splits) == 1:
+        return _fused_attention(layer, out_space, splits[0])
     spaces = {id(s.space.find()) for s in splits}
     if len(spaces) != len(splits) or not 2 <= len(splits) <= 3:
         return None
@@ -171,6 +176,21 @@ def _attention(layer: str, out_space: ChannelSpace, splits: list[HeadSplit]) -> 
         return None
     module = _common_prefix([s.owner for s in splits])
     return Attention(module, queries, kv, out_space, layer, q_heads, kv_heads, head_dim)
+
+
+def _fused_attention(layer: str, out_space: ChannelSpace, split: HeadSplit) -> Attention | None:
+    """One projection split into heads that each carry their query, key and value (GPT-NeoX's
+    ``view(..., heads, 3 * head_dim)`` then ``chunk``): each head's slice of the fused rows is
+    pruned whole, with the head's columns of the output projection."""
+    heads = split.heads
+    if heads < 2 or out_space.size % heads:
+        return None
+    head_dim = out_space.size // heads
+    if split.head_dim % head_dim or split.head_dim == head_dim:
+        return None
+    attention = Attention(split.owner, [split], [], out_space, layer, heads, heads, head_dim)
+    attention.fused_width = split.head_dim
+    return attention
 
 
 def _common_prefix(names: list[str]) -> str:
