@@ -28,15 +28,19 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def expected_params(model: nn.Module, analysis, decisions) -> int:
-    """Parameter count after pruning, from the groups' members and the kept counts."""
-    tensors = dict(model.named_parameters())
-    sizes = {key: list(t.shape) for key, t in tensors.items()}
+    """Parameter count after pruning, from the groups' members and the kept counts (a tied tensor
+    is named in each module that holds it, and cut once per dimension)."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    sizes = {id(t): list(t.shape) for t in named.values()}
+    cut = set()
     for name, kept in decisions.items():
         group = analysis.groups[name]
         removed = group.size - kept
         for member, width in group.members:
-            if member.key in sizes:
-                sizes[member.key][member.dim] -= removed * width
+            tensor = named.get(member.key)
+            if tensor is not None and (id(tensor), member.dim, member.offset) not in cut:
+                cut.add((id(tensor), member.dim, member.offset))
+                sizes[id(tensor)][member.dim] -= removed * width
     total = 0
     for shape in sizes.values():
         count = 1

@@ -11,13 +11,16 @@ from compsearch.kernels._graph_spaces import ChannelSpace, Layout, Member, Tenso
 
 
 class LayerOps:
-    def layer_out(self, key: str, size: int) -> ChannelSpace:
-        space = self.layer_spaces.get(key)
+    def layer_out(self, key: str, size: int, dim: int) -> ChannelSpace:
+        """The space of dimension ``dim`` of weight ``key``: one per tensor and dimension, however
+        many modules share the tensor (BART's encoder and decoder embeddings are one table)."""
+        cache = (self.canonical[key], dim)
+        space = self.layer_spaces.get(cache)
         layer = self.trace.module_of_key[key]
         if layer not in self.trace.order:
             self.trace.order.append(layer)
         if space is None:
-            space = self.layer_spaces[key] = self.space(size)
+            space = self.layer_spaces[cache] = self.space(size)
             self.trace.producers.setdefault(space.id, layer)
             self.trace.layers_out[layer] = space
         return space
@@ -47,15 +50,15 @@ class LayerOps:
             space.pinned = space.pinned or f"{layer} reads the model input or untracked data"
 
     def produce(self, out, weight_key: str, dim: int, bias, size: int, channel_dim: int) -> None:
-        space = self.layer_out(weight_key, size)
+        space = self.layer_out(weight_key, size, dim)
         space.members.add(Member(weight_key, dim, 0, size, "out"))
-        bias_key = self.key_of.get(id(bias)) if isinstance(bias, torch.Tensor) else None
+        bias_key = self.layer_key(bias)
         if bias_key:
             space.members.add(Member(bias_key, 0, 0, size, "out"))
         self.put(out, TensorInfo(Layout(channel_dim, (space,))))
 
     def op_linear(self, out, x, weight, bias=None) -> None:
-        key = self.key_of.get(id(weight))
+        key = self.layer_key(weight)
         if key is None:
             return self.unknown(out, "linear with a computed weight", [x], [self.get(x)])
         self.consume(x, key, 1, "linear")
@@ -71,14 +74,14 @@ class LayerOps:
         self.produce(out, key, fan_out, None, other.shape[1], out.dim() - 1)
 
     def op_addmm(self, out, bias, x, weight, **kwargs) -> None:  # GPT-2 Conv1D: x @ W + b
-        key = self.key_of.get(id(weight))
+        key = self.layer_key(weight)
         if key is None:
             return self.unknown(out, "addmm", [x], [self.get(x)])
         self.consume(x, key, 0, "linear")
         self.produce(out, key, 1, bias, weight.shape[1], out.dim() - 1)
 
     def op_conv2d(self, out, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        key = self.key_of.get(id(weight))
+        key = self.layer_key(weight)
         info = self.get(x)
         if key is None:
             return self.unknown(out, "conv2d with a computed weight", [x], [info])
@@ -87,7 +90,7 @@ class LayerOps:
             self.consume(x, key, 1, "conv")
             return self.produce(out, key, 0, bias, weight.shape[0], 1)
         if groups == channels and weight.shape[0] == channels and info.layout is not None:
-            bias_key = self.key_of.get(id(bias)) if isinstance(bias, torch.Tensor) else None
+            bias_key = self.layer_key(bias)
             for space, offset in info.layout.parts():
                 space.members.add(Member(key, 0, offset, space.size, "param"))
                 if bias_key:
@@ -99,15 +102,15 @@ class LayerOps:
             return self.put(out, TensorInfo(info.layout))
         self.block_layout(info.layout, "grouped convolution")
         self.produce(out, key, 0, bias, weight.shape[0], 1)
-        self.layer_spaces[key].block("grouped convolution")
+        self.layer_spaces[(self.canonical[key], 0)].block("grouped convolution")
 
     op_conv1d = op_conv2d  # the same channel layout: (batch, channels, ...)
 
     def op_embedding(self, out, ids, weight, *args, **kwargs) -> None:
-        key = self.key_of.get(id(weight))
+        key = self.layer_key(weight)
         if key is None:
             return
-        space = self.layer_out(key, weight.shape[1])
+        space = self.layer_out(key, weight.shape[1], 1)
         space.members.add(Member(key, 1, 0, weight.shape[1], "out"))
         self.put(out, TensorInfo(Layout(out.dim() - 1, (space,))))
 

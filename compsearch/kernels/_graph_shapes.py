@@ -251,6 +251,14 @@ class ShapeOps:
                 return self.block_layout(info.layout, "padded along the channels")
         self.pointwise(out, x)
 
+    def op_roll(self, out, x, shifts, dims=None) -> None:
+        """Swin's cyclic shift of its windows: a roll along other dimensions keeps the channels."""
+        info = self.get(x)
+        rolled = [dims] if isinstance(dims, int) else list(dims or range(x.dim()))
+        if info.layout is not None and info.layout.dim in [d % x.dim() for d in rolled]:
+            return self.block_layout(info.layout, "rolled along the channels")
+        self.pointwise(out, x)
+
     def op_scaled_dot_product_attention(self, out, q, k, v, *args, **kwargs) -> None:
         infos = [self.get(t) for t in (q, k, v)]
         for info in infos:

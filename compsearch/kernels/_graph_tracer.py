@@ -26,7 +26,7 @@ POINTWISE = {
     "erf", "sqrt", "rsqrt", "pow", "square", "sin", "cos", "reciprocal", "clamp", "clip",
     "dropout1d", "dropout2d", "feature_alpha_dropout", "alpha_dropout", "requires_grad",
     "requires_grad_", "glu_no", "gelu_", "relu_", "sigmoid_", "tanh_", "float_power", "round",
-    "nan_to_num", "sign", "floor", "ceil", "logical_not", "bool", "long", "int",
+    "nan_to_num", "sign", "floor", "ceil", "logical_not", "bool", "long", "int", "type_as",
 }  # fmt: skip
 BINARY = {
     "add", "sub", "mul", "div", "true_divide", "maximum", "minimum", "radd", "rsub", "rmul",
@@ -104,18 +104,33 @@ class Tracer(LayerOps, ShapeOps, TorchFunctionMode):
         self.keep: list[Any] = []  # keep traced tensors alive so their ids stay unique
         self.trace = Trace()
         self.key_of: dict[int, str] = {}
+        self.names_of: dict[int, list[str]] = {}  # a tied tensor has a name in each module
         for name, param in model.named_parameters(remove_duplicate=False):
             self.key_of.setdefault(id(param), name)
+            self.names_of.setdefault(id(param), []).append(name)
         for name, buffer in model.named_buffers(remove_duplicate=False):
             self.key_of.setdefault(id(buffer), name)
-        for key in self.key_of.values():
-            self.trace.module_of_key[key] = key.rpartition(".")[0]
+            self.names_of.setdefault(id(buffer), []).append(name)
+        self.canonical: dict[str, str] = {}  # every name of a tensor -> its first name
+        for names in self.names_of.values():
+            for key in names:
+                self.trace.module_of_key[key] = key.rpartition(".")[0]
+                self.canonical[key] = names[0]
         self.stack: list[str] = []
-        self.layer_spaces: dict[str, ChannelSpace] = {}
+        self.layer_spaces: dict[tuple[str, int], ChannelSpace] = {}
         self.block_inputs: dict[str, int] = {}
         self.block_hits: set[str] = set()
 
     # -- bookkeeping
+
+    def layer_key(self, tensor: Any) -> str | None:
+        """The state-dict name of a layer's weight as the running module has it: a tied weight
+        (GPT-2's lm_head and token embedding) is the head's own weight when the head uses it."""
+        names = self.names_of.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+        if not names:
+            return None
+        owner = self.owner()
+        return next((n for n in names if n.rpartition(".")[0] == owner), names[0])
 
     def get(self, tensor: Any) -> TensorInfo:
         if not isinstance(tensor, torch.Tensor):
