@@ -41,7 +41,6 @@ from compsearch.kernels.prune import (
     taylor_gradients,
 )
 from compsearch.kernels.quant import (
-    NOT_CALLED,
     QuantReport,
     is_quantizable,
     learn_scales_,
@@ -236,8 +235,8 @@ def compress(
     if total > 0:
         with _timed(timings, "calibrate"):
             _recalibrate(student, task, recipe, device)
-    uncalled = {n: r for n, r in quant_report.skipped.items() if r == NOT_CALLED}
-    quant_report.left_float, quant_report.float_share = left_in_float(student, uncalled)
+    # every float weight with why (a layer skipped by the recipe's pattern says why it was)
+    quant_report.left_float, quant_report.float_share = left_in_float(student, quant_report.skipped)
     with _timed(timings, "deploy"):
         deployed, deploy_report = to_deploy(student, device, run)
     result = TrainResult(
@@ -420,7 +419,8 @@ def _merge(first: PruneReport, later: PruneReport) -> PruneReport:
     for name, (kept, size) in later.pruned.items():
         pruned[name] = (kept, first.pruned[name][1] if name in first.pruned else size)
     return PruneReport(pruned, first.dropped_blocks + later.dropped_blocks,
-                       {**first.skipped, **later.skipped})  # fmt: skip
+                       {**first.skipped, **later.skipped}, {**first.untouched, **later.untouched},
+                       {**first.blocked, **later.blocked})  # fmt: skip
 
 
 def _split(total: int, parts: int) -> list[int]:

@@ -304,3 +304,5 @@ def test_heads_with_a_bias_computed_from_the_head_count_are_blocked_with_why():
     heads = analysis.groups["transformer.h.0.self_attention"]
     assert not heads.prunable and "ALiBi" in heads.reason
     assert analysis.groups["transformer.h.0.mlp.dense_h_to_4h"].prunable
+    _, report = prune_(model, {}, run)  # what is not offered is in every prune report, with why
+    assert "ALiBi" in report.blocked["transformer.h.0.self_attention"]

@@ -1,6 +1,7 @@
 """Extension points: a new format, objective, sampler or driver is one new file (here: this one),
 found through the registries without touching any other module."""
 
+import json
 import uuid
 
 import optuna
@@ -109,6 +110,11 @@ def test_an_objective_sampler_and_driver_of_ones_own_run_a_study(tmp_path, runs_
     assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
     for trial in trials:
         assert trial.values[1] == trial.user_attrs["measured"]["param_count"] > 0
+        assert 0 <= trial.user_attrs["measured"]["float_share"] <= 1
+        metrics = json.loads((runs_root / name / "trials" / f"{trial.number:05d}" /
+                              "metrics.json").read_text())  # fmt: skip
+        assert isinstance(metrics["float_weights"], dict) and isinstance(metrics["unpruned"], dict)
+        assert all(isinstance(reason, str) and reason for reason in metrics["unpruned"].values())
     assert main(["pareto", str(runs_root / name)]) == 0
     header = (runs_root / name / "pareto.csv").read_text().splitlines()[0]
-    assert header.startswith("trial,accuracy,param_count")
+    assert header.startswith("trial,accuracy,param_count") and "float_share" in header

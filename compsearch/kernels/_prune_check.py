@@ -81,7 +81,13 @@ def _try(model, analysis, decisions, run, apply: Apply, keep: bool, compare: boo
                 with _evaluating(model):
                     actual = apply(model, analysis, decisions, run)
             except KernelError as error:
-                found.append(str(error))
+                cause = error.__cause__
+                found.append(
+                    f"the pruned model no longer runs ({type(cause).__name__}: "
+                    f"{str(cause).splitlines()[0] if str(cause) else ''})"
+                    if cause is not None
+                    else str(error)
+                )
                 raise _Rollback from error
             error = _difference(_float_tensors(actual), reference) if compare else None
             if error is not None:

@@ -73,6 +73,8 @@ class PruneReport:
     skipped: dict[str, str] = field(default_factory=dict)
     # weight tensors (2-D or more) that no prune group reaches, with why
     untouched: dict[str, str] = field(default_factory=dict)
+    # groups the analysis found and cannot prune (whatever the recipe asked), with why
+    blocked: dict[str, str] = field(default_factory=dict)
 
 
 def plan_from_recipe(

@@ -143,6 +143,7 @@ def _prune(model, recipe, run, method, round_to, seed, grads) -> tuple[PruneReco
         scores = importance(model, group, method, seed, grads)
         decisions[name] = torch.sort(torch.topk(scores, count).indices).values
     report.untouched = _untouched(model, analysis)
+    report.blocked = {n: g.reason for n, g in analysis.groups.items() if not g.prunable}
     refused = apply_checked(model, analysis, decisions, run, _apply)
     report.skipped.update(refused)
     for name, kept in decisions.items():

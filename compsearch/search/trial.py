@@ -260,7 +260,7 @@ def run_trial(
         "kernels": result.deploy_report.kernels,
         "skipped": {**result.quant_report.skipped, **result.prune_report.skipped},
         "float_weights": result.quant_report.left_float,
-        "unpruned": result.prune_report.untouched,
+        "unpruned": {**result.prune_report.blocked, **result.prune_report.untouched},
         "rounding": {**result.quant_report.rounding, **result.quant_report.smoothed},
     })  # fmt: skip
 
