@@ -103,27 +103,35 @@ def _try(model, analysis, decisions, run, apply: Apply, keep: bool, compare: boo
     return found[0] if found else None
 
 
+def zero_removed_(
+    model: nn.Module, analysis: Analysis, decisions: dict[str, torch.Tensor], saved=None
+) -> None:
+    """Zero what pruning would remove on the producing side (rows, biases, per-channel parameters),
+    leaving shapes alone: the reference that pruning inside blocks must equal. ``saved`` (a dict)
+    receives each tensor written, with a copy of what it held."""
+    tensors = _tensor_table(model)
+    with torch.no_grad():
+        for name, kept in decisions.items():
+            group = analysis.groups[name]
+            units = group.removed(kept)
+            for member, width in group.members:
+                if member.role == "in":
+                    continue
+                tensor = tensors[member.key]
+                if saved is not None:
+                    saved.setdefault(id(tensor), (tensor, tensor.detach().clone()))
+                index = group.indices(member, width, units).to(tensor.device)
+                tensor.index_fill_(member.dim, index, 0.0)
+
+
 def _masked_outputs(model, analysis, decisions, run) -> list[torch.Tensor]:
     """The model's outputs with the units ``decisions`` remove zeroed on the producing side; every
     tensor written is restored before returning."""
-    tensors = _tensor_table(model)
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
-        with torch.no_grad():
-            for name, kept in decisions.items():
-                group = analysis.groups[name]
-                removed = torch.ones(group.size, dtype=torch.bool)
-                removed[kept] = False
-                units = torch.nonzero(removed).reshape(-1)
-                for member, width in group.members:
-                    if member.role == "in":
-                        continue
-                    tensor = tensors[member.key]
-                    saved.setdefault(id(tensor), (tensor, tensor.detach().clone()))
-                    index = group.indices(member, width, units).to(tensor.device)
-                    tensor.index_fill_(member.dim, index, 0.0)
-            with _evaluating(model):
-                return [t.clone() for t in _float_tensors(run(model))]
+        zero_removed_(model, analysis, decisions, saved)
+        with torch.no_grad(), _evaluating(model):
+            return [t.clone() for t in _float_tensors(run(model))]
     finally:
         with torch.no_grad():
             for tensor, original in saved.values():

@@ -45,6 +45,12 @@ class Group:
     def prunable(self) -> bool:
         return self.reason is None
 
+    def removed(self, kept: torch.Tensor) -> torch.Tensor:
+        """The units a decision that keeps ``kept`` removes."""
+        gone = torch.ones(self.size, dtype=torch.bool)
+        gone[kept] = False
+        return torch.nonzero(gone).reshape(-1)
+
     def indices(self, member: Member, width: int, units: torch.Tensor) -> torch.Tensor:
         span = torch.arange(width)
         return (member.offset + units.unsqueeze(1) * width + span).reshape(-1)

@@ -278,6 +278,17 @@ def quant_class(module: nn.Module) -> type | None:
     return _derived_quant_class(base, type(module))
 
 
+def as_class(module: nn.Module, cls: type) -> nn.Module:
+    """A new ``cls`` instance holding ``module``'s attributes, parameters, buffers and children
+    (the same tensors): how a layer becomes its Quant form without copying a weight."""
+    new = cls.__new__(cls)
+    new.__dict__ = module.__dict__.copy()
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    return new
+
+
 def float_layer(module: nn.Module) -> nn.Module:
     """The float layer a Quant module was made from: its own class, its weight, no quantizers."""
     base = original_class(module)

@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from compsearch.kernels._quant_grid import QuantSpec
 from compsearch.kernels._quant_modules import (
     WeightQuantizer,
+    as_class,
     in_float_forward,
     is_quantizable,
     original_class,
@@ -83,12 +84,7 @@ def _derived(user: type, own) -> type:
 
 
 def convert_stacked(module: nn.Module, spec: QuantSpec, names: list[str]) -> nn.Module:
-    cls = stacked_quant_class(module)
-    new = cls.__new__(cls)
-    new.__dict__ = module.__dict__.copy()
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = dict(module._modules)
+    new = as_class(module, stacked_quant_class(module))
     new._setup_stacked(spec, names)
     return new
 

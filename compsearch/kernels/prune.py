@@ -26,7 +26,7 @@ from torch import nn
 
 from compsearch.errors import KernelError
 from compsearch.kernels._modules import replace_module, transaction
-from compsearch.kernels._prune_check import apply_checked
+from compsearch.kernels._prune_check import apply_checked, zero_removed_  # noqa: F401
 from compsearch.kernels._prune_groups import (  # noqa: F401 - the public names of pruning
     HEAD_ATTRS,
     IMPORTANCES,
@@ -201,9 +201,7 @@ def _apply(model: nn.Module, analysis: Analysis, decisions: dict[str, torch.Tens
     keep: dict[tuple[str, int], set[int]] = {}
     for name, kept in decisions.items():
         group = analysis.groups[name]
-        removed = torch.ones(group.size, dtype=torch.bool)
-        removed[kept] = False
-        units = torch.nonzero(removed).reshape(-1)
+        units = group.removed(kept)
         for member, width in group.members:
             index = (member.key, member.dim)
             if index not in keep:
@@ -310,21 +308,3 @@ def scaled_plans(
             plan = dataclasses.replace(plan, keep=None)
         layers[key] = plan
     return dataclasses.replace(recipe, layers=layers)
-
-
-def zero_removed_(model: nn.Module, analysis: Analysis, decisions: dict[str, torch.Tensor]) -> None:
-    """Zero what pruning would remove on the producing side (rows, biases, per-channel parameters),
-    leaving shapes alone: the reference that pruning inside blocks must equal."""
-    tensors = _tensor_table(model)
-    with torch.no_grad():
-        for name, kept in decisions.items():
-            group = analysis.groups[name]
-            removed = torch.ones(group.size, dtype=torch.bool)
-            removed[kept] = False
-            units = torch.nonzero(removed).reshape(-1)
-            for member, width in group.members:
-                if member.role == "in":
-                    continue
-                tensor = tensors[member.key]
-                index = group.indices(member, width, units).to(tensor.device)
-                tensor.index_fill_(member.dim, index, 0.0)

@@ -55,6 +55,7 @@ from compsearch.kernels._quant_modules import (  # noqa: F401
     QuantLinear,
     QuantMixin,
     WeightQuantizer,
+    as_class,
     conv1d_class,
     float_forward,
     float_layer,
@@ -339,12 +340,7 @@ def _tied_groups(model: nn.Module, todo: Mapping[str, QuantSpec]) -> dict[int, s
 
 
 def _convert(module: nn.Module, spec: QuantSpec, shared: WeightQuantizer | None) -> nn.Module:
-    cls = quant_class(module)
-    new = cls.__new__(cls)
-    new.__dict__ = module.__dict__.copy()
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = dict(module._modules)
+    new = as_class(module, quant_class(module))
     new._setup(spec, shared)
     return new
 
