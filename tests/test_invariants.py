@@ -306,3 +306,23 @@ def test_heads_with_a_bias_computed_from_the_head_count_are_blocked_with_why():
     assert analysis.groups["transformer.h.0.mlp.dense_h_to_4h"].prunable
     _, report = prune_(model, {}, run)  # what is not offered is in every prune report, with why
     assert "ALiBi" in report.blocked["transformer.h.0.self_attention"]
+
+
+def test_query_heads_around_one_key_value_head_are_pruned_and_the_shared_head_kept():
+    """Gemma with one key/value head (multi-query attention): query heads go with their output
+    columns; the shared key and value stay; fewer queries read them."""
+    model, run = build("gemma")
+    model.eval()
+    analysis = analyze(model, run)
+    heads = analysis.groups["model.layers.0.self_attn"]
+    assert heads.prunable and heads.queries_only and heads.size == 4
+    reference = copy.deepcopy(model)
+    record, report = prune_(model, {heads.name: LayerPlan(keep_ratio=0.5)}, run)
+    attention = model.model.layers[0].self_attn
+    assert attention.q_proj.out_features == 32 and attention.o_proj.in_features == 32
+    assert attention.k_proj.out_features == 16 and attention.num_key_value_groups == 2
+    decisions = {n: torch.tensor(e["kept"]) for n, e in record.groups.items()}
+    zero_removed_(reference, analyze(reference, run), decisions)
+    with torch.no_grad():
+        assert relative_error(run(model), run(reference)) < 1e-4
+        assert model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2).shape == (1, 5)

@@ -189,6 +189,7 @@ class Attention:
     head_spaces: list[ChannelSpace] = field(default_factory=list)
     fused_width: int = 0  # rows per head of a fused q/k/v projection (0: separate projections)
     blocked_by: list[str] = field(default_factory=list)  # why its heads cannot be pruned
+    queries_only: bool = False  # query heads around one key/value head that is never split
 
 
 @dataclass

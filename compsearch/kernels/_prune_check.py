@@ -115,8 +115,8 @@ def zero_removed_(
             group = analysis.groups[name]
             units = group.removed(kept)
             for member, width in group.members:
-                if member.role == "in":
-                    continue
+                if member.role == "in" and not group.queries_only:
+                    continue  # (query heads around a shared value: their output columns too)
                 tensor = tensors[member.key]
                 if saved is not None:
                     saved.setdefault(id(tensor), (tensor, tensor.detach().clone()))

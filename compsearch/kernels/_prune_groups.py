@@ -40,6 +40,7 @@ class Group:
     q_per_kv: int = 1
     head_dim: int = 1
     attentions: tuple[str, ...] = ()  # every attention whose heads this group prunes, if several
+    queries_only: bool = False  # query heads sharing one key/value head (multi-query attention)
 
     @property
     def prunable(self) -> bool:
@@ -215,6 +216,7 @@ def _one_head_group(attention, order: dict[str, int]) -> Group:
         attention=attention.module,
         q_per_kv=g,
         head_dim=attention.head_dim,
+        queries_only=attention.queries_only,
     )
 
 

@@ -181,15 +181,20 @@ def _attention(layer: str, out_space: ChannelSpace, splits: list[HeadSplit]) -> 
 def _fused_attention(layer: str, out_space: ChannelSpace, split: HeadSplit) -> Attention | None:
     """One projection split into heads that each carry their query, key and value (GPT-NeoX's
     ``view(..., heads, 3 * head_dim)`` then ``chunk``): each head's slice of the fused rows is
-    pruned whole, with the head's columns of the output projection."""
+    pruned whole, with the head's columns of the output projection. Or only the queries are split
+    (one key/value head, never split: multi-query attention, Gemma): query heads are pruned with
+    their output columns, the shared key and value stay."""
     heads = split.heads
     if heads < 2 or out_space.size % heads:
         return None
     head_dim = out_space.size // heads
-    if split.head_dim % head_dim or split.head_dim == head_dim:
+    if split.head_dim % head_dim:
         return None
     attention = Attention(split.owner, [split], [], out_space, layer, heads, heads, head_dim)
-    attention.fused_width = split.head_dim
+    if split.head_dim == head_dim:
+        attention.queries_only = True
+    else:
+        attention.fused_width = split.head_dim
     return attention
 
 

@@ -279,15 +279,25 @@ def _sync_attributes(model: nn.Module, analysis: Analysis, decisions) -> None:
 def _sync_heads(module: nn.Module, group: Group, new_kv: int) -> None:
     old_kv = group.size
     old_q, new_q = old_kv * group.q_per_kv, new_kv * group.q_per_kv
-    for attribute in HEAD_ATTRS:
-        if getattr(module, attribute, None) == old_q:
-            setattr(module, attribute, new_q)
+    groups = getattr(module, "num_key_value_groups", None)
+    if group.queries_only and isinstance(groups, int) and old_q % groups == 0:
+        kv = old_q // groups  # the shared key/value heads, unpruned: fewer queries read each
+        if new_q % kv == 0:
+            module.num_key_value_groups = new_q // kv
+        return _sync_query_heads(module, old_q, new_q, group.head_dim)
+    _sync_query_heads(module, old_q, new_q, group.head_dim)
     for attribute in KV_HEAD_ATTRS:
         if getattr(module, attribute, None) == old_kv:
             setattr(module, attribute, new_kv)
+
+
+def _sync_query_heads(module: nn.Module, old_q: int, new_q: int, head_dim: int) -> None:
+    for attribute in HEAD_ATTRS:
+        if getattr(module, attribute, None) == old_q:
+            setattr(module, attribute, new_q)
     for attribute in WIDTH_ATTRS:
-        if getattr(module, attribute, None) == old_q * group.head_dim:
-            setattr(module, attribute, new_q * group.head_dim)
+        if getattr(module, attribute, None) == old_q * head_dim:
+            setattr(module, attribute, new_q * head_dim)
 
 
 # -- helpers for callers ---------------------------------------------------------------------------
