@@ -290,14 +290,29 @@ def as_class(module: nn.Module, cls: type) -> nn.Module:
 
 
 def float_layer(module: nn.Module) -> nn.Module:
-    """The float layer a Quant module was made from: its own class, its weight, no quantizers."""
+    """The float module a Quant module (a layer, or stacked experts) was made from: its own class,
+    its weights, no quantizers."""
     base = original_class(module)
     plain = base.__new__(base)
     plain.__dict__ = module.__dict__.copy()
     plain._modules = {
-        k: v for k, v in module._modules.items() if k not in ("weight_quant", "input_quant")
+        k: v
+        for k, v in module._modules.items()
+        if k not in ("weight_quant", "input_quant", "stack_quant")
     }
     return plain
+
+
+@contextlib.contextmanager
+def swapped_params(module: nn.Module, values: dict[str, torch.Tensor]):
+    """Within this block ``module``'s parameters named in ``values`` read as those tensors (the
+    fake-quantized weights a layer's own forward must see); the parameters are back afterwards."""
+    raw = {name: module._parameters[name] for name in values}
+    module._parameters.update(values)
+    try:
+        yield
+    finally:
+        module._parameters.update(raw)
 
 
 def _torch_layers() -> tuple[type, ...]:
@@ -337,12 +352,8 @@ def _forward_with_quantized_weight(own):
             return own(self, *args, **kwargs)
         if args and self.input_quant is not None:
             args = (self.quantized_input(args[0]), *args[1:])
-        raw = self._parameters["weight"]
-        self._parameters["weight"] = self.weight_quant(raw)
-        try:
+        with swapped_params(self, {"weight": self.weight_quant(self._parameters["weight"])}):
             return own(self, *args, **kwargs)
-        finally:
-            self._parameters["weight"] = raw
 
     return forward
 

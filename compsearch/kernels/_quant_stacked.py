@@ -22,8 +22,8 @@ from compsearch.kernels._quant_modules import (
     as_class,
     in_float_forward,
     is_quantizable,
-    original_class,
     own_forward,
+    swapped_params,
 )
 
 
@@ -72,13 +72,8 @@ def _derived(user: type, own) -> type:
     def forward(self, *args, **kwargs):
         if in_float_forward():
             return own(self, *args, **kwargs)
-        raw = {name: self._parameters[name] for name in self.stacked}
-        for name in self.stacked:
-            self._parameters[name] = self.quantized_param(name)
-        try:
+        with swapped_params(self, {name: self.quantized_param(name) for name in self.stacked}):
             return own(self, *args, **kwargs)
-        finally:
-            self._parameters.update(raw)
 
     return type(f"Quant{user.__name__}", (StackedQuantMixin, user), {"forward": forward})
 
@@ -87,14 +82,3 @@ def convert_stacked(module: nn.Module, spec: QuantSpec, names: list[str]) -> nn.
     new = as_class(module, stacked_quant_class(module))
     new._setup_stacked(spec, names)
     return new
-
-
-def float_stacked(module: nn.Module) -> nn.Module:
-    """The module a StackedQuant module was made from: its own class, no quantizers."""
-    base = original_class(module)
-    plain = base.__new__(base)
-    plain.__dict__ = module.__dict__.copy()
-    plain._modules = {k: v for k, v in module._modules.items() if k != "stack_quant"}
-    for key in ("spec", "stacked"):
-        plain.__dict__.pop(key, None)
-    return plain

@@ -49,7 +49,6 @@ from compsearch.kernels.quant import (
     QuantSpec,
     StackedQuantMixin,
     float_layer,
-    float_stacked,
     original_class,
     own_forward,
 )
@@ -442,7 +441,7 @@ def _set_stacked(skeleton: nn.Module, name: str, weight: PackedWeight) -> None:
     owner_name, _, param = name.rpartition(".")
     owner = skeleton.get_submodule(owner_name)
     if isinstance(owner, StackedQuantMixin):  # the fake-quant model as skeleton
-        plain = float_stacked(owner)
+        plain = float_layer(owner)
         replace_module(skeleton, owner, plain)
         owner = plain
     owner._parameters[param] = nn.Parameter(weight.dequantize(), requires_grad=False)

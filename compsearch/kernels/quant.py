@@ -64,10 +64,9 @@ from compsearch.kernels._quant_modules import (  # noqa: F401
     own_forward,
     quant_class,
 )
-from compsearch.kernels._quant_stacked import (  # noqa: F401
+from compsearch.kernels._quant_stacked import (
     StackedQuantMixin,
     convert_stacked,
-    float_stacked,
     stacked_params,
 )
 from compsearch.kernels.formats import get_format, weight_scale  # noqa: F401
