@@ -187,6 +187,22 @@ def test_the_ladder_tightens_a_bound_its_measurement_breaks():
     assert sizes == sorted(sizes, reverse=True)  # most accurate first, cheaper after
 
 
+def test_a_cost_the_study_does_not_bound_never_drops_a_plan():
+    """Without a size bound, rungs are spread along the size axis by prediction; a measurement
+    over the rung (timer noise, for latency) is recorded, not a reason to lose the plan."""
+    table = _table()
+
+    def measure(params):  # always 20 % over what the cost model predicts
+        return {"size_bytes": table.predict(params)["size_bytes"] * 1.2}
+
+    free = ladder(table, {}, 3, measure)
+    assert len(free) == 3 and all(p.measured for p in free)
+    assert any(p.measured["size_bytes"] > p.bounds["size_bytes"] for p in free)
+    bounded = ladder(table, {"size_bytes": 1000.0}, 3, measure)  # the same rungs, now a bound
+    for plan in bounded:
+        assert plan.measured["size_bytes"] <= plan.bounds["size_bytes"] * (1 + 1e-9)
+
+
 # -- sensitivity and plans on a real model ---------------------------------------------------------
 
 

@@ -7,8 +7,10 @@ bounds — from the study's own bound (or the reference's cost when there is non
 cheapest point of the space — it gives a handful of recipes spread along the cost axis.
 Pruning and quantization do not add up exactly (a 4-bit layer that is also pruned saves less than
 both alone), so each solution's costs are then measured on its real structure (``measure``) and,
-where one breaks its bound, the bound given to the solver is tightened by the excess and solved
-again (a few rounds); a rung whose plan still misses is left out. The ladder's foot is the measured
+where one breaks a bound the study sets, the bound given to the solver is tightened by the excess
+and solved again (a few rounds); a rung whose plan still misses is left out. A cost the study does
+not bound only spreads the rungs: its measurement is recorded, never a reason to drop a plan (a
+model that compression does not speed up would lose its plans to timer noise). The ladder's foot is the measured
 cost of the combination the model finds cheapest, so every rung is one the model can reach. A search
 enqueues them as its first trials beside the uniform baselines (``search.plans``), so the sampler
 starts from them and the study's front must beat them after the same fine-tune; ``compsearch plan
@@ -110,7 +112,7 @@ def ladder(table: Sensitivity, limits: dict[str, float], points: int,
             limit = limits.get(cost, table.base[cost]) * (1 - NOISE_MARGIN.get(cost, 0.0))
             top = min(limit, table.base[cost])
             targets[cost] = lows[cost] + fraction * max(0.0, top - lows[cost])
-        plan = _fitted(table, targets, measure, rounds)
+        plan = _fitted(table, targets, measure, rounds, set(limits))
         if plan is None or plan.params in seen:
             continue
         seen.append(plan.params)
@@ -119,7 +121,7 @@ def ladder(table: Sensitivity, limits: dict[str, float], points: int,
 
 
 def _fitted(table: Sensitivity, targets: dict[str, float], measure: Measure | None,
-            rounds: int) -> Plan | None:  # fmt: skip
+            rounds: int, bounded: set[str]) -> Plan | None:  # fmt: skip
     bounds = dict(targets)
     for _ in range(rounds if measure is not None else 1):
         chosen = solve(table, bounds)
@@ -129,8 +131,8 @@ def _fitted(table: Sensitivity, targets: dict[str, float], measure: Measure | No
         if measure is None:
             return plan
         plan.measured = measure(chosen)
-        over = {c: plan.measured[c] / targets[c] for c in targets
-                if c in plan.measured and targets[c] > 0 and plan.measured[c] > targets[c]}  # fmt: skip
+        over = {c: plan.measured[c] / targets[c] for c in targets if c in bounded
+                and c in plan.measured and targets[c] > 0 and plan.measured[c] > targets[c]}  # fmt: skip
         if not over:
             return plan
         for cost, ratio in over.items():  # ask the solver for that much less, predicted
