@@ -6,6 +6,7 @@ Judged on measured accuracy, latency and size of the artifact that would ship. S
 from compsearch.errors import (
     CompsearchError,
     ConfigError,
+    ExportError,
     KernelError,
     RecipeError,
     SpaceError,
@@ -50,6 +51,7 @@ def __getattr__(name: str):
 __all__ = [
     "CompsearchError",
     "ConfigError",
+    "ExportError",
     "KernelError",
     "LayerPlan",
     "Recipe",

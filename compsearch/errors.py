@@ -40,6 +40,10 @@ class KernelError(CompsearchError):
     """A compression kernel was asked for something it cannot do (bad bits, bad keep ratio)."""
 
 
+class ExportError(CompsearchError):
+    """A serving format cannot express what an artifact holds, or its export failed."""
+
+
 def expected(what: str, got: object, fix: str | None = None) -> str:
     """Word an error as 'expected X, but got Y. Fix.'"""
     message = f"expected {what}, but got {got!r}."

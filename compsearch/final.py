@@ -43,6 +43,7 @@ from compsearch.tasks import BUILTINS, Task, get_task, move
 from compsearch.train import Checkpointing, StepCallback
 
 ARTIFACT = "model.safetensors"
+RUNTIMES = {"onnxruntime": ", ONNX Runtime"}  # how the report names a latency's runtime
 
 
 @dataclass
@@ -94,20 +95,23 @@ def measure(
     threads: int = 2,
     repeats: int = 20,
     objectives: tuple[str, ...] = (),
+    runtime: str = "torch",
 ) -> Measurements:
     """Every objective — accuracy, latency, size, MACs and any named in ``objectives`` (built-in
     or ``module:Class``, as in a study config) — of the teacher's deploy form and of
     ``compressed``, alike.
 
     Accuracy is on the test split (the primary metric's own key); the validation split's values
-    stand beside it with a ``_validation`` suffix. Constraints are checked on the test values."""
+    stand beside it with a ``_validation`` suffix. Constraints are checked on the test values.
+    With ``runtime`` onnxruntime, latency is timed in ONNX Runtime sessions of both, and the test
+    split's metrics from those sessions stand beside with an ``_onnxruntime`` suffix."""
     teacher = task.teacher().to(device)
     example = move(task.calibration_batches(1)[0], device)
     shipped, _ = to_deploy(teacher, device, lambda m: task.forward(m, example))
     reference = Candidate(task, shipped, float_artifact(teacher), teacher)
     candidate = Candidate(task, compressed, artifact, student,
                           quant_bits(student) if student is not None else {})  # fmt: skip
-    setup = MeasureSetup(task, device, threads, repeats=repeats, split="test")
+    setup = MeasureSetup(task, device, threads, repeats=repeats, split="test", runtime=runtime)
     measured_by = build_objectives(objectives, setup)
     validation = objective_class("accuracy").build(dataclasses.replace(setup, split="validation"))
     teacher_values: dict[str, float | str] = {}
@@ -118,6 +122,10 @@ def measure(
         teacher_values.update(_suffixed(objective.measure(reference), suffix))
         compressed_values.update(_suffixed(objective.measure(candidate), suffix))
     latency = measured_by["latency_ms"]
+    if runtime != "torch":
+        for model, values in ((shipped, teacher_values), (compressed, compressed_values)):
+            served = latency.served(model, task)
+            values.update(_suffixed(task.evaluate(served, "test"), f"_{runtime}"))
     teacher_values.update(latency_ms=latency.teacher_ms, speedup=1.0,
                           params=float(sum(p.numel() for p in teacher.parameters())))  # fmt: skip
     met = {}
@@ -144,7 +152,8 @@ def report_markdown(
          f"drop {c.get(metric + '_drop_validation', 0.0):+.4f}"),
         ("size (file)", "KB/MB", format_bytes(t["size_bytes"]), format_bytes(c["size_bytes"]),
          f"{t['size_bytes'] / c['size_bytes']:.2f}× smaller"),
-        ("latency (measured)", "ms", f"{t['latency_ms']:.3f}", f"{c['latency_ms']:.3f}"
+        (f"latency (measured{RUNTIMES.get(c.get('latency_runtime'), '')})", "ms",
+         f"{t['latency_ms']:.3f}", f"{c['latency_ms']:.3f}"
          + (f" ±{c['latency_ci'] * 100:.0f}%" if math.isfinite(c.get("latency_ci", math.inf))
             else ""),
          f"{c['speedup']:.2f}× faster (timed side by side)"),
@@ -206,6 +215,7 @@ def train_recipe(
     bounds: tuple[Constraint, ...] = (),
     device: str = "cpu",
     threads: int = 2,
+    runtime: str = "torch",
 ) -> FinalRun:
     """Train the recipe at ``recipe_path`` and write its artifact: its folder, report, deploy form.
     ``task``/``trust_task``: see :func:`task_for`. The report checks ``bounds`` and measures on
@@ -231,7 +241,7 @@ def train_recipe(
     result = compress(the_task, recipe, steps, device, progress=progress, checkpoint=checkpoint)
     artifact = result.artifact_bytes()
     measured = measure(the_task, result.deployed, artifact, result.student, device, bounds,
-                       threads)  # fmt: skip
+                       threads, runtime=runtime)  # fmt: skip
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=target.parent if target.parent.exists()
                                     else _mkdir(target.parent)))  # fmt: skip
     quant = result.quant_report
@@ -305,13 +315,16 @@ def evaluate(
     trust_task: bool = False,
     bounds: tuple[Constraint, ...] = (),
     threads: int = 2,
+    runtime: str = "torch",
 ) -> Measurements:
     """Re-measure an artifact and its teacher on the same measurements (test split, validation
     beside it), checking ``bounds``; ``task`` and ``trust_task`` as in :func:`task_for`."""
     artifact = resolve(path)
     the_task = task_for(artifact_recipe(artifact), task, trust_task)
     deployed, _, _ = rebuild(the_task, artifact, device)
-    return measure(the_task, deployed, artifact.read_bytes(), None, device, bounds, threads)
+    return measure(
+        the_task, deployed, artifact.read_bytes(), None, device, bounds, threads, runtime=runtime
+    )
 
 
 def best_of(reports: dict[str, Measurements], metric: str, direction: str) -> str:

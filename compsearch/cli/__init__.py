@@ -12,8 +12,8 @@ from compsearch._steps import show_on_stderr
 from compsearch.errors import CompsearchError
 
 SUBCOMMANDS = (
-    "demo", "search", "worker", "status", "pareto", "export", "train", "evaluate", "tasks",
-    "teacher", "recipe", "formats", "sensitivity", "plan", "dashboard",
+    "demo", "search", "worker", "status", "pareto", "export", "export-model", "train", "evaluate",
+    "tasks", "teacher", "recipe", "formats", "sensitivity", "plan", "dashboard",
 )  # fmt: skip
 
 

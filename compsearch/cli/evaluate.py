@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     config = recipe_study(recipe, runs_root())  # the user's own study: its task and bounds
     trust = args.trust_task or (config is not None and config.task == recipe.provenance.task)
     bounds, threads = (config.constraints, config.latency.threads) if config else ((), 2)
-    measured = evaluate(args.path, args.task, args.device, trust, bounds, threads)
+    runtime = config.latency.runtime if config else "torch"
+    measured = evaluate(args.path, args.task, args.device, trust, bounds, threads, runtime)
     if args.json:
         print(json.dumps(measured.to_dict(), indent=2, sort_keys=True))
         return 0

@@ -46,6 +46,7 @@ class StudySettings:
     device: str = "cpu"
     threads: int = 2
     trust_task: bool = False
+    runtime: str = "torch"
 
 
 def study_settings(recipe: Recipe, args: argparse.Namespace) -> StudySettings:
@@ -58,7 +59,7 @@ def study_settings(recipe: Recipe, args: argparse.Namespace) -> StudySettings:
         args.steps if args.steps is not None else config.final.steps,
         args.checkpoint_every or config.final.checkpoint_every,
         config.constraints, config.device, config.latency.threads,
-        trust or config.task == recipe.provenance.task,
+        trust or config.task == recipe.provenance.task, config.latency.runtime,
     )  # fmt: skip
 
 
@@ -68,7 +69,7 @@ def train_one(path: Path, args, name: str | None = None):
     run = train_recipe(path, steps, args.epochs, name or args.name, args.resume, args.task,
                        settings.checkpoint_every, trust_task=settings.trust_task,
                        bounds=settings.bounds, device=settings.device,
-                       threads=settings.threads)  # fmt: skip
+                       threads=settings.threads, runtime=settings.runtime)  # fmt: skip
     print(f"{run.path}: report {run.path / 'report.md'}")
     print((run.path / "report.md").read_text())
     return run.path, run.measurements

@@ -142,6 +142,7 @@ class DeployLinear(nn.Module):
         self.output_scale: float | None = None
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
         self._onednn_weight = None
+        self.packed = None  # the stored form, kept where the layer computes in float (exports)
         if kernel in ("onednn_qlinear", "int_mm"):
             codes, scale = packed.int8_codes()
             if kernel == "int_mm":  # cuBLAS int8 GEMM: both weight dimensions multiples of 8
@@ -154,6 +155,7 @@ class DeployLinear(nn.Module):
         else:
             weight = packed.dequantize()
             self.register_buffer("weight", weight.t() if packed.transposed else weight)
+            self.packed = packed
 
     def _apply(self, fn, recurse=True):
         self._onednn_weight = None  # re-pack for the new device / dtype
@@ -266,6 +268,7 @@ class DeployConv2d(nn.Module):
         self.spec = packed.spec
         self.input_scale, self.activation_mode = input_scale, activation_mode
         self.register_buffer("weight", packed.dequantize())
+        self.packed = packed  # the stored form (exports)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
@@ -296,6 +299,7 @@ class DeployEmbedding(nn.Module):
         self.spec = packed.spec
         self.padding_idx = embedding.padding_idx
         self.num_embeddings, self.embedding_dim = packed.rows_shape
+        self.packed = None if kernel == "int8_gather" else packed  # the stored form (exports)
         if kernel == "int8_gather":
             codes, scale = packed.int8_codes()
             self.register_buffer("codes", codes)

@@ -55,6 +55,9 @@ class MeasureSetup:
     max_repeats: int = 60
     latency_drift: float = 0.25
     split: str = "validation"
+    #: what latency is timed in: ``torch`` (the deploy form in PyTorch) or ``onnxruntime`` (the
+    #: deploy form exported to ONNX, in an ONNX Runtime session)
+    runtime: str = "torch"
 
 
 class Objective(abc.ABC):

@@ -4,6 +4,10 @@ CPU: a fixed thread count, the task's example inputs, warm-up runs, then the med
 repeated runs. CUDA: the forward captured in a CUDA graph (small models are launch-bound otherwise),
 timed with device events.
 
+Runtime: ``torch`` times the deploy form in PyTorch; ``onnxruntime`` exports each model measured —
+candidate and teacher alike — to ONNX (:mod:`compsearch.exports.onnx`) and times its ONNX Runtime
+session with the same thread count, so the number optimized is the one that runtime serves.
+
 Noise: a shared machine's load changes from one second to the next, so a trial's latency is
 measured *interleaved* with the teacher's deploy form — teacher, candidate, candidate, teacher, … —
 in the same process. The ratio of each adjacent pair is what a relative bound (``"0.5x"``) is
@@ -185,8 +189,12 @@ class LatencyObjective(Objective):
         ci: float = 0.05,
         max_repeats: int = 60,
         drift: float = 0.25,
+        runtime: str = "torch",
     ) -> None:
         self.device = device
+        self.runtime = runtime
+        self._served: dict[int, tuple[nn.Module, nn.Module]] = {}  # id → (model, its served form)
+        self._scratch = None  # a temporary folder for the exported graphs
         self.thread_count = thread_count
         self.warmup = warmup
         self.repeats = repeats
@@ -200,17 +208,42 @@ class LatencyObjective(Objective):
     @classmethod
     def build(cls, setup) -> LatencyObjective:
         return cls(setup.device, setup.threads, setup.warmup, setup.repeats, setup.table,
-                   setup.latency_ci, setup.max_repeats, setup.latency_drift)  # fmt: skip
+                   setup.latency_ci, setup.max_repeats, setup.latency_drift,
+                   setup.runtime)  # fmt: skip
+
+    def served(self, model: nn.Module, task: Task) -> nn.Module:
+        """What is timed for ``model``: itself, or its ONNX Runtime session (made once per model;
+        the teacher's and the latest candidate's are kept)."""
+        if self.runtime == "torch":
+            return model
+        kept = self._served.get(id(model))
+        if kept is not None and kept[0] is model:
+            return kept[1]
+        import tempfile
+
+        from compsearch.exports.onnx import onnxruntime_form
+
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="compsearch-onnx-")
+        form = onnxruntime_form(model, task, self._scratch.name, self.thread_count)
+        reference = self._served.get(id(self.reference)) if self.reference is not None else None
+        self._served = {id(model): (model, form)}
+        if reference is not None and reference[0] is self.reference:
+            self._served[id(self.reference)] = reference
+        return form
 
     def use_reference(self, reference: Candidate) -> None:
         self.reference = reference.deployed
+        if self.runtime != "torch":
+            self.served(reference.deployed, reference.task)
 
     def restore(self, teacher: dict[str, float]) -> None:
         self.teacher_ms = teacher["latency_ms"]
 
     def measure_model(self, model: nn.Module, task: Task) -> LatencyResult:
+        served = self.served(model, task)
         return measure_latency(
-            model, task, self.device, self.thread_count, self.warmup, self.repeats
+            served, task, self.device, self.thread_count, self.warmup, self.repeats
         )
 
     def prepare(self, reference: Candidate) -> None:
@@ -228,8 +261,9 @@ class LatencyObjective(Objective):
         ci = self.ci if ci is None else ci
         remeasured = 0
         while True:
-            result = measure_latency(model, task, self.device, self.thread_count, self.warmup,
-                                     self.repeats, self.reference, ci,
+            reference = None if self.reference is None else self.served(self.reference, task)
+            result = measure_latency(self.served(model, task), task, self.device,
+                                     self.thread_count, self.warmup, self.repeats, reference, ci,
                                      self.max_repeats)  # fmt: skip
             drift = result.reference_ms / self.teacher_ms - 1 if self.teacher_ms else 0.0
             if abs(drift) <= self.drift or remeasured == REMEASURE:
@@ -239,7 +273,7 @@ class LatencyObjective(Objective):
                 "latency_ci": result.ci, "latency_runs": float(result.runs),
                 "speedup": 1.0 / result.ratio, "teacher_latency_ms": result.reference_ms,
                 "latency_drift": drift, "latency_remeasured": float(remeasured),
-                "latency_source": "measured"}  # fmt: skip
+                "latency_source": "measured", "latency_runtime": self.runtime}  # fmt: skip
 
     def measure(self, candidate: Candidate) -> dict[str, float | str]:
         """Measured latency; with a table, possibly its prediction for trial ``candidate.extra

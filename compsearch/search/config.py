@@ -52,6 +52,9 @@ class Halving:
 @dataclass(frozen=True)
 class LatencySettings:
     mode: str = "measured"  # measured | table
+    #: torch: the deploy form in PyTorch; onnxruntime: exported to ONNX, timed in an ONNX Runtime
+    #: session (CPU; the onnx extra), the final report's latency too
+    runtime: str = "torch"
     threads: int = 2
     warmup: int = 3
     repeats: int = 20  # at least; more until the median's interval is within `ci`
@@ -228,6 +231,7 @@ def parse_config(data: Any, source: str = "config") -> StudyConfig:
     }
     latency_fields = {
         "mode": _S.one_of(("measured", "table")),
+        "runtime": _S.one_of(("torch", "onnxruntime")),
         "threads": _S.integer(1, 1024),
         "warmup": _S.integer(0, 1000),
         "repeats": _S.integer(1, 10_000),
@@ -257,6 +261,7 @@ def parse_config(data: Any, source: str = "config") -> StudyConfig:
     }
     parsed = _S.record(data, source, fields, required=("study", "task"))
     config = StudyConfig(**parsed, raw=json.loads(json.dumps(data, default=str)))
+    _check_runtime(config, source)
     halving = config.search.halving
     if halving.enabled and halving.min_steps and halving.min_steps >= config.search.finetune_steps:
         raise ConfigError(
@@ -264,6 +269,27 @@ def parse_config(data: Any, source: str = "config") -> StudyConfig:
             f"({config.search.finetune_steps}), but got {halving.min_steps}."
         )
     return config
+
+
+def _check_runtime(config: StudyConfig, source: str) -> None:
+    latency = config.latency
+    if latency.runtime == "torch":
+        return
+    where = f"{child(source, 'latency')}.runtime"
+    if config.device != "cpu":
+        raise ConfigError(f"{where}: onnxruntime is timed on the CPU; expected device: cpu, but "
+                          f"got {config.device!r}. Use runtime: torch on a GPU.")  # fmt: skip
+    if latency.mode != "measured":
+        raise ConfigError(f"{where}: expected latency.mode: measured with onnxruntime (the table "
+                          f"predicts PyTorch latencies), but got {latency.mode!r}.")  # fmt: skip
+    import importlib.util
+
+    missing = [
+        m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None
+    ]
+    if missing:
+        raise ConfigError(f"{where}: onnxruntime needs the onnx extra ({', '.join(missing)} not "
+                          f"installed): pip install 'compsearch[onnx]'")  # fmt: skip
 
 
 def read_config(path: str | Path) -> StudyConfig:

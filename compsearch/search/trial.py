@@ -145,7 +145,7 @@ def build_context(
     settings = config.latency
     setup = MeasureSetup(task, config.device, settings.threads, settings.warmup, settings.repeats,
                          table, latency_ci=settings.ci, max_repeats=settings.max_repeats,
-                         latency_drift=settings.drift)  # fmt: skip
+                         latency_drift=settings.drift, runtime=settings.runtime)  # fmt: skip
     objectives = build_objectives(config.objectives, setup)
     if teacher_values is None:
         say(f"measuring the {task.name} teacher's deploy form (the study's reference)")

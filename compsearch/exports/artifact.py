@@ -1,0 +1,102 @@
+"""``export_model``: a serving format written from a compsearch artifact, checked by its own runtime.
+
+ONNX: the artifact's deploy form is exported (:mod:`compsearch.exports.onnx`) to a temporary file
+beside the target, run in ONNX Runtime on the task's example inputs and a training batch, and
+compared with the PyTorch deploy form: the relative error of the outputs (‖ONNX − PyTorch‖ /
+‖PyTorch‖) must be within :data:`TOLERANCE` for the file to be published. The task's metrics on
+the test split, from both, go in the report beside it (``<name>.json``), with each layer's ONNX
+form and both files' bytes. A file that fails the check is not written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from compsearch._files import write_text_atomic
+from compsearch.errors import ExportError
+from compsearch.tasks.base import Task
+
+FORMATS = ("onnx",)
+#: relative output error allowed: float graphs differ by summation order only; with int8 inputs,
+#: or an ONNX Runtime integer kernel that quantizes its inputs itself (MatMulNBits computes with
+#: int8 inputs by default), also by a level where a value sits on a rounding boundary
+TOLERANCE = {"float": 1e-4, "integer": 2e-2}
+
+
+@dataclass(frozen=True)
+class ModelExport:
+    path: Path
+    format: str
+    size_bytes: int
+    artifact_bytes: int
+    relative_error: float
+    tolerance: float
+    metrics_torch: dict[str, float]
+    metrics_served: dict[str, float]
+    forms: dict[str, str]
+    kernels: dict[str, str]
+
+
+def output_error(task: Task, reference: torch.nn.Module, served: torch.nn.Module,
+                 batches: list) -> float:  # fmt: skip
+    """The largest relative error ‖served − reference‖ / ‖reference‖ of the task's outputs."""
+    worst = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            expected = task.forward(reference, batch).main.float()
+            got = task.forward(served, batch).main.float()
+            scale = float(expected.norm()) or 1.0
+            worst = max(worst, float((got - expected).norm()) / scale)
+    return worst
+
+
+def export_model(path: str | os.PathLike, format: str = "onnx", out: str | os.PathLike | None = None,
+                 task: str | None = None, trust_task: bool = False,
+                 threads: int = 2) -> ModelExport:  # fmt: skip
+    """Write the artifact at ``path`` (a ``model.safetensors`` or its folder) as ``format``; ``out``
+    defaults to ``model.onnx`` beside it. ``task``/``trust_task`` as in
+    :func:`compsearch.final.task_for`."""
+    from compsearch.exports.onnx import OnnxRuntimeModel, export_onnx, require_onnx
+    from compsearch.final import artifact_recipe, resolve, task_for
+    from compsearch.pipeline import rebuild
+
+    if format not in FORMATS:
+        raise ExportError(f"format: expected one of {', '.join(FORMATS)}, but got {format!r}.")
+    require_onnx()
+    artifact = resolve(path)
+    target = Path(out) if out is not None else artifact.parent / "model.onnx"
+    if target.suffix != ".onnx":
+        raise ExportError(f"out: expected a file name ending in .onnx, but got {str(target)!r}.")
+    the_task = task_for(artifact_recipe(artifact), task, trust_task)
+    deployed, _, _ = rebuild(the_task, artifact, "cpu")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as scratch:
+        exported = export_onnx(deployed, the_task, Path(scratch) / target.name)
+        served = OnnxRuntimeModel(exported, threads)
+        batches = [the_task.example_inputs(), the_task.calibration_batches(1)[0]]
+        error = output_error(the_task, deployed, served, batches)
+        quantized_inputs = any("int8 inputs" in form for form in exported.forms.values())
+        integer = quantized_inputs or exported.integer_layers
+        tolerance = TOLERANCE["integer" if integer else "float"]
+        if not error <= tolerance:
+            raise ExportError(
+                f"expected ONNX Runtime's outputs within {tolerance:g} (relative) of the PyTorch "
+                f"deploy form's, but they differ by {error:.3g}; nothing was written. Please "
+                "report it with the artifact."
+            )
+        with torch.no_grad():
+            metrics_torch = the_task.evaluate(deployed, "test")
+            metrics_served = the_task.evaluate(served, "test")
+        os.replace(exported.path, target)
+    result = ModelExport(target, format, target.stat().st_size, artifact.stat().st_size, error,
+                         tolerance, metrics_torch, metrics_served, exported.forms,
+                         exported.kernels)  # fmt: skip
+    report = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
+    write_text_atomic(target.with_suffix(".json"), json.dumps(report, indent=2, sort_keys=True))
+    return result
