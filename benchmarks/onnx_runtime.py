@@ -50,7 +50,7 @@ def interleaved_ms(task, models: dict[str, torch.nn.Module], rounds: int, budget
                 task.forward(models[name], batch)
         started = time.perf_counter()
         for index in range(rounds):
-            order = names[index % len(names):] + names[:index % len(names)]
+            order = names[index % len(names) :] + names[: index % len(names)]
             for name in order:
                 t0 = time.perf_counter()
                 task.forward(models[name], batch)

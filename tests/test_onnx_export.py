@@ -168,3 +168,15 @@ def test_onnxruntime_latency_times_sessions_of_candidate_and_teacher(w8a8, digit
     assert isinstance(served, OnnxRuntimeModel)
     assert isinstance(objective.served(teacher, digits_task), OnnxRuntimeModel)
     assert objective.served(w8a8.deployed, digits_task) is served  # exported once per model
+
+
+def test_final_report_with_onnxruntime_gives_its_latency_and_metrics(w8a8, digits_task):
+    from compsearch.final import measure, report_markdown
+
+    measured = measure(digits_task, w8a8.deployed, w8a8.artifact_bytes(), w8a8.student,
+                       repeats=4, runtime="onnxruntime")  # fmt: skip
+    for values in (measured.teacher, measured.compressed):
+        assert 0.9 <= values["accuracy_onnxruntime"] <= 1.0
+    assert measured.compressed["latency_runtime"] == "onnxruntime"
+    text = report_markdown("w8a8", w8a8.recipe, measured, "accuracy")
+    assert "latency (measured, ONNX Runtime)" in text and "accuracy_onnxruntime" in text
