@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from _common import header, table
 
+from compsearch.errors import CompsearchError
 from compsearch.exports.artifact import output_error
 from compsearch.exports.onnx import OnnxRuntimeModel, export_onnx
 from compsearch.kernels.deploy import to_deploy
@@ -102,7 +103,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.tasks:
-            rows.append(run_task(name, args.rounds, args.budget_s, Path(scratch)))
+            try:
+                rows.append(run_task(name, args.rounds, args.budget_s, Path(scratch)))
+            except CompsearchError as error:  # a row that says why, not a missing row
+                rows.append([name, f"FAILED: {error}"] + [""] * 9)
             print(f"done: {name}", flush=True)
     table(["task", "metric", "teacher (torch / ORT)", "int8 (torch / ORT)",
            "teacher ms (torch / ORT)", "int8 ms (torch / ORT)",

@@ -41,7 +41,8 @@ def config(trials: int, steps: int):
     raw["study"] = "minilm-onnxruntime"
     raw["latency"] = {"runtime": "onnxruntime", "mode": "measured", "threads": 2, "warmup": 1,
                       "repeats": 5, "max_repeats": 12, "ci": 0.1}  # fmt: skip
-    raw["search"] = {**raw["search"], "trials": trials, "finetune_steps": steps}
+    # no one-shot plans: they need a sensitivity table, an export per variant here
+    raw["search"] = {**raw["search"], "trials": trials, "finetune_steps": steps, "plans": 0}
     return parse_config(raw)
 
 

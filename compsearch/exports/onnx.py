@@ -224,6 +224,7 @@ def export_onnx(model: nn.Module, task: Task, path: str | os.PathLike,
     try:
         with _quiet():
             program = torch.onnx.export(_Flat(exported, call), tensors, dynamo=True,
+                                        custom_translation_table=_translations(),
                                         dynamic_shapes=(shapes,), opset_version=OPSET,
                                         input_names=call.input_names,
                                         output_names=call.output_names,
@@ -248,6 +249,19 @@ def export_onnx(model: nn.Module, task: Task, path: str | os.PathLike,
     runs_on = {layer: kernels.get(f"model.{layer}.codes.codes", GATHER if "gathered" in form
                                   else FLOAT) for layer, form in forms.items()}  # fmt: skip
     return OnnxExport(path, path.stat().st_size, forms, runs_on, call)
+
+
+def _translations() -> dict:
+    """ATen operators the exporter has no ONNX function for, written here: ``_is_all_true``
+    (the shape checks Hugging Face models make with ``torch._check``, e.g. Llava's image tokens)."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    def is_all_true(values):
+        as_int = op.Cast(values, to=ir.DataType.INT64)
+        return op.Cast(op.ReduceMin(as_int, keepdims=False), to=ir.DataType.BOOL)
+
+    return {torch.ops.aten._is_all_true.default: is_all_true}
 
 
 def _without_cache(model: nn.Module) -> None:

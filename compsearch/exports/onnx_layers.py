@@ -91,12 +91,23 @@ class _Input(nn.Module):
         return _symbolic("DequantizeLinear", inputs, {}, torch.float32, x.shape)
 
 
-class OnnxLinear(nn.Module):
+class _ReadsWeight(nn.Module):
+    """Model code reads a layer's ``.weight`` (its dtype, its shape): an ONNX layer holding codes
+    answers with the deploy layer's float weight, which the graph carries only where it is used."""
+
+    def __getattr__(self, name: str):
+        if name == "weight" and "float_weight" in self.__dict__:
+            return self.__dict__["float_weight"]
+        return super().__getattr__(name)
+
+
+class OnnxLinear(_ReadsWeight):
     def __init__(self, weight: _Weight | torch.Tensor, bias, activation: _Input | None,
-                 post_op: str | None) -> None:  # fmt: skip
+                 post_op: str | None, float_weight: torch.Tensor) -> None:  # fmt: skip
         super().__init__()
         if isinstance(weight, _Weight):
             self.codes = weight
+            self.__dict__["float_weight"] = float_weight
         else:
             self.register_buffer("weight", weight.t().contiguous())  # float: (in, out)
         self.activation, self.post_op = activation, post_op
@@ -112,12 +123,13 @@ class OnnxLinear(nn.Module):
         return _post_op(out, self.post_op)
 
 
-class OnnxConv(nn.Module):
+class OnnxConv(_ReadsWeight):
     def __init__(self, layer: DeployConv2d, weight: _Weight | torch.Tensor,
                  activation: _Input | None) -> None:  # fmt: skip
         super().__init__()
         if isinstance(weight, _Weight):
             self.codes = weight
+            self.__dict__["float_weight"] = layer.weight
         else:
             self.register_buffer("weight", weight)
         self.shape = tuple(layer.weight.shape)
@@ -134,7 +146,7 @@ class OnnxConv(nn.Module):
         return conv(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-class OnnxEmbedding(nn.Module):
+class OnnxEmbedding(_ReadsWeight):
     """An embedding table as its codes: the looked-up rows are gathered as integers and scaled
     (Gather, Cast, Sub, Mul), as the ``int8_gather`` kernel does; the table is never dequantized."""
 
@@ -147,6 +159,7 @@ class OnnxEmbedding(nn.Module):
             shifted = (rows.to(torch.int16) + WEIGHT_ZERO_POINT).to(torch.uint8)
             self.register_buffer("codes", shifted.contiguous())
             self.register_buffer("scale", scale.float().contiguous())
+            self.__dict__["float_weight"] = layer.weight
         self.padding_idx = layer.padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -204,7 +217,7 @@ def onnx_form_(model: nn.Module) -> dict[str, str]:
         activation = None if mode is None else _Input(mode, layer.input_scale)
         if kind is DeployLinear:
             weight = layer.weight if codes is None else _Weight(*codes, transpose=True)
-            new = OnnxLinear(weight, layer.bias, activation, layer.post_op)
+            new = OnnxLinear(weight, layer.bias, activation, layer.post_op, layer.weight)
         elif kind is DeployConv2d:
             if codes is None:
                 weight = layer.weight
