@@ -180,3 +180,34 @@ def test_final_report_with_onnxruntime_gives_its_latency_and_metrics(w8a8, digit
     assert measured.compressed["latency_runtime"] == "onnxruntime"
     text = report_markdown("w8a8", w8a8.recipe, measured, "accuracy")
     assert "latency (measured, ONNX Runtime)" in text and "accuracy_onnxruntime" in text
+
+
+class _RowsTask:
+    """Just what an export reads from a task: how the model is called, and on what."""
+
+    def forward(self, model, batch, attentions=False):
+        from compsearch.tasks.base import Outputs
+
+        return Outputs(logits=model(batch["x"], scale=None)[0])
+
+    def example_inputs(self):
+        return {"x": torch.arange(20.0).reshape(4, 5)}
+
+
+class _LoopsOverRows(torch.nn.Module):
+    """Loops over its batch in Python (Llava does, over images): the trace unrolls it."""
+
+    def forward(self, x, scale=None):
+        rows = [row * 2 + index for index, row in enumerate(x)]
+        return torch.stack(rows), None  # a None among the outputs stays a None
+
+
+def test_a_graph_unrolled_over_the_batch_is_traced_again_for_other_shapes(tmp_path):
+    model, task = _LoopsOverRows(), _RowsTask()
+    served = OnnxRuntimeModel(export_onnx(model, task, tmp_path / "loop.onnx"))
+    for rows in (4, 3, 3, 6):
+        x = torch.randn(rows, 5)
+        got, nothing = served(x, scale=None)
+        assert nothing is None
+        assert torch.allclose(got, model(x)[0], atol=1e-6)
+    assert served.retraced == [((3, 5),), ((6, 5),)]  # each other shape traced once

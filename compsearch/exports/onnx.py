@@ -23,7 +23,7 @@ import logging
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from compsearch.errors import ExportError
+from compsearch.exports.onnx_call import Call, Flat, Recorder, call_of, record_call
 from compsearch.exports.onnx_layers import OPSET, onnx_form_
 from compsearch.tasks.base import Batch, Task
 
@@ -51,122 +52,6 @@ def require_onnx():
     return onnxruntime
 
 
-# -- the call the task makes -----------------------------------------------------------------------
-
-
-class _Recorder(nn.Module):
-    """Passes calls through to ``model`` and keeps the last one (and how many there were)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.calls: list[tuple[tuple, dict]] = []
-        self.output = None
-
-    def forward(self, *args, **kwargs):
-        self.calls.append((args, kwargs))
-        self.output = self.model(*args, **kwargs)
-        return self.output
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["model"], name)
-
-
-@dataclass
-class Call:
-    """How the task calls its model: the arguments' structure with the tensors taken out (they
-    are the graph's inputs; every other argument is fixed), and the output's structure."""
-
-    in_spec: pytree.TreeSpec
-    in_leaves: list  # None where a tensor goes
-    input_names: list[str]
-    output_names: list[str]
-    out_spec: pytree.TreeSpec
-    out_leaves: list  # None where a tensor comes back
-
-    def tensors(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        fixed = [None if isinstance(v, torch.Tensor) else v for v in leaves]
-        if spec != self.in_spec or fixed != self.in_leaves:
-            raise ExportError(
-                "expected the model to be called as when it was exported "
-                f"({self.in_spec}, fixed values {self.in_leaves}), but it was called as {spec} "
-                f"with {fixed}. Export again for this call."
-            )
-        return [v for v in leaves if isinstance(v, torch.Tensor)]
-
-    def arguments(self, tensors) -> tuple[tuple, dict]:
-        feed = iter(tensors)
-        leaves = [next(feed) if v is None else v for v in self.in_leaves]
-        return pytree.tree_unflatten(leaves, self.in_spec)
-
-    def output(self, tensors):
-        feed = iter(tensors)
-        leaves = [next(feed) if v is None else v for v in self.out_leaves]
-        return pytree.tree_unflatten(leaves, self.out_spec)
-
-
-def record_call(model: nn.Module, task: Task, batch: Batch) -> tuple[Call, list[torch.Tensor]]:
-    """The one call ``task.forward`` makes to ``model`` on ``batch``, and its tensors."""
-    recorder = _Recorder(model)
-    with torch.no_grad():
-        task.forward(recorder, batch)
-    if len(recorder.calls) != 1:
-        raise ExportError(
-            f"expected the task's forward to call its model once, but it called it "
-            f"{len(recorder.calls)} times; an ONNX graph holds one call."
-        )
-    args, kwargs = recorder.calls[0]
-    paths, in_spec = pytree.tree_flatten_with_path((args, kwargs))
-    names = [_name(path) for path, v in paths if isinstance(v, torch.Tensor)]
-    out_paths, out_spec = pytree.tree_flatten_with_path(recorder.output)
-    out_leaves = [v for _, v in out_paths]
-    out_names = [_name(path) or "output" for path, v in out_paths if isinstance(v, torch.Tensor)]
-    for leaf in out_leaves:
-        if not isinstance(leaf, (torch.Tensor, type(None), bool, int, float, str)):
-            raise ExportError(
-                f"expected the model's output to hold tensors, but it holds a "
-                f"{type(leaf).__name__}, which an ONNX graph cannot return. Switch it off in the "
-                f"task's forward (e.g. use_cache=False)."
-            )
-    call = Call(
-        in_spec,
-        [None if isinstance(v, torch.Tensor) else v for _, v in paths],
-        names,
-        out_names,
-        out_spec,
-        [None if isinstance(v, torch.Tensor) else v for v in out_leaves],
-    )
-    return call, [v for _, v in paths if isinstance(v, torch.Tensor)]
-
-
-def _name(path) -> str:
-    """A readable tensor name from its pytree path: a keyword's name, ``input_0`` for the first
-    positional argument, ``last_hidden_state`` or ``output_0`` for outputs."""
-    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-    if keys[:1] == ["1"]:  # (args, kwargs)[1]: a keyword argument
-        return "_".join(keys[1:])
-    if keys[:1] == ["0"] and len(keys) > 1:
-        return "input_" + "_".join(keys[1:])
-    return "_".join(keys) if not keys or not keys[0].isdigit() else "output_" + "_".join(keys)
-
-
-class _Flat(nn.Module):
-    """The model as the graph sees it: tensors in (the call's), tensors out."""
-
-    def __init__(self, model: nn.Module, call: Call) -> None:
-        super().__init__()
-        self.model, self.call = model, call
-
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        args, kwargs = self.call.arguments(tensors)
-        leaves = pytree.tree_leaves(self.model(*args, **kwargs))
-        return tuple(v for v in leaves if isinstance(v, torch.Tensor))
-
-
 # -- export ----------------------------------------------------------------------------------------
 
 
@@ -182,6 +67,9 @@ class OnnxExport:
     #: weight became float (see _finish_graph)
     kernels: dict[str, str]
     call: Call
+    #: the deploy form it was traced from, to trace again where a call's shapes need their own
+    #: graph
+    source: nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
     def integer_layers(self) -> list[str]:
@@ -207,32 +95,15 @@ def _quiet():
 def export_onnx(model: nn.Module, task: Task, path: str | os.PathLike,
                 batch: Batch | None = None) -> OnnxExport:  # fmt: skip
     """Write ``model`` (a deploy form, left unchanged) as ONNX to ``path``, traced on ``batch``
-    (default: the task's first calibration batch). The file appears whole or not at all."""
+    (default: the task's example inputs, the shape it serves). The file appears whole or not at
+    all."""
     require_onnx()
-    path = Path(path)
-    batch = task.calibration_batches(1)[0] if batch is None else batch
-    exported = copy.deepcopy(model).cpu().float().eval()
-    _without_cache(exported)
-    call, tensors = record_call(exported, task, batch)
-    forms = onnx_form_(exported)
-    tensors = tuple(tensors)
-    auto = torch.export.Dim.AUTO
-    shapes = tuple({d: auto for d in range(t.dim())} for t in tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    batch = task.example_inputs() if batch is None else batch
+    source = copy.deepcopy(model).cpu().float().eval()
+    _without_cache(source)
+    call, tensors = record_call(source, task, batch)
     try:
-        with _quiet():
-            program = torch.onnx.export(_Flat(exported, call), tensors, dynamo=True,
-                                        custom_translation_table=_translations(),
-                                        dynamic_shapes=(shapes,), opset_version=OPSET,
-                                        input_names=call.input_names,
-                                        output_names=call.output_names,
-                                        external_data=False, verbose=False)  # fmt: skip
-        program.save(temp)
-        kernels = _finish_graph(temp)
-        os.chmod(temp, 0o666 & ~_umask())
-        os.replace(temp, path)
+        return _write(source, call, tuple(tensors), Path(path))
     except ExportError:
         raise
     except Exception as error:
@@ -244,11 +115,35 @@ def export_onnx(model: nn.Module, task: Task, path: str | os.PathLike,
             f"ONNX export of {type(model).__name__} failed ({type(root).__name__}: {reason}); "
             "nothing was written."
         ) from error
+
+
+def _write(source: nn.Module, call: Call, tensors: tuple, path: Path) -> OnnxExport:
+    """Trace ``source`` (a deploy form; a copy of it is put in its ONNX form) on ``tensors`` into
+    ``path``, every dimension free where the model allows."""
+    model = copy.deepcopy(source)
+    forms = onnx_form_(model)
+    auto = torch.export.Dim.AUTO
+    shapes = tuple({d: auto for d in range(t.dim())} for t in tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        with _quiet():
+            program = torch.onnx.export(Flat(model, call), tensors, dynamo=True,
+                                        custom_translation_table=_translations(),
+                                        dynamic_shapes=(shapes,), opset_version=OPSET,
+                                        input_names=call.input_names,
+                                        output_names=call.output_names,
+                                        external_data=False, verbose=False)  # fmt: skip
+        program.save(temp)
+        kernels = _finish_graph(temp)
+        os.chmod(temp, 0o666 & ~_umask())
+        os.replace(temp, path)
     finally:
         Path(temp).unlink(missing_ok=True)
     runs_on = {layer: kernels.get(f"model.{layer}.codes.codes", GATHER if "gathered" in form
                                   else FLOAT) for layer, form in forms.items()}  # fmt: skip
-    return OnnxExport(path, path.stat().st_size, forms, runs_on, call)
+    return OnnxExport(path, path.stat().st_size, forms, runs_on, call, source)
 
 
 def _translations() -> dict:
@@ -372,12 +267,23 @@ def session(path: str | os.PathLike, threads: int | None = 2):
 
 
 class OnnxRuntimeModel(nn.Module):
-    """An exported graph in an ONNX Runtime session, called like the model it came from."""
+    """An exported graph in an ONNX Runtime session, called like the model it came from.
+
+    A trace can hold a loop over a dimension that the graph then leaves free: a model that loops
+    over its batch in Python (Llava splits its image features into a list) traces into a graph
+    that fails below the traced batch size and silently drops rows above it. So the first call at
+    each new set of input shapes is checked against the deploy form it was traced from (same
+    outputs, same shapes, relative error within :data:`SHAPE_CHECK`); where it fails, the model
+    is traced again at those shapes into a graph of their own (``retraced`` lists them), which
+    must pass the same check.
+    """
 
     def __init__(self, exported: OnnxExport, threads: int | None = 2) -> None:
         super().__init__()
-        self.exported = exported
+        self.exported, self.threads = exported, threads
         self.session = session(exported.path, threads)
+        self.by_shape: dict[tuple, tuple] = {}
+        self.retraced: list[tuple] = []
         self.input_names = [i.name for i in self.session.get_inputs()]
         if len(self.input_names) != len(exported.call.input_names):
             raise ExportError(
@@ -388,13 +294,68 @@ class OnnxRuntimeModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         tensors = self.exported.call.tensors(args, kwargs)
+        shapes = tuple(tuple(t.shape) for t in tensors)
         feeds = {name: t.detach().cpu().numpy()
                  for name, t in zip(self.input_names, tensors, strict=True)}  # fmt: skip
-        outputs = self.session.run(None, feeds)
-        return self.exported.call.output([torch.from_numpy(o) for o in outputs])
+        if shapes not in self.by_shape:
+            self.by_shape[shapes] = self._runner_for(args, kwargs, feeds, shapes)
+        runner, call = self.by_shape[shapes]
+        return call.output([torch.from_numpy(o) for o in runner.run(None, feeds)])
+
+    def _runner_for(self, args: tuple, kwargs: dict, feeds: dict, shapes: tuple):
+        """The session (and call) that computes the model at ``shapes``: the exported graph where
+        it matches the deploy form there, else one traced at these shapes."""
+        primary = (self.session, self.exported.call)
+        if self.exported.source is None:
+            return primary
+        with torch.no_grad():
+            leaves = pytree.tree_leaves(self.exported.source(*args, **kwargs))
+        expected = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        try:
+            if _matches(self.session.run(None, feeds), expected):
+                return primary
+        except Exception:  # ONNX Runtime's own errors: the graph cannot run at these shapes
+            pass
+        runner, call = self._traced_at(args, kwargs)
+        self.retraced.append(shapes)
+        if not _matches(runner.run(None, feeds), expected):
+            raise ExportError(
+                f"expected the ONNX graph traced at input shapes {shapes} to compute the model "
+                "there, but its outputs differ from the deploy form's. Please report it."
+            )
+        return runner, call
+
+    def _traced_at(self, args: tuple, kwargs: dict):
+        """A session and call traced at these arguments' shapes (its outputs may differ too)."""
+        recorder = Recorder(self.exported.source)
+        with torch.no_grad():
+            recorder(*args, **kwargs)
+        call, tensors = call_of(recorder)
+        path = self.exported.path
+        shaped = path.with_name(f"{path.stem}-{len(self.retraced) + 1}{path.suffix}")
+        again = _write(self.exported.source, call, tuple(tensors), shaped)
+        return session(again.path, self.threads), call
 
     def extra_repr(self) -> str:
         return f"{self.exported.path.name}, {self.exported.size_bytes} bytes"
+
+
+#: the relative output error beyond which a graph is taken not to compute the model at a shape
+#: (well above the int8 rounding differences the export check allows)
+SHAPE_CHECK = 0.1
+
+
+def _matches(outputs: list, expected: list[torch.Tensor]) -> bool:
+    if len(outputs) != len(expected):
+        return False
+    for got, want in zip(outputs, expected, strict=True):
+        want = want.detach().float().cpu()
+        if tuple(got.shape) != tuple(want.shape):
+            return False
+        scale = float(want.norm()) or 1.0
+        if float((torch.from_numpy(got).float() - want).norm()) / scale > SHAPE_CHECK:
+            return False
+    return True
 
 
 def onnxruntime_form(model: nn.Module, task: Task, folder: str | os.PathLike,
