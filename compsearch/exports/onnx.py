@@ -340,9 +340,10 @@ class OnnxRuntimeModel(nn.Module):
         return f"{self.exported.path.name}, {self.exported.size_bytes} bytes"
 
 
-#: the relative output error beyond which a graph is taken not to compute the model at a shape
-#: (well above the int8 rounding differences the export check allows)
-SHAPE_CHECK = 0.1
+#: the relative output error beyond which a graph is taken not to compute the model at a shape:
+#: above the rounding flips int8 levels compound into (12 % on minilm, see exports.artifact),
+#: below a graph that drops rows or computes another function
+SHAPE_CHECK = 0.5
 
 
 def _matches(outputs: list, expected: list[torch.Tensor]) -> bool:
