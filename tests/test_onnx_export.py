@@ -211,3 +211,30 @@ def test_a_graph_unrolled_over_the_batch_is_traced_again_for_other_shapes(tmp_pa
         assert nothing is None
         assert torch.allclose(got, model(x)[0], atol=1e-6)
     assert served.retraced == [((3, 5),), ((6, 5),)]  # each other shape traced once
+
+
+def test_a_study_with_onnxruntime_times_every_trial_there(tmp_path, runs_root):
+    import json
+    import uuid
+
+    import yaml
+
+    from compsearch.cli import main
+
+    name = f"ort-{uuid.uuid4().hex[:6]}"
+    config = {
+        "study": name, "task": "digits", "objectives": ["accuracy", "latency_ms", "size_bytes"],
+        "latency": {"runtime": "onnxruntime", "repeats": 3, "warmup": 1, "ci": 0},
+        "space": {"w_bits": [8, 16], "a_bits": [8, 16], "calibration_batches": 1},
+        "search": {"sampler": "random", "trials": 2, "finetune_steps": 2, "cache_batches": 2,
+                   "baselines": False, "plans": 0},
+    }  # fmt: skip
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["search", str(path)]) == 0
+    trials = sorted((runs_root / name / "trials").iterdir())
+    assert len(trials) == 2
+    for trial in trials:
+        measured = json.loads((trial / "metrics.json").read_text())["measured"]
+        assert measured["latency_runtime"] == "onnxruntime"
+        assert measured["latency_ms"] > 0 and measured["speedup"] > 0
