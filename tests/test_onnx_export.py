@@ -238,3 +238,33 @@ def test_a_study_with_onnxruntime_times_every_trial_there(tmp_path, runs_root):
         measured = json.loads((trial / "metrics.json").read_text())["measured"]
         assert measured["latency_runtime"] == "onnxruntime"
         assert measured["latency_ms"] > 0 and measured["speedup"] > 0
+
+
+def test_int8_input_levels_in_onnx_runtime_are_compsearch_levels(tmp_path):
+    """One layer, no depth to compound rounding: ONNX Runtime computes the deploy form's numbers,
+    including inputs far below the calibrated range (compsearch's levels stop at -127, ONNX's
+    uint8 saturation at -128: the export clips first)."""
+    from compsearch.kernels.deploy import to_deploy
+    from compsearch.kernels.observers import calibrate
+    from compsearch.kernels.quant import quantize_
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    quantize_(layer, {"0": LayerPlan(w_bits=8, a_bits=8)}, activation_mode="static")
+    calibrate(layer, [torch.randn(8, 64)], lambda m, b: m(b))
+    deployed, _ = to_deploy(layer)
+
+    class Task:
+        def forward(self, model, batch, attentions=False):
+            from compsearch.tasks.base import Outputs
+
+            return Outputs(logits=model(batch["x"]))
+
+        def example_inputs(self):
+            return {"x": torch.randn(16, 64)}
+
+    served = OnnxRuntimeModel(export_onnx(deployed, Task(), tmp_path / "one.onnx"))
+    x = torch.randn(16, 64) * 4  # many values saturate, on both sides
+    with torch.no_grad():
+        expected, got = deployed(x), served(x)
+    assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
