@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from compsearch.kernels._modules import replace_module
 from compsearch.kernels._quant_grid import ACT_QMAX, SCALE_MIN
 from compsearch.kernels.deploy import DeployConv2d, DeployEmbedding, DeployLinear, _post_op
+from compsearch.kernels.devices import LINEAR
 from compsearch.kernels.formats import get_format
 from compsearch.kernels.formats.int_grid import IntFormat
 
@@ -173,6 +174,19 @@ class OnnxEmbedding(_ReadsWeight):
         width = rows.shape[-1]
         grouped = rows.reshape(*rows.shape[:-1], scale.shape[-1], -1) * scale.unsqueeze(-1)
         return grouped.reshape(*rows.shape[:-1], width)
+
+
+def runs_on_integer_kernel(kind: str, spec) -> bool:
+    """ONNX Runtime fuses this layer's ONNX form into an integer kernel (MatMulIntegerToFloat): a
+    Linear with static int8 inputs and int codes per output channel. (A search space offers int8
+    inputs where this holds; each export reports what ONNX Runtime actually did.)"""
+    return (
+        kind == LINEAR
+        and spec.a_bits == 8
+        and spec.activation_mode == "static"
+        and spec.granularity == "per_channel"
+        and isinstance(get_format(spec.w_format), IntFormat)
+    )
 
 
 def _codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

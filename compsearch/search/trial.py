@@ -130,7 +130,8 @@ def build_context(
     teacher = task.teacher()
     info = discover(task, teacher)
     space = Space.build(config.space, info, task.name, config.device,
-                        config.search.finetune_steps, config.study)  # fmt: skip
+                        config.search.finetune_steps, config.study,
+                        config.latency.runtime)  # fmt: skip
     example = task.calibration_batches(1)[0]
     teacher.to(device)
     shipped, _ = to_deploy(teacher, device, lambda m: task.forward(m, move(example, device)))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from compsearch import __version__
 from compsearch.errors import SpaceError
+from compsearch.exports.onnx_layers import runs_on_integer_kernel
 from compsearch.kernels.deploy import EMBEDDING, FAST_KERNELS, LINEAR, kernel_for
 from compsearch.kernels.formats import FORMATS, get_format
 from compsearch.kernels.quant import QuantSpec
@@ -79,10 +80,12 @@ class Choice:
         )
 
 
-def menu_formats(kind: str, menu: Menu, config: SpaceConfig, device: str) -> list[Choice]:
-    """The choices a layer of ``kind`` may take on ``device``, from every format the config names:
-    those a real kernel runs, and packed weight-only choices that save size (computed in float) —
-    never int8 activations without a kernel."""
+def menu_formats(kind: str, menu: Menu, config: SpaceConfig, device: str,
+                 runtime: str = "torch") -> list[Choice]:  # fmt: skip
+    """The choices a layer of ``kind`` may take on ``device`` in ``runtime`` (``torch`` or
+    ``onnxruntime``), from every format the config names: those a real kernel runs, and packed
+    weight-only choices that save size (computed in float) — never int8 activations without a
+    kernel."""
     found: list[Choice] = []
     for bits in menu.w_bits:
         if bits == 16:
@@ -102,6 +105,8 @@ def menu_formats(kind: str, menu: Menu, config: SpaceConfig, device: str) -> lis
                 if method != "rtn" and kind != LINEAR:  # GPTQ and AWQ take Linear layers
                     continue
                 fast = kernel_for(kind, spec, device) in FAST_KERNELS
+                if runtime == "onnxruntime":
+                    fast = runs_on_integer_kernel(kind, spec)
                 if a_bits == 8 and (kind == EMBEDDING or not fast):
                     continue
                 if a_bits != 8 and not fmt.weight_only:
@@ -161,6 +166,7 @@ class Space:
     drop_blocks: list[str] = field(default_factory=list)
     study: str | None = None
     layer_menus: dict[str, list[Choice]] = field(default_factory=dict)
+    runtime: str = "torch"  # what latency is measured in: which int8 kernels exist
 
     @classmethod
     def build(
@@ -171,9 +177,10 @@ class Space:
         device: str = "cpu",
         finetune_steps: int = 0,
         study: str | None = None,
+        runtime: str = "torch",
     ) -> Space:
         check_regions(config, set(info.regions))
-        space = cls(config, info, task_name, device, finetune_steps, study=study)
+        space = cls(config, info, task_name, device, finetune_steps, study=study, runtime=runtime)
         space._quant_units(_rules(config, info))
         space._keep_units(_rules(config, info))
         space._depth(_rules(config, info))
@@ -199,14 +206,14 @@ class Space:
         units: dict[str, QuantUnit] = {}
         for name, kind in self.info.layers.items():
             menu = self.menu_of(name)
-            formats = menu_formats(kind, menu, self.config, self.device)
+            formats = menu_formats(kind, menu, self.config, self.device, self.runtime)
             if name in tied:  # shared weights: one weight-only, round-to-nearest choice for all
                 formats = [f for f in formats if f.a_bits == 16 and f.method == "rtn"]
             self.layer_menus[name] = formats
             restricted, rule = _apply_format_rules(name, formats, rules, self.info)
             if rule is not None and rule.source != "config":  # a default brings its own widths
                 widened = dataclasses.replace(menu, w_bits=rule.w_bits)
-                restricted = menu_formats(kind, widened, self.config, self.device)
+                restricted = menu_formats(kind, widened, self.config, self.device, self.runtime)
                 if name in tied:
                     restricted = [f for f in restricted if f.a_bits == 16 and f.method == "rtn"]
                 self.layer_menus[name] = restricted
