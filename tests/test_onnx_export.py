@@ -168,6 +168,11 @@ def test_onnxruntime_latency_times_sessions_of_candidate_and_teacher(w8a8, digit
     assert isinstance(served, OnnxRuntimeModel)
     assert isinstance(objective.served(teacher, digits_task), OnnxRuntimeModel)
     assert objective.served(w8a8.deployed, digits_task) is served  # exported once per model
+    scratch = served.exported.path.parent
+    another, _ = to_deploy(digits_task.teacher())
+    objective.served(another, digits_task)
+    assert not served.exported.path.exists()  # the previous candidate's graph is gone
+    assert len(list(scratch.glob("*.onnx"))) == 2  # the teacher's and the newest candidate's
 
 
 def test_final_report_with_onnxruntime_gives_its_latency_and_metrics(w8a8, digits_task):

@@ -325,6 +325,12 @@ class OnnxRuntimeModel(nn.Module):
             )
         return runner, call
 
+    def remove_files(self) -> None:
+        """Delete the graph files behind this model (the sessions have read them)."""
+        path = self.exported.path
+        for stale in (path, *path.parent.glob(f"{path.stem}-*{path.suffix}")):
+            stale.unlink(missing_ok=True)
+
     def _traced_at(self, args: tuple, kwargs: dict):
         """A session and call traced at these arguments' shapes (its outputs may differ too)."""
         recorder = Recorder(self.exported.source)

@@ -227,6 +227,9 @@ class LatencyObjective(Objective):
             self._scratch = tempfile.TemporaryDirectory(prefix="compsearch-onnx-")
         form = onnxruntime_form(model, task, self._scratch.name, self.thread_count)
         reference = self._served.get(id(self.reference)) if self.reference is not None else None
+        for old, old_form in self._served.values():  # one candidate's graph at a time on disk
+            if old is not self.reference:
+                old_form.remove_files()
         self._served = {id(model): (model, form)}
         if reference is not None and reference[0] is self.reference:
             self._served[id(self.reference)] = reference
