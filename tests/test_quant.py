@@ -300,6 +300,28 @@ def test_fp8_fake_quant_round_trips_through_the_artifact(tmp_path):
     assert torch.equal(packed.weights["up"].dequantize(), model.up.quantized_weight().detach())
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_intz_keeps_zero_a_level_and_round_trips_through_the_artifact(tmp_path, bits):
+    torch.manual_seed(0)
+    model = FFN(64, 96)
+    with torch.no_grad():
+        model.up.weight[:, :32] = 0.0  # a zero group: the mid-rise grid cannot hold it
+    plan = LayerPlan(w_bits=bits, granularity="per_group", group_size=32, w_format="intz")
+    quantize_(model, {"up": plan, "down": LayerPlan(w_bits=bits, w_format="intz")})
+    packed, _ = read_packed(save_packed(export_packed(model), tmp_path / "m.safetensors"))
+    weight = model.up.quantized_weight().detach()
+    assert torch.equal(packed.weights["up"].dequantize(), weight)
+    assert torch.equal(weight[:, :32], torch.zeros_like(weight[:, :32]))
+    levels = weight[:, 32:].reshape(96, 1, 32) / packed.weights["up"].scale.float()[:, 1:, None]
+    assert torch.equal(levels, levels.round())  # integer levels, no half steps
+    assert levels.min() >= -(2 ** (bits - 1)) and levels.max() <= 2 ** (bits - 1) - 1
+    codes, sigma = packed.weights["down"].int8_codes()
+    assert torch.equal(codes.float() * sigma.float(), packed.weights["down"].dequantize())
+    x, scale = torch.randn(8, 32), torch.full((8, 1), 0.01)
+    same = torch.equal(fake_quantize(x, scale, bits, zero_level=True), fake_quantize(x, scale, bits))
+    assert same == (bits == 8)  # int's grid is mid-rise below 8 bits, the integer grid at 8
+
+
 def test_deploy_table_says_which_formats_are_fast_on_cpu():
     table = deploy_table("cpu")
     linear_w8a8 = [r for r in table if r.layer == "linear" and r.w_bits == "8" and r.a_bits == 8]

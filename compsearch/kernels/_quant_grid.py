@@ -65,17 +65,18 @@ def _check_bits(bits: int) -> None:
         )
 
 
-def is_midrise(bits: int) -> bool:
-    return bits < 8
+def is_midrise(bits: int, zero_level: bool = False) -> bool:
+    return bits < 8 and not zero_level
 
 
-def grid(bits: int) -> tuple[int, int, float, float]:
-    """``(qmin, qmax, offset, half_levels)`` of the ``bits``-wide weight grid (module docstring)."""
+def grid(bits: int, zero_level: bool = False) -> tuple[int, int, float, float]:
+    """``(qmin, qmax, offset, half_levels)`` of the ``bits``-wide weight grid (module docstring):
+    mid-rise below 8 bits unless ``zero_level`` (the integer grid of ``intz``)."""
     _check_bits(bits)
-    if is_midrise(bits):
-        half = 2 ** (bits - 1)
+    half = 2 ** (bits - 1)
+    if is_midrise(bits, zero_level):
         return -half, half - 1, 0.5, float(half)
-    return -128, 127, 0.0, 127.5
+    return -half, half - 1, 0.0, half - 0.5
 
 
 # -- the fake-quant function (exact forward, straight-through backward, LSQ gradient for the scale) --
@@ -113,10 +114,14 @@ def _sum_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, bits: int, grad_scale: float = 1.0
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    grad_scale: float = 1.0,
+    zero_level: bool = False,
 ) -> torch.Tensor:
     """Quantize-dequantize ``x`` on the ``bits``-wide weight grid with (broadcastable) ``scale``."""
-    qmin, qmax, offset, _ = grid(bits)
+    qmin, qmax, offset, _ = grid(bits, zero_level)
     return _FakeQuantize.apply(x, scale, qmin, qmax, offset, grad_scale)
 
 
@@ -143,17 +148,21 @@ def grouped(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return rows.reshape(rows.shape[0], rows.shape[1] // group, group)
 
 
-def weight_codes(rows: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def weight_codes(
+    rows: torch.Tensor, scale: torch.Tensor, spec: QuantSpec, zero_level: bool = False
+) -> torch.Tensor:
     """Integer codes ``q`` (int32, shape of ``rows``) as the fake-quant forward rounds them."""
-    qmin, qmax, offset, _ = grid(spec.w_bits)
+    qmin, qmax, offset, _ = grid(spec.w_bits, zero_level)
     stored = scale.to(torch.float16).to(rows.dtype)
     q = torch.round(grouped(rows, spec) / stored - offset).clamp(qmin, qmax)
     return q.reshape(rows.shape).to(torch.int32)
 
 
-def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def dequantize_codes(
+    q: torch.Tensor, scale: torch.Tensor, spec: QuantSpec, zero_level: bool = False
+) -> torch.Tensor:
     """Float weight rows from codes ``q`` and scales ``(rows, groups, 1)``: bit-equal to fake quant."""
-    _, _, offset, _ = grid(spec.w_bits)
+    _, _, offset, _ = grid(spec.w_bits, zero_level)
     stored = scale.to(torch.float16).to(torch.float32)
     values = (grouped(q.to(torch.float32), spec) + offset) * stored
     return values.reshape(q.shape)

@@ -25,10 +25,9 @@ from compsearch.kernels.formats import get_format, weight_scale
 from compsearch.kernels.quant import (
     ACT_QMAX,
     ActQuantizer,
-    dequantize_codes,
+    grouped,
     quant_modules,
     rows_view,
-    weight_codes,
 )
 
 OBSERVERS = ("minmax", "percentile", "mse")
@@ -142,13 +141,14 @@ def search_weight_clip_(module: nn.Module) -> None:
     """Per row / group, the clip ratio of the absolute maximum with the least quantization error."""
     quantizer = module.weight_quant
     spec = quantizer.spec
+    fmt = get_format(spec.w_format)
     rows = rows_view(module.weight, quantizer.transposed).float()
     best_error = None
     best_ratio = torch.ones_like(quantizer.clip)
     for ratio in CLIP_RATIOS.tolist():
         clip = torch.full_like(quantizer.clip, ratio)
         scale = weight_scale(rows, spec, clip)
-        restored = dequantize_codes(weight_codes(rows, scale, spec), scale, spec)
+        restored = fmt.fake_quantize(grouped(rows, spec), scale, spec).reshape(rows.shape)
         error = (
             (restored - rows).pow(2).reshape(*quantizer.clip.shape[:2], -1).sum(-1, keepdim=True)
         )

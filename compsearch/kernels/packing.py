@@ -39,7 +39,6 @@ from compsearch._files import write_bytes_atomic
 from compsearch.errors import KernelError
 from compsearch.kernels._bits import pack_codes, packed_nbytes, unpack_codes  # noqa: F401
 from compsearch.kernels.formats import get_format
-from compsearch.kernels.formats.int_grid import signed_codes
 from compsearch.kernels.quant import (
     QuantSpec,
     quant_modules,
@@ -88,14 +87,14 @@ class PackedWeight:
 
     def signed_codes(self) -> torch.Tensor:
         """Codes ``q`` as int32, shape ``rows_shape`` (int formats)."""
-        return signed_codes(self.data, self.spec, self.rows_shape)
+        return get_format(self.spec.w_format).signed_codes(self.data, self.spec, self.rows_shape)
 
     def int8_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(c, sigma)``: int8 codes (rows, fan_in) and float32 scales (rows, groups) with
         ``weight = sigma * c`` (see compsearch.kernels.quant)."""
         q = self.signed_codes()
         scale = self.scale.to(torch.float32)
-        if self.spec.w_bits < 8:
+        if get_format(self.spec.w_format).grid(self.spec)[2]:  # mid-rise: s (q + 1/2)
             return (2 * q + 1).to(torch.int8), scale / 2
         return q.to(torch.int8), scale
 

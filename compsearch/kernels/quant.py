@@ -8,6 +8,10 @@ Weight grid (symmetric, all ``2**n`` levels, one scale ``s`` per output channel 
   (A zero-centred grid wastes a level at 2 bits: 3 usable levels instead of 4.)
 * ``n == 8`` — *integer*: values ``s * q`` for ``q`` in ``[-128, 127]``, ``s = amax / 127.5``; zero
   is exact, as int8 kernels expect.
+* format ``intz``, any ``n`` — the integer grid at every width: ``s * q`` for ``q`` in
+  ``[-2**(n-1), 2**(n-1) - 1]``, ``s = amax / (2**(n-1) - 1/2)``. One level fewer on the positive
+  side, but zero is a level: the grid that GGUF's Q4_0/Q8_0 and compressed-tensors' symmetric int
+  hold exactly (and identical to ``int`` at 8 bits).
 
 Either way a weight is ``sigma * c`` with an int8 code ``c`` (``2q + 1`` and ``s/2`` for mid-rise,
 ``q`` and ``s`` for integer), which is how the deploy form runs every width on int8 kernels.

@@ -1,6 +1,6 @@
 """Weight formats by name: the registry every kernel asks (see :mod:`.base` for the contract).
 
-Built-ins: ``int`` and ``fp8``. A new family is one new file — a :class:`WeightFormat` subclass —
+Built-ins: ``int``, ``intz`` and ``fp8``. A new family is one new file — a :class:`WeightFormat` subclass —
 named in a study config (``space.w_formats: [int, mypkg.formats:MyFormat]``, imported because the
 user's own config says so) or registered from the user's code with ``register_format(MyFormat())``;
 recipes then use it as ``w_format: <name>``. Nothing a recipe file says is imported: an
@@ -16,7 +16,7 @@ from compsearch.errors import KernelError
 from compsearch.kernels._quant_grid import SCALE_MIN, QuantSpec, grouped
 from compsearch.kernels.formats.base import WeightFormat
 from compsearch.kernels.formats.fp8 import Fp8Format
-from compsearch.kernels.formats.int_grid import IntFormat
+from compsearch.kernels.formats.int_grid import IntFormat, IntZeroFormat
 
 FORMATS: dict[str, WeightFormat] = {}
 
@@ -61,6 +61,7 @@ def weight_scale(rows: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None)
 
 
 register_format(IntFormat())
+register_format(IntZeroFormat())
 register_format(Fp8Format())
 
 __all__ = [
