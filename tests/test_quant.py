@@ -318,7 +318,9 @@ def test_intz_keeps_zero_a_level_and_round_trips_through_the_artifact(tmp_path, 
     codes, sigma = packed.weights["down"].int8_codes()
     assert torch.equal(codes.float() * sigma.float(), packed.weights["down"].dequantize())
     x, scale = torch.randn(8, 32), torch.full((8, 1), 0.01)
-    same = torch.equal(fake_quantize(x, scale, bits, zero_level=True), fake_quantize(x, scale, bits))
+    same = torch.equal(
+        fake_quantize(x, scale, bits, zero_level=True), fake_quantize(x, scale, bits)
+    )
     assert same == (bits == 8)  # int's grid is mid-rise below 8 bits, the integer grid at 8
 
 
