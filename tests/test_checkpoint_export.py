@@ -129,8 +129,9 @@ def test_mid_rise_recipes_travel_one_bit_wider_and_w8a8_as_int_quantized(tiny_ll
     assert any("[-127, 127]" in note for note in result.notes)
 
 
+# Q8_0 is the 8-bit embedding in each; Q5_1 shares Q5_0's high bits and Q4_1's minimum
 @pytest.mark.parametrize("w_format, bits, qtype", [("intz", 4, "Q4_0"), ("int", 4, "Q5_0"),
-                                                   ("int", 8, "Q8_0")])  # fmt: skip
+                                                   ("affine", 4, "Q4_1")])  # fmt: skip
 def test_gguf_reads_back_exactly_in_gguf_and_transformers(tiny_llama, tmp_path, w_format, bits,
                                                           qtype):  # fmt: skip
     plan = LayerPlan(w_bits=bits, w_format=None if w_format == "int" else w_format,
@@ -175,6 +176,12 @@ def test_what_a_format_cannot_hold_is_refused_with_the_reason(tiny_llama, tmp_pa
     fp8 = _artifact(tiny_llama, tmp_path / "fp8", {LAYERS: LayerPlan(w_bits=8, w_format="fp8")})
     with pytest.raises(ExportError, match="fp8 weights have no compressed-tensors int form"):
         export_model(fp8, "compressed-tensors", task=tiny_llama)
+    affine = _artifact(tiny_llama, tmp_path / "affine",
+                       {LAYERS: LayerPlan(w_bits=8, w_format="affine"), **TIED})  # fmt: skip
+    with pytest.raises(ExportError, match="affine weights keep a float16 minimum"):
+        export_model(affine, "compressed-tensors", task=tiny_llama)
+    with pytest.raises(ExportError, match="no 8-bit type with a minimum"):
+        export_model(affine, "gguf", task=tiny_llama)
     with pytest.raises(ExportError, match="ending in .gguf"):
         export_model(w8a8, "gguf", out=tmp_path / "x.bin", task=tiny_llama)
     assert not list(tmp_path.rglob("*.gguf")) and not list(tmp_path.rglob("compressed-tensors"))

@@ -39,7 +39,8 @@ def _layer_error(
 
 
 @pytest.mark.parametrize("act_order", [True, False])
-@pytest.mark.parametrize("granularity", [{}, {"group_size": 32}])
+@pytest.mark.parametrize("granularity", [{}, {"group_size": 32}, {"w_format": "affine"},
+                                         {"group_size": 32, "w_format": "affine"}])  # fmt: skip
 def test_gptq_leaves_less_output_error_than_round_to_nearest(granularity, act_order):
     x, held_out = _correlated_inputs(2048, 128, 1), _correlated_inputs(1024, 128, 2)
     rtn = _layer_error(LayerPlan(w_bits=4, **granularity), x, held_out)
@@ -48,11 +49,12 @@ def test_gptq_leaves_less_output_error_than_round_to_nearest(granularity, act_or
     assert gptq[1] <= 0.8 * rtn[1], (gptq, rtn)  # and on inputs it never saw
 
 
-def test_gptq_weights_are_on_the_grid_and_ship_exactly():
+@pytest.mark.parametrize("w_format", [None, "affine"])
+def test_gptq_weights_are_on_the_grid_and_ship_exactly(w_format):
     x = _correlated_inputs(512, 128, 1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 16))
-    plan = LayerPlan(w_bits=3, group_size=32, method="gptq")
+    plan = LayerPlan(w_bits=3, group_size=32, method="gptq", w_format=w_format)
     quantize_(model, {"0": plan, "2": plan})
     gptq_(model, ["0", "2"], [x], lambda m, b: m(b))
     for layer in (model[0], model[2]):

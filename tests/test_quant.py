@@ -324,6 +324,34 @@ def test_intz_keeps_zero_a_level_and_round_trips_through_the_artifact(tmp_path, 
     assert same == (bits == 8)  # int's grid is mid-rise below 8 bits, the integer grid at 8
 
 
+def test_affine_spans_each_groups_own_range_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model, symmetric = FFN(64, 96), FFN(64, 96)
+    with torch.no_grad():
+        model.up.weight.copy_(
+            model.up.weight.abs()
+        )  # one-sided groups: half a symmetric grid idles
+        symmetric.load_state_dict(model.state_dict())
+    plan = {"w_bits": 4, "granularity": "per_group", "group_size": 32}
+    quantize_(model, {"up": LayerPlan(**plan, w_format="affine"), "down": LayerPlan(w_bits=3,
+              w_format="affine")})  # fmt: skip
+    quantize_(symmetric, {"up": LayerPlan(**plan, w_format="intz")})
+    weight = model.up.weight.detach()
+    affine_error = (model.up.quantized_weight() - weight).norm()
+    assert affine_error < 0.6 * (symmetric.up.quantized_weight() - weight).norm()
+    packed, _ = read_packed(save_packed(export_packed(model), tmp_path / "m.safetensors"))
+    assert packed.weights["up"].scale.shape == (96, 2 * 2)  # scale and minimum per group
+    for name in ("up", "down"):
+        restored = packed.weights[name].dequantize()
+        assert torch.equal(restored, model.get_submodule(name).quantized_weight().detach())
+    learn_scales_(model)
+    with torch.no_grad():
+        model.up.weight_quant.scale[..., 1] += 0.05  # the smallest weights now fall below the grid
+    model(torch.randn(4, 64)).pow(2).sum().backward()
+    grad = model.up.weight_quant.scale.grad
+    assert grad[..., 0].abs().sum() > 0 and grad[..., 1].abs().sum() > 0  # scale and minimum learn
+
+
 def test_deploy_table_says_which_formats_are_fast_on_cpu():
     table = deploy_table("cpu")
     linear_w8a8 = [r for r in table if r.layer == "linear" and r.w_bits == "8" and r.a_bits == 8]

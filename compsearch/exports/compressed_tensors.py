@@ -18,7 +18,8 @@ quantized again:
 Scales are stored as float32 (their float16 values), so ``q * scale`` decompresses to compsearch's
 weights exactly. Embeddings (a tied LM head with them) are stored dense at their quantized values:
 vLLM does not load quantized embeddings. Convolutions, transposed (Conv1D) and stacked expert
-weights, and fp8 or plug-in formats are refused with the reason.
+weights, ``affine`` (a float16 minimum, where compressed-tensors stores an integer zero point), and
+fp8 or plug-in formats are refused with the reason.
 
 Before the folder is published it is loaded back through transformers' compressed-tensors
 integration (``dequantize=True``) and every tensor compared with compsearch's, exactly.
@@ -97,6 +98,9 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _refusal(name: str, weight: PackedWeight, module: nn.Module) -> str | None:
+    if weight.spec.w_format == "affine":
+        return (f"layer {name!r}: affine weights keep a float16 minimum per group, and "
+                "compressed-tensors' asymmetric int an integer zero point; use int or intz")  # fmt: skip
     if not isinstance(get_format(weight.spec.w_format), IntFormat):
         return f"layer {name!r}: {weight.spec.w_format} weights have no compressed-tensors int form"
     if weight.stacked or weight.transposed or not isinstance(module, (nn.Linear, nn.Embedding)):

@@ -10,14 +10,17 @@ recipe layer (codes ``c`` with weight ``c x d``)       GGUF type (32-weight bloc
 ``intz`` 2–4 bits; ``int`` 2–3 bits (``2q + 1``, s/2)  Q4_0  (c in [-8, 7])
 ``intz`` 5 bits; ``int`` 4 bits (``2q + 1``, s/2)      Q5_0  (c in [-16, 15])
 ``intz``/``int`` 5–8 bits                              Q8_0  (c in [-128, 127])
+``affine`` 2–4 bits (``s q + m``, fp16 m)              Q4_1  (q in [0, 15])
+``affine`` 5 bits                                      Q5_1  (q in [0, 31])
 float (not quantized)                                  F32
 =====================================================  ====================================
 
 Per channel, or per group of a multiple of 32 weights: the group's scale is repeated for each of
 its 32-weight blocks (exact). Refused, with the reason: groups that are not a multiple of 32
 (Q4_0/Q8_0 blocks are 32 weights), int8 inputs (GGUF holds weights; llama.cpp quantizes inputs
-its own way), fp8 and plug-in formats, and a teacher not loaded from a GGUF file (its tokenizer
-and metadata come from there). Q4_1 is not used: its fp16 minimum cannot hold ``-7.5 s`` exactly.
+its own way), ``affine`` above 5 bits (GGUF has no 8-bit type with a minimum), fp8 and plug-in
+formats, and a teacher not loaded from a GGUF file (its tokenizer and metadata come from there).
+The mid-rise ``int`` grid does not go to Q4_1: its fp16 minimum cannot hold ``-7.5 s`` exactly.
 
 Llama-family q/k rows are stored in llama.cpp's rotary order (the permutation its converter
 applies), scales permuted with their rows. Before the file is published it is read back with
@@ -37,7 +40,9 @@ from torch import nn
 from compsearch.errors import ExportError
 from compsearch.exports.compressed_tensors import integer_codes
 from compsearch.exports.hf_checkpoint import pruned_config, pruned_shapes, require_hf_model
+from compsearch.kernels._bits import unpack_codes
 from compsearch.kernels.formats import get_format
+from compsearch.kernels.formats.affine import AffineFormat
 from compsearch.kernels.formats.int_grid import IntFormat
 from compsearch.kernels.packing import PackedModel, PackedWeight
 
@@ -72,7 +77,11 @@ def _gguf():
 
 def _qtype(gguf, name: str, weight: PackedWeight) -> str:
     spec = weight.spec
-    if not isinstance(get_format(spec.w_format), IntFormat):
+    fmt = get_format(spec.w_format)
+    if isinstance(fmt, AffineFormat) and spec.w_bits > 5:
+        raise ExportError(f"layer {name!r}: GGUF has no {spec.w_bits}-bit type with a minimum "
+                          "(affine); use 2-5 bits or intz. Nothing was written.")  # fmt: skip
+    if not isinstance(fmt, (IntFormat, AffineFormat)):
         raise ExportError(f"layer {name!r}: GGUF has no type for {spec.w_format} weights; "
                           "nothing was written.")  # fmt: skip
     if spec.quantizes_input:
@@ -88,8 +97,21 @@ def _qtype(gguf, name: str, weight: PackedWeight) -> str:
             f"layer {name!r}: GGUF blocks are 32 weights, but its scales cover groups of "
             f"{group or fan_in}; use a group size that is a multiple of 32. Nothing was written."
         )
+    if isinstance(fmt, AffineFormat):
+        return "Q4_1" if spec.w_bits <= 4 else "Q5_1"
     _, _, bits = integer_codes(weight)
     return "Q4_0" if bits <= 4 else "Q5_0" if bits == 5 else "Q8_0"
+
+
+def _codes_and_scales(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``(rows, fan_in)`` and float32 per-group parameters ``(rows, groups, width)``:
+    signed codes and ``[d]`` for integer grids, unsigned codes and ``[d, m]`` for affine."""
+    if isinstance(get_format(weight.spec.w_format), AffineFormat):
+        rows, fan_in = weight.rows_shape
+        codes = unpack_codes(weight.data, weight.spec.w_bits, rows * fan_in).reshape(rows, fan_in)
+        return codes.to(torch.int32), weight.scale.to(torch.float32).reshape(rows, -1, 2)
+    codes, scale, _ = integer_codes(weight)
+    return codes, scale.unsqueeze(-1)
 
 
 def _rotary_order(rows: int, heads: int) -> torch.Tensor:
@@ -99,19 +121,20 @@ def _rotary_order(rows: int, heads: int) -> torch.Tensor:
 
 
 def encode_blocks(codes: torch.Tensor, scale: torch.Tensor, qtype: str) -> np.ndarray:
-    """``codes`` int8 ``(rows, fan_in)`` and per-block scales ``(rows, fan_in / 32)`` (float32,
-    float16-exact) as GGUF ``qtype`` blocks, ``(rows, bytes)`` uint8."""
+    """``codes`` ``(rows, fan_in)`` and per-block parameters ``(rows, fan_in / 32, width)``
+    (float32, float16-exact: ``[d]``, or ``[d, m]`` for Q4_1/Q5_1) as GGUF ``qtype`` blocks,
+    ``(rows, bytes)`` uint8."""
     rows, fan_in = codes.shape
     blocks = codes.reshape(rows, fan_in // BLOCK, BLOCK).to(torch.int32)
-    d = scale.to(torch.float16).reshape(rows, -1, 1).view(torch.uint8)  # 2 bytes per block
+    d = scale.to(torch.float16).contiguous().view(torch.uint8)  # 2 bytes per number per block
     if qtype == "Q8_0":
         body = blocks.to(torch.int8).view(torch.uint8)
     else:
-        offset = 8 if qtype == "Q4_0" else 16
+        offset = {"Q4_0": 8, "Q5_0": 16}.get(qtype, 0)  # Q4_1/Q5_1 codes are unsigned already
         unsigned = blocks + offset
         low = unsigned & 0xF
         body = (low[..., :16] | (low[..., 16:] << 4)).to(torch.uint8)
-        if qtype == "Q5_0":
+        if qtype in ("Q5_0", "Q5_1"):
             high = ((unsigned >> 4) & 1).to(torch.int64)
             word = (high << torch.arange(BLOCK, dtype=torch.int64)).sum(-1, keepdim=True)
             qh = word.view(torch.uint8)[..., :4]  # the low 4 bytes: a little-endian uint32
@@ -120,6 +143,7 @@ def encode_blocks(codes: torch.Tensor, scale: torch.Tensor, qtype: str) -> np.nd
 
 
 def _block_scales(weight: PackedWeight, scale: torch.Tensor) -> torch.Tensor:
+    """Per-group parameters repeated for each 32-weight block of the group."""
     rows, fan_in = weight.rows_shape
     return scale.repeat_interleave(fan_in // BLOCK // scale.shape[1], dim=1)
 
@@ -162,7 +186,7 @@ def export_gguf(task, teacher: nn.Module, packed: PackedModel, target: Path) -> 
         if key in weights:
             name, weight = weights[key]
             qtype = _qtype(gguf, name, weight)
-            codes, scale, _ = integer_codes(weight)
+            codes, scale = _codes_and_scales(weight)
             scale = _block_scales(weight, scale)
             if not torch.equal(scale.to(torch.float16).to(torch.float32), scale):
                 raise ExportError(f"layer {name!r}: a scale is not a float16 value (GGUF stores "

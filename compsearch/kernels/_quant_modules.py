@@ -39,7 +39,7 @@ class WeightQuantizer(nn.Module):
 
     def current_scale(self, weight: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
-            return self.scale.abs().clamp(min=SCALE_MIN)
+            return get_format(self.spec.w_format).valid(self.scale)
         return weight_scale(rows_view(weight, self.transposed), self.spec, self.clip)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:

@@ -98,7 +98,7 @@ def gptq_rows(
         w, h = w[:, perm], h[perm][:, perm]
         origin = perm.tolist()
     else:
-        scales = torch.empty(out_features, columns // size, 1, device=w.device)
+        scales = torch.empty(out_features, columns // size, fmt.scale_width, device=w.device)
         if not per_group:
             scales[:, 0] = weight_scale(w, spec, clip)[:, 0]
         origin = list(range(columns))

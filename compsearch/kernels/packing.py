@@ -9,7 +9,7 @@ File layout (``model.safetensors``)::
 
     <layer>.weight.<suffix>  the format's stored tensor (see compsearch.kernels.formats):
                              ``codes`` uint8 packed codes (int), ``fp8`` float8_e4m3fn (fp8)
-    <layer>.weight.scale   float16 (rows, groups)
+    <layer>.weight.scale   float16 (rows, groups x the format's scale_width)
     <layer>.input_scale    float32 ()      static activation scale, when a_bits == 8
     <anything else>        the float tensors of the model's state dict
     metadata: one entry, ``compsearch``: zlib-compressed, base85-encoded JSON of
@@ -117,7 +117,7 @@ def pack_weight(module: nn.Module) -> PackedWeight:
         spec=spec,
         shape=tuple(module.weight.shape),
         transposed=quantizer.transposed,
-        scale=scale16.reshape(scale16.shape[0], scale16.shape[1]).contiguous(),
+        scale=scale16.reshape(scale16.shape[0], -1).contiguous(),
         data=get_format(spec.w_format).pack(rows, scale, spec),
     )
 
@@ -133,7 +133,7 @@ def pack_stacked(module: nn.Module, name: str) -> PackedWeight:
         spec=quantizer.spec,
         shape=tuple(param.shape),
         transposed=False,
-        scale=scale.to(torch.float16).reshape(scale.shape[0], scale.shape[1]).contiguous(),
+        scale=scale.to(torch.float16).reshape(scale.shape[0], -1).contiguous(),
         data=get_format(quantizer.spec.w_format).pack(rows, scale, quantizer.spec),
         stacked=True,
     )

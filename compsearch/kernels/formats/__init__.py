@@ -1,6 +1,6 @@
 """Weight formats by name: the registry every kernel asks (see :mod:`.base` for the contract).
 
-Built-ins: ``int``, ``intz`` and ``fp8``. A new family is one new file — a :class:`WeightFormat` subclass —
+Built-ins: ``int``, ``intz``, ``affine`` and ``fp8``. A new family is one new file — a :class:`WeightFormat` subclass —
 named in a study config (``space.w_formats: [int, mypkg.formats:MyFormat]``, imported because the
 user's own config says so) or registered from the user's code with ``register_format(MyFormat())``;
 recipes then use it as ``w_format: <name>``. Nothing a recipe file says is imported: an
@@ -13,7 +13,8 @@ import torch
 
 from compsearch._plugins import import_target
 from compsearch.errors import KernelError
-from compsearch.kernels._quant_grid import SCALE_MIN, QuantSpec, grouped
+from compsearch.kernels._quant_grid import QuantSpec, grouped
+from compsearch.kernels.formats.affine import AffineFormat
 from compsearch.kernels.formats.base import WeightFormat
 from compsearch.kernels.formats.fp8 import Fp8Format
 from compsearch.kernels.formats.int_grid import IntFormat, IntZeroFormat
@@ -52,17 +53,16 @@ def get_format(name: str | None) -> WeightFormat:
 
 
 def weight_scale(rows: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None) -> torch.Tensor:
-    """Scales ``(rows, groups, 1)``: the absolute maximum of each row or group (times its clip
-    factor, from the MSE observer) over the format's largest level."""
-    amax = grouped(rows, spec).detach().abs().amax(-1, keepdim=True)
-    if clip is not None:
-        amax = amax * clip
-    return (amax / get_format(spec.w_format).max_level(spec)).clamp(min=SCALE_MIN)
+    """Scales ``(rows, groups, width)`` of each row or group, as the format computes them
+    (:meth:`WeightFormat.scales`: for integer grids the absolute maximum, times its clip factor
+    from the MSE observer, over the largest level)."""
+    return get_format(spec.w_format).scales(grouped(rows, spec), clip, spec)
 
 
 register_format(IntFormat())
 register_format(IntZeroFormat())
 register_format(Fp8Format())
+register_format(AffineFormat())
 
 __all__ = [
     "FORMATS",

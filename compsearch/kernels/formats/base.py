@@ -24,7 +24,7 @@ import abc
 
 import torch
 
-from compsearch.kernels._quant_grid import QuantSpec
+from compsearch.kernels._quant_grid import SCALE_MIN, QuantSpec
 
 
 class WeightFormat(abc.ABC):
@@ -36,6 +36,25 @@ class WeightFormat(abc.ABC):
     offered: tuple[str, ...] = ("per_channel", "per_group")
     #: whether a space offers it with float activations (stored packed, computed in float)
     weight_only: bool = True
+
+    #: numbers per group in the scale tensor ``(rows, groups, width)``: 1 (a scale), or more for
+    #: formats with further per-group parameters (``affine``: scale and minimum)
+    scale_width: int = 1
+
+    def scales(
+        self, blocks: torch.Tensor, clip: torch.Tensor | None, spec: QuantSpec
+    ) -> torch.Tensor:
+        """The per-group parameters ``(rows, groups, scale_width)`` of weights ``(rows, groups,
+        group)``: here the absolute maximum (times its clip factor, from the MSE observer) over
+        the grid's largest level."""
+        amax = blocks.detach().abs().amax(-1, keepdim=True)
+        if clip is not None:
+            amax = amax * clip
+        return (amax / self.max_level(spec)).clamp(min=SCALE_MIN)
+
+    def valid(self, scale: torch.Tensor) -> torch.Tensor:
+        """A learned (LSQ) or fixed (GPTQ) scale tensor as the grid may use it."""
+        return scale.abs().clamp(min=SCALE_MIN)
 
     def check(self, spec: QuantSpec) -> str | None:
         """Why this format cannot take ``spec`` (one line), or None when it can."""
