@@ -33,11 +33,15 @@ PROJECTIONS = r"re:model\.layers\..*"
 TIED = {"model.embed_tokens": LayerPlan(w_bits=8), "lm_head": LayerPlan(w_bits=8)}
 RECIPES = {
     "w8 g32": dict(w_bits=8, granularity="per_group", group_size=32),
-    "w4 g32 intz gptq": dict(w_bits=4, granularity="per_group", group_size=32, w_format="intz",
-                             method="gptq"),  # fmt: skip
-    "w4 g32 int (mid-rise) gptq": dict(w_bits=4, granularity="per_group", group_size=32,
-                                       method="gptq"),  # fmt: skip
-    "w4 g32 intz rtn": dict(w_bits=4, granularity="per_group", group_size=32, w_format="intz"),
+    "w4 g32 intz gptq": dict(
+        w_bits=4, granularity="per_group", group_size=32, w_format="intz", method="gptq"
+    ),  # fmt: skip
+    "w4 g32 int (mid-rise) gptq": dict(
+        w_bits=4, granularity="per_group", group_size=32, method="gptq"
+    ),  # fmt: skip
+    "w4 g32 affine gptq": dict(
+        w_bits=4, granularity="per_group", group_size=32, w_format="affine", method="gptq"
+    ),  # fmt: skip
 }
 LLAMA_PERPLEXITY = r"""
 import json, math, sys
@@ -99,7 +103,9 @@ def measure(name: str, task, python: str | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--llama-python", help="a Python with llama_cpp (default: this one, if it has it)")
+    parser.add_argument(
+        "--llama-python", help="a Python with llama_cpp (default: this one, if it has it)"
+    )
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
     python = args.llama_python
@@ -138,7 +144,9 @@ def main() -> None:
     for name in RECIPES:
         r = results[name]
         ct, gg = r["compressed-tensors"], r["gguf"]
-        drift = "—" if r["llama.cpp"] is None else f"{(r['llama.cpp'] / r['torch'] - 1) * 100:+.2f} %"
+        drift = (
+            "—" if r["llama.cpp"] is None else f"{(r['llama.cpp'] / r['torch'] - 1) * 100:+.2f} %"
+        )
         rows.append([name, r["torch"], r["artifact"] / 1e6, ct["bytes"] / 1e6, f"{ct['seconds']:.0f}",
                      gg["bytes"] / 1e6, _ppl(r["llama.cpp"]), drift])  # fmt: skip
     table(["recipe", "perplexity, PyTorch deploy form", "artifact MB", "compressed-tensors MB",

@@ -42,6 +42,16 @@ VARIANTS = {  # group sizes divide SmolLM2's 576 and 1536 input features (128 do
         dict(w_bits=4, group_size=32, method="gptq"), "static", {"down_proj": 8}),
     "w4 g32 gptq act-order, down_proj w8, mse clipping": (
         dict(w_bits=4, group_size=32, method="gptq"), "static", {"down_proj": 8, "observer": "mse"}),
+    "w4 g32 intz gptq act-order, mse clipping": (
+        dict(w_bits=4, group_size=32, method="gptq", w_format="intz"), "static", {"observer": "mse"}),
+    "w4 g32 affine rtn": (dict(w_bits=4, group_size=32, w_format="affine"), "static", {}),
+    "w4 g32 affine gptq act-order, mse clipping": (
+        dict(w_bits=4, group_size=32, method="gptq", w_format="affine"), "static",
+        {"observer": "mse"}),
+    "w4 g64 affine rtn": (dict(w_bits=4, group_size=64, w_format="affine"), "static", {}),
+    "w4 g64 affine gptq act-order, mse clipping": (
+        dict(w_bits=4, group_size=64, method="gptq", w_format="affine"), "static",
+        {"observer": "mse"}),
     "w4 g64 awq": (dict(w_bits=4, group_size=64, method="awq"), "static", {}),
     "w4 g32 awq": (dict(w_bits=4, group_size=32, method="awq"), "static", {}),
     "w3 g32 rtn": (dict(w_bits=3, group_size=32), "static", {}),
