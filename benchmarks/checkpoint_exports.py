@@ -35,13 +35,13 @@ RECIPES = {
     "w8 g32": dict(w_bits=8, granularity="per_group", group_size=32),
     "w4 g32 intz gptq": dict(
         w_bits=4, granularity="per_group", group_size=32, w_format="intz", method="gptq"
-    ),  # fmt: skip
+    ),
     "w4 g32 int (mid-rise) gptq": dict(
         w_bits=4, granularity="per_group", group_size=32, method="gptq"
-    ),  # fmt: skip
+    ),
     "w4 g32 affine gptq": dict(
         w_bits=4, granularity="per_group", group_size=32, w_format="affine", method="gptq"
-    ),  # fmt: skip
+    ),
 }
 LLAMA_PERPLEXITY = r"""
 import json, math, sys
