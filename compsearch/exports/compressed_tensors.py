@@ -17,7 +17,7 @@ quantized again:
 
 Scales are stored as float32 (their float16 values), so ``q * scale`` decompresses to compsearch's
 weights exactly. Embeddings (a tied LM head with them) are stored dense at their quantized values:
-vLLM does not load quantized embeddings. Convolutions, transposed (Conv1D) and stacked expert
+the schemes written here target Linear layers, the layers vLLM's compressed-tensors kernels run. Convolutions, transposed (Conv1D) and stacked expert
 weights, ``affine`` (a float16 minimum, where compressed-tensors stores an integer zero point), and
 fp8 or plug-in formats are refused with the reason.
 
@@ -159,7 +159,7 @@ def export_compressed_tensors(task, teacher: nn.Module, packed: PackedModel,
             raise ExportError(f"{reason}; nothing was written.")
         if isinstance(module, nn.Embedding):
             dense[f"{name}.weight"] = weight.dequantize()
-            schemes[name] = "dense (its int codes' values: vLLM does not load quantized embeddings)"
+            schemes[name] = "dense: its quantized values (schemes are written for Linear layers)"
             continue
         scheme, layer_tensors, schemes[name] = _layer(name, weight, packed)
         groups[json.dumps(scheme, sort_keys=True)].append(name)
