@@ -79,6 +79,7 @@ def test_ids(task) -> list[int]:
 
 
 def measure(name: str, task, python: str | None) -> dict:
+    from compsearch.errors import ExportError
     from compsearch.exports.artifact import export_model
     from compsearch.pipeline import compress
 
@@ -94,10 +95,17 @@ def measure(name: str, task, python: str | None) -> dict:
            "artifact": (where / "model.safetensors").stat().st_size}  # fmt: skip
     for format in ("compressed-tensors", "gguf"):
         began = time.perf_counter()
-        done = export_model(where, format, task=task)
+        try:
+            done = export_model(where, format, task=task)
+        except ExportError as refused:  # what the format cannot hold: the reason goes in the table
+            row[format] = {"refused": str(refused)}
+            continue
         row[format] = {"bytes": done.size_bytes, "seconds": time.perf_counter() - began,
                        "types": sorted(set(done.layers.values()))[:4]}  # fmt: skip
-    row["llama.cpp"] = llama_perplexity(python, where / "model.gguf", test_ids(task))
+    if "bytes" in row["gguf"]:
+        row["llama.cpp"] = llama_perplexity(python, where / "model.gguf", test_ids(task))
+    else:
+        row["llama.cpp"] = None
     return row
 
 
@@ -140,19 +148,32 @@ def main() -> None:
     header("Checkpoint exports of smollm: compressed-tensors and GGUF")
     teacher = results["teacher"]
     rows = [["teacher (Q4_1 GGUF, float32 in PyTorch)", teacher["torch"], "—", "—", "—",
-             teacher["gguf_bytes"] / 1e6, _ppl(teacher["llama.cpp"]), "—"]]  # fmt: skip
+             teacher["gguf_bytes"] / 1e6, "—", _ppl(teacher["llama.cpp"]),
+             f"{(teacher['llama.cpp'] / teacher['torch'] - 1) * 100:+.2f} %"]]  # fmt: skip
     for name in RECIPES:
         r = results[name]
         ct, gg = r["compressed-tensors"], r["gguf"]
         drift = (
             "—" if r["llama.cpp"] is None else f"{(r['llama.cpp'] / r['torch'] - 1) * 100:+.2f} %"
         )
-        rows.append([name, r["torch"], r["artifact"] / 1e6, ct["bytes"] / 1e6, f"{ct['seconds']:.0f}",
-                     gg["bytes"] / 1e6, _ppl(r["llama.cpp"]), drift])  # fmt: skip
+        rows.append([name, r["torch"], r["artifact"] / 1e6, _mb(ct), _seconds(ct), _mb(gg),
+                     _seconds(gg), _ppl(r["llama.cpp"]), drift])  # fmt: skip
     table(["recipe", "perplexity, PyTorch deploy form", "artifact MB", "compressed-tensors MB",
-           "export s", "GGUF MB", "perplexity, llama.cpp (GGUF)", "llama.cpp vs PyTorch"], rows)  # fmt: skip
+           "export s", "GGUF MB", "export s", "perplexity, llama.cpp (GGUF)",
+           "llama.cpp vs PyTorch"], rows)  # fmt: skip
     for name in RECIPES:
-        print(f"- {name}: GGUF types {', '.join(results[name]['gguf']['types'])}")
+        for format in ("compressed-tensors", "gguf"):
+            got = results[name][format]
+            said = got.get("refused") or ", ".join(got["types"])
+            print(f"- {name}, {format}: {said}")
+
+
+def _mb(export: dict) -> str:
+    return "refused" if "refused" in export else f"{export['bytes'] / 1e6:.1f}"
+
+
+def _seconds(export: dict) -> str:
+    return "—" if "refused" in export else f"{export['seconds']:.0f}"
 
 
 def _ppl(value: float | None) -> str:
