@@ -208,16 +208,29 @@ def test_layers_pruned_to_different_sizes_are_refused_with_the_loader_to_use(tin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits, w_format", [(8, "int"), (4, "intz")])
+@pytest.mark.parametrize("bits, w_format", [(8, "int"), (4, "intz"), (4, "affine")])
 def test_smollm_recipes_load_in_compressed_tensors_and_gguf_exactly(tmp_path, bits, w_format):
     from compsearch.tasks import get_task
+    from compsearch.tasks.language import smollm_path
 
     task = get_task("smollm")
     plan = LayerPlan(w_bits=bits, w_format=None if w_format == "int" else w_format,
                      granularity="per_group", group_size=32)  # fmt: skip
     folder = _artifact(task, tmp_path, {LAYERS: plan, **TIED})
-    checkpoint = export_model(folder, "compressed-tensors", task=task)
     single = export_model(folder, "gguf", task=task)
-    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(single.path).tensors}
-    assert types["blk.29.ffn_down.weight"] == ("Q8_0" if bits == 8 else "Q4_0")
+    written = {t.name: t for t in gguf.GGUFReader(single.path).tensors}
+    expected = {8: "Q8_0", 4: "Q4_1" if w_format == "affine" else "Q4_0"}[bits]
+    assert written["blk.29.ffn_down.weight"].tensor_type.name == expected
+    if w_format == "affine":  # SmolLM2's own grid: the package's Q4_1 tensors, byte for byte
+        shipped = gguf.GGUFReader(smollm_path()).tensors
+        differ = [
+            t.name
+            for t in shipped
+            if not np.array_equal(
+                np.asarray(t.data).view(np.uint8), np.asarray(written[t.name].data).view(np.uint8)
+            )
+        ]
+        assert differ == ["token_embd.weight"]  # int8 per row here, Q8_0 per 32 values there
+        return
+    checkpoint = export_model(folder, "compressed-tensors", task=task)
     assert checkpoint.size_bytes > single.size_bytes  # the dense float32 embedding
