@@ -117,7 +117,8 @@ def test_compressed_tensors_loads_back_exactly_and_packs_as_the_library_does(
 
 
 def test_mid_rise_recipes_travel_one_bit_wider_and_w8a8_as_int_quantized(tiny_llama, tmp_path):
-    layers = {r"re:.*mlp.*": LayerPlan(w_bits=3),
+    layers = {"model.layers.1.self_attn.q_proj": LayerPlan(w_bits=4, w_format="intz"),
+              r"re:.*mlp.*": LayerPlan(w_bits=3),
               r"re:.*self_attn.*": LayerPlan(w_bits=8, a_bits=8), **TIED}  # fmt: skip
     folder = _artifact(tiny_llama, tmp_path, layers)
     result = export_model(folder, "compressed-tensors", task=tiny_llama)
@@ -127,6 +128,9 @@ def test_mid_rise_recipes_travel_one_bit_wider_and_w8a8_as_int_quantized(tiny_ll
     assert schemes["pack-quantized"]["weights"]["num_bits"] == 4  # 2q+1 at s/2
     assert schemes["int-quantized"]["input_activations"]["strategy"] == "tensor"
     assert any("[-127, 127]" in note for note in result.notes)
+    fused = [note for note in result.notes if "vLLM fuses" in note]
+    assert fused == ["model.layers.1.self_attn: q_proj/k_proj/v_proj carry different schemes; "
+                     "vLLM fuses them into one layer and needs one scheme"]  # fmt: skip
 
 
 # Q8_0 is the 8-bit embedding in each; Q5_1 shares Q5_0's high bits and Q4_1's minimum

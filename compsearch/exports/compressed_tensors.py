@@ -166,6 +166,7 @@ def export_compressed_tensors(task, teacher: nn.Module, packed: PackedModel,
         tensors.update(layer_tensors)
     for name, owner in packed.ties.items():
         schemes[name] = f"tied to {owner}"
+    notes.extend(_unfusable(groups))
     if any(weight.spec.quantizes_input for weight in packed.weights.values()):
         notes.append("int8 inputs: compsearch clamps to [-127, 127], compressed-tensors' int8 "
                      "range is [-128, 127]")  # fmt: skip
@@ -198,6 +199,24 @@ def export_compressed_tensors(task, teacher: nn.Module, packed: PackedModel,
         check_loaded(type(teacher), scratch, packed)
         size = folder_bytes(scratch)
     return CompressedTensorsExport(target, size, schemes, notes)
+
+
+#: projections vLLM runs as one fused layer, which must share one scheme
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _unfusable(groups: dict[str, list[str]]) -> list[str]:
+    """A note for each set of projections vLLM fuses that carries more than one scheme."""
+    scheme_of = {name: key for key, names in groups.items() for name in names}
+    notes = []
+    for parts in FUSED:
+        prefixes = {n.rsplit(".", 1)[0] for n in scheme_of if n.endswith("." + parts[0])}
+        for prefix in sorted(prefixes):
+            found = {scheme_of.get(f"{prefix}.{part}") for part in parts}
+            if len(found) > 1:
+                notes.append(f"{prefix}: {'/'.join(parts)} carry different schemes; vLLM fuses "
+                             "them into one layer and needs one scheme")  # fmt: skip
+    return notes
 
 
 def check_loaded(model_class: type, folder: Path, packed: PackedModel) -> None:
