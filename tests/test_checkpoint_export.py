@@ -201,6 +201,11 @@ def test_a_uniformly_pruned_llama_exports_a_config_transformers_loads(tiny_llama
     gguf_result = export_model(folder, "gguf", task=tiny_llama)
     fields = gguf.GGUFReader(gguf_result.path).fields
     assert fields["llama.feed_forward_length"].contents() == 64
+    pruned_only = _artifact(tiny_llama, tmp_path / "float", {r"re:.*mlp\.(gate|up)_proj":
+                                                             LayerPlan(keep_ratio=0.5)})  # fmt: skip
+    dense = export_model(pruned_only, "compressed-tensors", task=tiny_llama)
+    config = json.loads((dense.path / "config.json").read_text())
+    assert config["intermediate_size"] == 64 and "quantization_config" not in config
 
 
 def test_layers_pruned_to_different_sizes_are_refused_with_the_loader_to_use(tiny_llama, tmp_path):

@@ -192,6 +192,8 @@ def export_compressed_tensors(task, teacher: nn.Module, packed: PackedModel,
             config.quantization_config = {"quant_method": "compressed-tensors",
                                           "version": ct.__version__,
                                           **quant.model_dump(exclude={"quant_method"})}  # fmt: skip
+        elif hasattr(config, "quantization_config"):  # the teacher's own (e.g. its GGUF loading)
+            del config.quantization_config
         config.save_pretrained(scratch)
         save_file({k: v.detach().cpu() for k, v in tensors.items()},
                   scratch / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
@@ -229,7 +231,9 @@ def check_loaded(model_class: type, folder: Path, packed: PackedModel) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = model_class.from_pretrained(folder, dtype=torch.float32)
-        loaded.hf_quantizer.compressor.decompress_model(loaded)
+        quantizer = getattr(loaded, "hf_quantizer", None)  # None: nothing quantized (pruned only)
+        if quantizer is not None:
+            quantizer.compressor.decompress_model(loaded)
     state = loaded.state_dict()
     expected = dict(packed.floats)
     for name, weight in packed.weights.items():
