@@ -178,8 +178,13 @@ def test_what_a_format_cannot_hold_is_refused_with_the_reason(tiny_llama, tmp_pa
     with pytest.raises(ExportError, match="blocks are 32 weights.*groups of 48"):
         _qtype(gguf, "0", pack_weight(odd[0]))
     fp8 = _artifact(tiny_llama, tmp_path / "fp8", {LAYERS: LayerPlan(w_bits=8, w_format="fp8")})
-    with pytest.raises(ExportError, match="fp8 weights have no compressed-tensors int form"):
-        export_model(fp8, "compressed-tensors", task=tiny_llama)
+    with pytest.raises(ExportError, match="GGUF has no type for fp8 weights"):
+        export_model(fp8, "gguf", task=tiny_llama)
+    written = export_model(
+        fp8, "compressed-tensors", out=tmp_path / "fp8-checkpoint", task=tiny_llama
+    )  # fp8 is expressible: written, loaded back exactly
+    config = json.loads((written.path / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "float-quantized"
     affine = _artifact(tiny_llama, tmp_path / "affine",
                        {LAYERS: LayerPlan(w_bits=8, w_format="affine"), **TIED})  # fmt: skip
     with pytest.raises(ExportError, match="affine weights keep a float16 minimum"):

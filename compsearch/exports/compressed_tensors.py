@@ -19,7 +19,9 @@ Scales are stored as float32 (their float16 values), so ``q * scale`` decompress
 weights exactly. Embeddings (a tied LM head with them) are stored dense at their quantized values:
 the schemes written here target Linear layers, the layers vLLM's compressed-tensors kernels run. Convolutions, transposed (Conv1D) and stacked expert
 weights, ``affine`` (a float16 minimum, where compressed-tensors stores an integer zero point), and
-fp8 or plug-in formats are refused with the reason.
+plug-in formats are refused with the reason. ``fp8`` weights go as ``float-quantized`` (float8
+e4m3 values, per-channel scales), with per-token dynamic fp8 inputs where the recipe quantizes
+inputs — what compsearch's fp8 kernel computes.
 
 Before the folder is published it is loaded back through transformers' compressed-tensors
 integration (``dequantize=True``) and every tensor compared with compsearch's, exactly.
@@ -46,6 +48,7 @@ from compsearch.exports.hf_checkpoint import (
 )
 from compsearch.kernels._bits import pack_codes
 from compsearch.kernels.formats import get_format
+from compsearch.kernels.formats.fp8 import Fp8Format
 from compsearch.kernels.formats.int_grid import IntFormat
 from compsearch.kernels.packing import PackedModel, PackedWeight
 
@@ -101,17 +104,34 @@ def _refusal(name: str, weight: PackedWeight, module: nn.Module) -> str | None:
     if weight.spec.w_format == "affine":
         return (f"layer {name!r}: affine weights keep a float16 minimum per group, and "
                 "compressed-tensors' asymmetric int an integer zero point; use int or intz")  # fmt: skip
-    if not isinstance(get_format(weight.spec.w_format), IntFormat):
-        return f"layer {name!r}: {weight.spec.w_format} weights have no compressed-tensors int form"
+    if not isinstance(get_format(weight.spec.w_format), (IntFormat, Fp8Format)):
+        return f"layer {name!r}: {weight.spec.w_format} weights have no compressed-tensors form"
     if weight.stacked or weight.transposed or not isinstance(module, (nn.Linear, nn.Embedding)):
         return (f"layer {name!r} is a {type(module).__name__}: compressed-tensors quantizes "
                 "Linear layers")  # fmt: skip
     return None
 
 
+def _fp8_layer(name: str, weight: PackedWeight):
+    """An fp8 Linear: its float8 values and per-channel scales (``float-quantized``); fp8 inputs
+    as the deploy kernel computes them, per token at run time."""
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}
+    inputs = None
+    if weight.spec.quantizes_input:
+        inputs = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
+                  "strategy": "token"}  # fmt: skip
+    tensors = {f"{name}.weight": weight.data.contiguous(),
+               f"{name}.weight_scale": weight.scale.to(torch.float32).contiguous()}  # fmt: skip
+    scheme = {"weights": weights, "input_activations": inputs, "format": "float-quantized"}
+    a8 = ", fp8 inputs (per token)" if inputs else ""
+    return scheme, tensors, f"fp8 e4m3 per channel{a8}, float-quantized"
+
+
 def _layer(name: str, weight: PackedWeight, packed: PackedModel):
     """``(scheme, tensors, description)`` of one quantized Linear."""
     spec = weight.spec
+    if isinstance(get_format(spec.w_format), Fp8Format):
+        return _fp8_layer(name, weight)
     codes, scale, bits = integer_codes(weight)
     grouped = spec.granularity == "per_group"
     weights = {"num_bits": bits, "type": "int", "symmetric": True,
