@@ -50,7 +50,7 @@ from llama_cpp import Llama
 path, ids = sys.argv[1], json.loads(sys.stdin.read())
 llm = Llama(model_path=path, n_ctx=len(ids) + 8, n_batch=len(ids), logits_all=True, n_threads=2,
             verbose=False)
-llm.eval(ids)
+llm.eval(ids)  # llama.cpp's Llama.eval: runs the token ids through the model
 logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
 logits -= logits.max(-1, keepdims=True)
 logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))

@@ -176,7 +176,7 @@ def test_what_a_format_cannot_hold_is_refused_with_the_reason(tiny_llama, tmp_pa
     odd = torch.nn.Sequential(torch.nn.Linear(48, 8))
     quantize_(odd, {"0": LayerPlan(w_bits=4, w_format="intz")})
     with pytest.raises(ExportError, match="blocks are 32 weights.*groups of 48"):
-        _qtype(gguf, "0", pack_weight(odd[0]))
+        _qtype("0", pack_weight(odd[0]))
     fp8 = _artifact(tiny_llama, tmp_path / "fp8", {LAYERS: LayerPlan(w_bits=8, w_format="fp8")})
     with pytest.raises(ExportError, match="GGUF has no type for fp8 weights"):
         export_model(fp8, "gguf", task=tiny_llama)

@@ -17,14 +17,14 @@ quantized again:
 
 Scales are stored as float32 (their float16 values), so ``q * scale`` decompresses to compsearch's
 weights exactly. Embeddings (a tied LM head with them) are stored dense at their quantized values:
-the schemes written here target Linear layers, the layers vLLM's compressed-tensors kernels run. Convolutions, transposed (Conv1D) and stacked expert
-weights, ``affine`` (a float16 minimum, where compressed-tensors stores an integer zero point), and
+the schemes written here target Linear layers, the layers vLLM's compressed-tensors kernels run.
+Convolutions, transposed (Conv1D) and stacked expert weights, ``affine`` (a float16 minimum, where compressed-tensors stores an integer zero point), and
 plug-in formats are refused with the reason. ``fp8`` weights go as ``float-quantized`` (float8
 e4m3 values, per-channel scales), with per-token dynamic fp8 inputs where the recipe quantizes
 inputs — what compsearch's fp8 kernel computes.
 
-Before the folder is published it is loaded back through transformers' compressed-tensors
-integration (``dequantize=True``) and every tensor compared with compsearch's, exactly.
+Before the folder is published, transformers loads it (each layer compressed as its config group
+says), compressed-tensors decompresses it, and every tensor is compared with compsearch's, exactly.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from compsearch.errors import ExportError
 from compsearch.exports.hf_checkpoint import (
     folder_bytes,
     folder_written_atomically,
+    integer_codes,
     pruned_config,
     pruned_shapes,
     require_hf_model,
@@ -48,6 +49,7 @@ from compsearch.exports.hf_checkpoint import (
 )
 from compsearch.kernels._bits import pack_codes
 from compsearch.kernels.formats import get_format
+from compsearch.kernels.formats.affine import AffineFormat
 from compsearch.kernels.formats.fp8 import Fp8Format
 from compsearch.kernels.formats.int_grid import IntFormat
 from compsearch.kernels.packing import PackedModel, PackedWeight
@@ -75,18 +77,6 @@ class CompressedTensorsExport:
     notes: list[str] = field(default_factory=list)
 
 
-def integer_codes(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(codes int8 (rows, fan_in), scales float32 (rows, groups), num_bits)`` with weight =
-    codes x scale exactly: ``q`` for integer grids, ``2q + 1`` at ``s/2`` (one bit wider) for
-    the mid-rise grid."""
-    fmt = get_format(weight.spec.w_format)
-    q = weight.signed_codes()
-    scale = weight.scale.to(torch.float32)
-    if fmt.grid(weight.spec)[2]:  # mid-rise: s (q + 1/2) = (s/2) (2q + 1)
-        return (2 * q + 1).to(torch.int8), scale / 2, weight.spec.w_bits + 1
-    return q.to(torch.int8), scale, weight.spec.w_bits
-
-
 def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """compressed-tensors' ``pack-quantized`` layout: each row's codes, offset by ``2**(bits-1)``,
     as one little-endian bit stream (LSB first) in int32 words — compsearch's own dense packing,
@@ -101,7 +91,7 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _refusal(name: str, weight: PackedWeight, module: nn.Module) -> str | None:
-    if weight.spec.w_format == "affine":
+    if isinstance(get_format(weight.spec.w_format), AffineFormat):
         return (f"layer {name!r}: affine weights keep a float16 minimum per group, and "
                 "compressed-tensors' asymmetric int an integer zero point; use int or intz")  # fmt: skip
     if not isinstance(get_format(weight.spec.w_format), (IntFormat, Fp8Format)):

@@ -38,8 +38,12 @@ import torch
 from torch import nn
 
 from compsearch.errors import ExportError
-from compsearch.exports.compressed_tensors import integer_codes
-from compsearch.exports.hf_checkpoint import pruned_config, pruned_shapes, require_hf_model
+from compsearch.exports.hf_checkpoint import (
+    integer_codes,
+    pruned_config,
+    pruned_shapes,
+    require_hf_model,
+)
 from compsearch.kernels._bits import unpack_codes
 from compsearch.kernels.formats import get_format
 from compsearch.kernels.formats.affine import AffineFormat
@@ -75,7 +79,7 @@ def _gguf():
     return gguf
 
 
-def _qtype(gguf, name: str, weight: PackedWeight) -> str:
+def _qtype(name: str, weight: PackedWeight) -> str:
     spec = weight.spec
     fmt = get_format(spec.w_format)
     if isinstance(fmt, AffineFormat) and spec.w_bits > 5:
@@ -99,7 +103,7 @@ def _qtype(gguf, name: str, weight: PackedWeight) -> str:
         )
     if isinstance(fmt, AffineFormat):
         return "Q4_1" if spec.w_bits <= 4 else "Q5_1"
-    _, _, bits = integer_codes(weight)
+    bits = spec.w_bits + bool(fmt.grid(spec)[2])  # mid-rise codes 2q + 1 take one bit more
     return "Q4_0" if bits <= 4 else "Q5_0" if bits == 5 else "Q8_0"
 
 
@@ -185,7 +189,7 @@ def export_gguf(task, teacher: nn.Module, packed: PackedModel, target: Path) -> 
                 heads = getattr(config, "num_key_value_heads", None) or heads
         if key in weights:
             name, weight = weights[key]
-            qtype = _qtype(gguf, name, weight)
+            qtype = _qtype(name, weight)
             codes, scale = _codes_and_scales(weight)
             scale = _block_scales(weight, scale)
             if not torch.equal(scale.to(torch.float16).to(torch.float32), scale):
@@ -213,7 +217,8 @@ def export_gguf(task, teacher: nn.Module, packed: PackedModel, target: Path) -> 
     try:
         writer = gguf.GGUFWriter(scratch, arch)
         _copy_metadata(gguf, reader, writer, arch, config)
-        for gname in sorted(tensors, key=lambda n: [t.name for t in reader.tensors].index(n)):
+        order = {t.name: index for index, t in enumerate(reader.tensors)}  # the teacher's order
+        for gname in sorted(tensors, key=order.__getitem__):
             data, raw = tensors[gname]
             writer.add_tensor(gname, data, raw_dtype=raw)
         writer.write_header_to_file()

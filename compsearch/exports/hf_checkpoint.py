@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from compsearch.errors import ExportError
-from compsearch.kernels.packing import PackedModel
+from compsearch.kernels.formats import get_format
+from compsearch.kernels.packing import PackedModel, PackedWeight
 
 #: the config fields a structured pruning can change (one size for every layer)
 SIZE_FIELDS = (
@@ -50,6 +51,15 @@ def require_hf_model(model: nn.Module, format: str) -> None:
             f"model, but this task's model is a {type(model).__name__}; export it with "
             "--format onnx instead."
         )
+
+
+def integer_codes(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(codes int8 (rows, fan_in), scales float32 (rows, groups), bits)`` with weight = codes x
+    scale exactly (:meth:`PackedWeight.int8_codes`); the mid-rise grid's codes ``2q + 1`` need one
+    bit more than the recipe's width."""
+    codes, scale = weight.int8_codes()
+    wider = bool(get_format(weight.spec.w_format).grid(weight.spec)[2])
+    return codes, scale, weight.spec.w_bits + wider
 
 
 def pruned_shapes(packed: PackedModel) -> dict[str, tuple[int, ...]]:

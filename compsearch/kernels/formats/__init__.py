@@ -1,7 +1,7 @@
 """Weight formats by name: the registry every kernel asks (see :mod:`.base` for the contract).
 
-Built-ins: ``int``, ``intz``, ``affine`` and ``fp8``. A new family is one new file — a :class:`WeightFormat` subclass —
-named in a study config (``space.w_formats: [int, mypkg.formats:MyFormat]``, imported because the
+Built-ins: ``int``, ``intz``, ``affine`` and ``fp8``. A new family is one new file — a
+:class:`WeightFormat` subclass — named in a study config (``space.w_formats: [int, mypkg.formats:MyFormat]``, imported because the
 user's own config says so) or registered from the user's code with ``register_format(MyFormat())``;
 recipes then use it as ``w_format: <name>``. Nothing a recipe file says is imported: an
 unregistered name is an error that lists the registered ones.
