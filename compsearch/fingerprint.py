@@ -24,8 +24,14 @@ def _update_with_tensor(digest: hashlib._Hash, tensor: torch.Tensor) -> None:
 
 def model_fingerprint(model: nn.Module) -> str:
     """Hash of every parameter and buffer: names, shapes, dtypes and values."""
+    return named_fingerprint(sorted(model.state_dict(keep_vars=False).items()))
+
+
+def named_fingerprint(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """:func:`model_fingerprint` of a state dict given as ``(name, tensor)`` pairs in name order,
+    one at a time (a model too big to hold whole is hashed as its file is read)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict(keep_vars=False).items()):
+    for name, tensor in tensors:
         digest.update(name.encode())
         _update_with_tensor(digest, tensor)
     return f"sha256:{digest.hexdigest()[:_DIGITS]}"

