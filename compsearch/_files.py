@@ -6,19 +6,26 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 STALE_TEMP_S = 60.0  # a temporary file older than this belongs to a writer that was killed
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    return write_atomic(path, lambda temp: Path(temp).write_bytes(data))
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """``write(temp)`` fills a temporary file beside ``path``, which is synced to disk and then
+    becomes ``path`` in one rename: a reader sees the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
+        os.close(handle)
+        write(temp)
+        with open(temp, "rb+") as stream:
             os.fsync(stream.fileno())
         os.replace(temp, path)
     except BaseException:

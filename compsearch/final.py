@@ -39,6 +39,7 @@ from compsearch.objectives.constraints import format_bytes
 from compsearch.paths import runs_root
 from compsearch.pipeline import compress, rebuild
 from compsearch.recipes import Recipe, dumps, read_recipe
+from compsearch.sequential import compress_sequentially
 from compsearch.tasks import BUILTINS, Task, get_task, move
 from compsearch.train import Checkpointing, StepCallback
 
@@ -216,10 +217,14 @@ def train_recipe(
     device: str = "cpu",
     threads: int = 2,
     runtime: str = "torch",
+    one_block_at_a_time: bool = False,
 ) -> FinalRun:
     """Train the recipe at ``recipe_path`` and write its artifact: its folder, report, deploy form.
     ``task``/``trust_task``: see :func:`task_for`. The report checks ``bounds`` and measures on
-    ``device`` with ``threads`` CPU threads (the CLI passes the recipe's study settings)."""
+    ``device`` with ``threads`` CPU threads (the CLI passes the recipe's study settings).
+    ``one_block_at_a_time``: a calibration-only recipe is calibrated from the weight file one
+    block at a time (``compsearch.sequential``; the same artifact, a fraction of the memory), then
+    measured from the artifact."""
     recipe = read_recipe(recipe_path)
     the_task = task_for(recipe, task, trust_task)
     if epochs is not None:
@@ -237,19 +242,32 @@ def train_recipe(
     recover_folder(target)  # a publish a kill interrupted is finished first
     for leftover in target.parent.glob(f".{name}.staging-*"):  # the staging folder of a killed run
         shutil.rmtree(leftover, ignore_errors=True)
-    checkpoint = Checkpointing(target / "checkpoints", every=checkpoint_every, resume=resume)
-    result = compress(the_task, recipe, steps, device, progress=progress, checkpoint=checkpoint)
-    artifact = result.artifact_bytes()
-    measured = measure(the_task, result.deployed, artifact, result.student, device, bounds,
-                       threads, runtime=runtime)  # fmt: skip
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=target.parent if target.parent.exists()
                                     else _mkdir(target.parent)))  # fmt: skip
-    quant = result.quant_report
-    (staging / ARTIFACT).write_bytes(artifact)
+    try:
+        if one_block_at_a_time:
+            made = compress_sequentially(the_task, recipe, staging / ARTIFACT, device)
+            deployed, _, deploy_report = rebuild(the_task, made.path, device)
+            artifact, student, quant, train = made.path.read_bytes(), None, made.quant_report, None
+        else:
+            checkpoint = Checkpointing(
+                target / "checkpoints", every=checkpoint_every, resume=resume
+            )
+            result = compress(the_task, recipe, steps, device, progress=progress,
+                              checkpoint=checkpoint)  # fmt: skip
+            deployed, deploy_report = result.deployed, result.deploy_report
+            artifact, student = result.artifact_bytes(), result.student
+            quant, train = result.quant_report, result.train
+            (staging / ARTIFACT).write_bytes(artifact)
+        measured = measure(the_task, deployed, artifact, student, device, bounds, threads,
+                           runtime=runtime)  # fmt: skip
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     (staging / "recipe.yaml").write_text(dumps(recipe))
     (staging / "report.json").write_text(json.dumps({
-        "name": name, "recipe": str(recipe_path), "steps": result.train.steps,
-        "final_loss": result.train.final_loss, "kernels": result.deploy_report.kernels,
+        "name": name, "recipe": str(recipe_path), "steps": train.steps if train else 0,
+        "final_loss": train.final_loss if train else None, "kernels": deploy_report.kernels,
         "float_weights": {"share": quant.float_share, "tensors": quant.left_float},
         **measured.to_dict()}, indent=2, sort_keys=True))  # fmt: skip
     (staging / "report.md").write_text(
@@ -258,7 +276,7 @@ def train_recipe(
         )
     )
     _publish(staging, target)
-    return FinalRun(target, measured, result.deployed)
+    return FinalRun(target, measured, deployed)
 
 
 def _mkdir(path: Path) -> Path:

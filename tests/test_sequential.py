@@ -5,13 +5,18 @@ before any work."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+import compsearch.cli.train  # noqa: F401 - bound to final.task_for before a test patches it
+import compsearch.final as final
+from compsearch.cli import main
 from compsearch.errors import RecipeError, TaskError
 from compsearch.fingerprint import model_fingerprint
 from compsearch.pipeline import compress
-from compsearch.recipes import CalibrationPlan, FinetuneBudget, LayerPlan, Recipe
+from compsearch.recipes import CalibrationPlan, FinetuneBudget, LayerPlan, Recipe, write_recipe
 from compsearch.sequential import _fingerprint, compress_sequentially
 from compsearch.tasks.weights import GGUFWeights, SafetensorsWeights, meta_tensors
 
@@ -122,3 +127,46 @@ def test_what_one_block_at_a_time_cannot_take_is_refused_before_any_work(tiny, t
     with pytest.raises(TaskError, match="builds its teacher in memory"):
         compress_sequentially(make_task(), _recipe(plan), tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_train_one_block_at_a_time_ships_the_same_artifact_and_report(
+    tiny, tmp_path, runs_root, monkeypatch, capsys
+):
+    monkeypatch.setattr(final, "task_for", lambda recipe, task=None, trust_task=False: tiny)
+    path = write_recipe(_recipe(LayerPlan(w_bits=4, group_size=32)), tmp_path / "w4.yaml")
+    blocks = final.train_recipe(path, name="blocks", one_block_at_a_time=True)
+    memory = final.train_recipe(path, name="memory")
+    artifact = "model.safetensors"
+    assert (blocks.path / artifact).read_bytes() == (memory.path / artifact).read_bytes()
+    reports = [json.loads((run.path / "report.json").read_text()) for run in (blocks, memory)]
+    assert reports[0]["kernels"] == reports[1]["kernels"] and reports[0]["steps"] == 0
+    assert reports[0]["float_weights"] == reports[1]["float_weights"]
+    assert blocks.measurements.compressed["perplexity"] == pytest.approx(
+        memory.measurements.compressed["perplexity"]
+    )
+    tuned = write_recipe(Recipe(layers={BLOCKS: LayerPlan(w_bits=4, group_size=32)},
+                                finetune=FinetuneBudget(steps=3)), tmp_path / "tuned.yaml")  # fmt: skip
+    assert main(["train", str(tuned), "--one-block-at-a-time", "--name", "tuned"]) == 2
+    error = capsys.readouterr().err
+    assert "does not fine-tune" in error and "without --one-block-at-a-time" in error
+    assert not list((runs_root / "final").glob("*tuned*"))
+
+
+@pytest.mark.cuda
+def test_one_block_at_a_time_on_cuda_writes_what_the_cpu_writes(tiny, tmp_path):
+    from compsearch.kernels.packing import read_packed
+
+    recipe = _recipe(LayerPlan(w_bits=4, group_size=32, method="gptq"))
+    torch.cuda.reset_peak_memory_stats()
+    on_gpu = compress_sequentially(tiny, recipe, tmp_path / "cuda.safetensors", device="cuda")
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    on_cpu = compress_sequentially(tiny, recipe, tmp_path / "cpu.safetensors")
+    gpu, _ = read_packed(on_gpu.path)
+    cpu, _ = read_packed(on_cpu.path)
+    assert gpu.weights.keys() == cpu.weights.keys() and gpu.ties == cpu.ties
+    for name, weight in cpu.weights.items():  # GPTQ's float sums differ by rounding on the GPU
+        expected = weight.dequantize()
+        error = (gpu.weights[name].dequantize() - expected).norm() / expected.norm()
+        assert error < 0.05, name
+    embedding_mb = 49152 * 64 * 4 / 2**20  # float32; its fake-quantized copy beside it
+    assert peak_mb < 3 * embedding_mb + 3 * on_gpu.largest_block_mb

@@ -31,6 +31,10 @@ def add_parser(commands) -> None:
     parser.add_argument("--trust-task", action="store_true",
                         help="import or fetch the task the file names (plug-ins, hf:)")  # fmt: skip
     parser.add_argument("--checkpoint-every", type=int, default=None)
+    parser.add_argument("--one-block-at-a-time", action="store_true",
+                        help="calibration-only recipes: read and calibrate one block at a time "
+                             "from the model's file (the same artifact, a fraction of the "
+                             "memory)")  # fmt: skip
     parser.add_argument("--from-study", help="train exported recipes of this study folder")
     parser.add_argument("--top-k", type=int, default=1)
     parser.set_defaults(handler=run)
@@ -69,7 +73,8 @@ def train_one(path: Path, args, name: str | None = None):
     run = train_recipe(path, steps, args.epochs, name or args.name, args.resume, args.task,
                        settings.checkpoint_every, trust_task=settings.trust_task,
                        bounds=settings.bounds, device=settings.device,
-                       threads=settings.threads, runtime=settings.runtime)  # fmt: skip
+                       threads=settings.threads, runtime=settings.runtime,
+                       one_block_at_a_time=getattr(args, "one_block_at_a_time", False))  # fmt: skip
     print(f"{run.path}: report {run.path / 'report.md'}")
     print((run.path / "report.md").read_text())
     return run.path, run.measurements

@@ -210,6 +210,7 @@ def gptq_(
     return report
 
 
+@torch.no_grad()
 def gptq_block_(block: nn.Module, layers: dict[str, nn.Module], chain: list[tuple[tuple, dict]],
                 report: GPTQReport, damp: float = 0.01, act_order: bool = True) -> None:  # fmt: skip
     """GPTQ of ``layers`` (Quant modules of ``block``, by the names the report gives them), their
@@ -220,6 +221,7 @@ def gptq_block_(block: nn.Module, layers: dict[str, nn.Module], chain: list[tupl
         _round_layer(name, module, hessians[name], damp, act_order, report)
 
 
+@torch.no_grad()
 def block_outputs(block: nn.Module, chain: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
     """The next block's inputs: ``block``'s output on each stored input, the other arguments kept."""
     return [(_with_first(args, _main(block(*args, **kwargs))), kwargs) for args, kwargs in chain]
@@ -274,6 +276,7 @@ def _block_chain(
     return first + block_inputs(model, modules[0], batches[1:], run)
 
 
+@torch.no_grad()
 def block_inputs(model: nn.Module, block: nn.Module, batches: list[Any], run: Run
                  ) -> list[tuple[tuple, dict]]:  # fmt: skip
     """``block``'s ``(args, kwargs)`` on each batch, each forward pass stopped as it reaches the

@@ -33,9 +33,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
+from safetensors.torch import save_file
 from torch import nn
 
-from compsearch._files import write_bytes_atomic
+from compsearch._files import write_atomic
 from compsearch.errors import KernelError
 from compsearch.kernels._bits import pack_codes, packed_nbytes, unpack_codes  # noqa: F401
 from compsearch.kernels.formats import get_format
@@ -203,6 +204,14 @@ def export_packed(model: nn.Module) -> PackedModel:
 
 
 def packed_to_bytes(packed: PackedModel, metadata: dict[str, str] | None = None) -> bytes:
+    tensors, header = _stored(packed, metadata)
+    return save_bytes(tensors, metadata=header)
+
+
+def _stored(
+    packed: PackedModel, metadata: dict[str, str] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header metadata an artifact file holds."""
     tensors: dict[str, torch.Tensor] = {}
     layers_meta = {}
     for name, weight in packed.weights.items():
@@ -230,7 +239,7 @@ def packed_to_bytes(packed: PackedModel, metadata: dict[str, str] | None = None)
         "compsearch.activation_modes": json.dumps(packed.activation_modes, sort_keys=True),
     }
     meta.update(metadata or {})
-    return save_bytes(_dedupe_shared(tensors), metadata={METADATA_KEY: encode_metadata(meta)})
+    return _dedupe_shared(tensors), {METADATA_KEY: encode_metadata(meta)}
 
 
 def stored_stem(name: str, stacked: bool) -> str:
@@ -266,7 +275,10 @@ def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_packed(
     packed: PackedModel, path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:
-    return write_bytes_atomic(path, packed_to_bytes(packed, metadata))
+    """Write the artifact (exactly :func:`packed_to_bytes`' bytes) atomically, streamed to the
+    file rather than built in memory first: a 7B model's artifact is gigabytes."""
+    tensors, header = _stored(packed, metadata)
+    return write_atomic(path, lambda temp: save_file(tensors, temp, metadata=header))
 
 
 def read_packed(path: str | Path) -> tuple[PackedModel, dict[str, str]]:

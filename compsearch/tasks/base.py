@@ -134,8 +134,8 @@ class Task(abc.ABC):
         (``compsearch.sequential``). Tasks whose teacher is not loaded from such a file raise."""
         raise TaskError(
             f"task {self.name!r}: calibrating one block at a time reads the teacher's weights from "
-            "its GGUF or safetensors file, but this task builds its teacher in memory; use "
-            "`compsearch train`, which calibrates the model in memory."
+            "its GGUF or safetensors file, but this task builds its teacher in memory; "
+            "calibrate it in memory (`compsearch train` without --one-block-at-a-time)."
         )
 
     def describe(self) -> dict[str, object]:
