@@ -167,6 +167,23 @@ def test_mse_weight_clipping_lowers_2_bit_error():
     assert clipped > plain + 0.5
 
 
+@pytest.mark.parametrize("plan", [LayerPlan(w_bits=4), LayerPlan(w_bits=4, group_size=32),
+                                  LayerPlan(w_bits=4, group_size=32, w_format="affine")])  # fmt: skip
+def test_the_clip_search_in_row_chunks_finds_what_one_pass_finds(plan, monkeypatch):
+    from compsearch.kernels import observers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 300))
+    quantize_(model, {"0": plan})
+    observers.search_weight_clip_(model[0])
+    whole = model[0].weight_quant.clip.clone()
+    model[0].weight_quant.clip.fill_(1.0)
+    monkeypatch.setattr(observers, "CLIP_CHUNK", 64 * 7)  # 7 rows a pass, the last one short
+    observers.search_weight_clip_(model[0])
+    assert torch.equal(model[0].weight_quant.clip, whole)
+    assert (whole < 1).any()
+
+
 def _qat_ffn(mode: str) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = FFN()

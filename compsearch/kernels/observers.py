@@ -136,26 +136,31 @@ def calibrate(
     return ranges
 
 
+CLIP_CHUNK = 1 << 22  # weights per pass of the clip search
+
+
 @torch.no_grad()
 def search_weight_clip_(module: nn.Module) -> None:
     """Per row / group, the clip ratio of the absolute maximum with the least quantization error."""
     quantizer = module.weight_quant
     spec = quantizer.spec
     fmt = get_format(spec.w_format)
-    rows = rows_view(module.weight, quantizer.transposed).float()
-    best_error = None
-    best_ratio = torch.ones_like(quantizer.clip)
-    for ratio in CLIP_RATIOS.tolist():
-        clip = torch.full_like(quantizer.clip, ratio)
-        scale = weight_scale(rows, spec, clip)
-        restored = fmt.fake_quantize(grouped(rows, spec), scale, spec).reshape(rows.shape)
-        error = (
-            (restored - rows).pow(2).reshape(*quantizer.clip.shape[:2], -1).sum(-1, keepdim=True)
-        )
-        if best_error is None:
-            best_error = error
-            continue
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_ratio = torch.where(better, clip, best_ratio)
-    quantizer.clip.copy_(best_ratio)
+    weight = rows_view(module.weight, quantizer.transposed)
+    step = max(1, CLIP_CHUNK // max(1, weight.shape[1]))  # rows at a time: an embedding's
+    for start in range(0, weight.shape[0], step):  # temporaries stay small (rows are independent)
+        rows = weight[start : start + step].float()
+        shape = quantizer.clip[start : start + step].shape
+        best_error = None
+        best_ratio = torch.ones(shape, device=rows.device)
+        for ratio in CLIP_RATIOS.tolist():
+            clip = torch.full(shape, ratio, device=rows.device)
+            scale = weight_scale(rows, spec, clip)
+            restored = fmt.fake_quantize(grouped(rows, spec), scale, spec).reshape(rows.shape)
+            error = (restored - rows).pow(2).reshape(*shape[:2], -1).sum(-1, keepdim=True)
+            if best_error is None:
+                best_error = error
+                continue
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_ratio = torch.where(better, clip, best_ratio)
+        quantizer.clip[start : start + step].copy_(best_ratio)
