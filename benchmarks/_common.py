@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -77,3 +79,38 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
+
+
+def measured_apart(script: str, jobs: list[str], path_of: Callable[[str], Path],
+                   fresh: bool = False) -> dict[str, dict]:  # fmt: skip
+    """Each job measured by ``script --one JOB`` in its own process (so its peak memory is its
+    own), which prints ``RESULT <json>``; kept at ``path_of(job)``, so a rerun measures only what
+    is missing (``fresh``: everything again)."""
+    results = {}
+    for job in jobs:
+        path = path_of(job)
+        if path.exists() and not fresh:
+            results[job] = json.loads(path.read_text())
+            continue
+        print(f"measuring {job} ...", file=sys.stderr, flush=True)
+        done = subprocess.run([sys.executable, script, "--one", job], capture_output=True,
+                              text=True, check=False)  # fmt: skip
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            raise SystemExit(f"{job}: failed (exit {done.returncode})\n{done.stderr[-4000:]}")
+        results[job] = json.loads(lines[-1][len("RESULT ") :])
+        path.write_text(json.dumps(results[job], indent=1))
+    return results
+
+
+def results_folder(name: str) -> Path:
+    """Where a benchmark keeps its measurements: ``<runs root>/_benchmarks/<name>``."""
+    from compsearch.paths import runs_root
+
+    path = runs_root() / "_benchmarks" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def file_stem(label: str) -> str:
+    return label.replace(" ", "_").replace(",", "").replace(":", ".")

@@ -16,14 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from _common import header, table
-
-from compsearch.paths import runs_root
+from _common import file_stem, header, measured_apart, results_folder, table
 
 PROJECTIONS = "re:model\\.layers\\..*_proj$"
 TIED = ("model.embed_tokens", "lm_head")
@@ -67,13 +63,11 @@ CALIBRATION_BATCHES = 16
 
 
 def folder() -> Path:
-    path = runs_root() / "_benchmarks" / "llm_ptq"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return results_folder("llm_ptq")
 
 
 def _file_name(name: str) -> str:
-    return name.replace(" ", "_").replace(",", "") + ".json"
+    return file_stem(name) + ".json"
 
 
 def measure_teacher() -> dict:
@@ -141,20 +135,8 @@ def main() -> None:
         value = measure_teacher() if args.one == "teacher" else measure_variant(args.one)
         print("RESULT " + json.dumps(value))
         return
-    results = {}
-    for name in ["teacher", *args.variants]:
-        path = folder() / _file_name(name)
-        if path.exists() and not args.fresh:
-            results[name] = json.loads(path.read_text())
-            continue
-        print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        done = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True,
-                              text=True, check=False)  # fmt: skip
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            raise SystemExit(f"{name}: failed\n{done.stderr[-4000:]}")
-        results[name] = json.loads(lines[-1][len("RESULT ") :])
-        path.write_text(json.dumps(results[name], indent=1))
+    results = measured_apart(__file__, ["teacher", *args.variants],
+                             lambda name: folder() / _file_name(name), args.fresh)  # fmt: skip
     header("Post-training quantization of SmolLM2-135M: round-to-nearest vs GPTQ")
     teacher = results["teacher"]
     rows = [["teacher (float32)", f"{teacher['test']:.2f}", f"{teacher['validation']:.2f}", "—",

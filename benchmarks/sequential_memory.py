@@ -17,33 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from _common import header, table
+from _common import file_stem, header, measured_apart, results_folder, table
+from llm_ptq import CALIBRATION_BATCHES, PROJECTIONS, TIED
 
-from compsearch.paths import runs_root
-
-PROJECTIONS = "re:model\\.layers\\..*_proj$"
-TIED = ("model.embed_tokens", "lm_head")
 RECIPES = {  # name -> (projection plan, observer)
     "w4 g32 gptq act-order, mse clipping": (dict(w_bits=4, group_size=32, method="gptq"), "mse"),
     "w4 g32 affine rtn": (dict(w_bits=4, group_size=32, w_format="affine"), "minmax"),
 }
 MODES = ("in memory", "one block at a time")
-CALIBRATION_BATCHES = 16
 
 
 def folder() -> Path:
-    path = runs_root() / "_benchmarks" / "sequential"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _stem(name: str) -> str:
-    return name.replace(" ", "_").replace(",", "")
+    return results_folder("sequential")
 
 
 def _recipe(name: str):
@@ -67,11 +55,13 @@ def measure(job: str) -> dict:
         task.calibration_batches(CALIBRATION_BATCHES)
         return {"peak_rss_mb": _peak_mb()}
     kind, name = job.split(":", 1)
-    target = folder() / f"{_stem(name)}.{_stem(kind)}.safetensors"
+    target = folder() / f"{file_stem(name)}.{file_stem(kind)}.safetensors"
     if kind == "evaluate":
         from compsearch import load
 
-        model = load(folder() / f"{_stem(name)}.{_stem(MODES[1])}.safetensors", task="smollm")
+        model = load(
+            folder() / f"{file_stem(name)}.{file_stem(MODES[1])}.safetensors", task="smollm"
+        )
         return {"test": task.evaluate(model, "test")["perplexity"],
                 "validation": task.evaluate(model, "validation")["perplexity"]}  # fmt: skip
     began = time.perf_counter()
@@ -98,26 +88,15 @@ def main() -> None:
         return
     jobs = ["floor"] + [f"{mode}:{name}" for name in RECIPES for mode in MODES]
     jobs += [f"evaluate:{name}" for name in RECIPES]
-    results = {}
-    for job in jobs:
-        path = folder() / f"{_stem(job.replace(':', '.'))}.json"
-        if path.exists() and not args.fresh:
-            results[job] = json.loads(path.read_text())
-            continue
-        print(f"measuring {job} ...", file=sys.stderr, flush=True)
-        done = subprocess.run([sys.executable, __file__, "--one", job], capture_output=True,
-                              text=True, check=False)  # fmt: skip
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            raise SystemExit(f"{job}: failed\n{done.stderr[-4000:]}")
-        results[job] = json.loads(lines[-1][len("RESULT ") :])
-        path.write_text(json.dumps(results[job], indent=1))
+    results = measured_apart(
+        __file__, jobs, lambda job: folder() / f"{file_stem(job)}.json", args.fresh
+    )
     header("Calibrating SmolLM2-135M one block at a time vs in memory")
     floor = results["floor"]["peak_rss_mb"]
     rows = [["floor: Python, torch, transformers, tokenized data", "—", f"{floor:.0f}", "—", "—",
              "—", "—"]]  # fmt: skip
     for name in RECIPES:
-        files = [folder() / f"{_stem(name)}.{_stem(mode)}.safetensors" for mode in MODES]
+        files = [folder() / f"{file_stem(name)}.{file_stem(mode)}.safetensors" for mode in MODES]
         same = files[0].read_bytes() == files[1].read_bytes()
         evaluated = results[f"evaluate:{name}"]
         for mode in MODES:
