@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -50,6 +52,20 @@ def remove_stale_temporaries(folder: str | os.PathLike, older_than_s: float = ST
                 removed += 1
         except FileNotFoundError:
             continue
+    return removed
+
+
+def remove_stale_folders(parent: str | os.PathLike, prefix: str,
+                         older_than_s: float = STALE_TEMP_S) -> int:  # fmt: skip
+    """Delete the folders named ``prefix…`` in ``parent`` that a killed writer left (older than
+    ``older_than_s``; a younger one may belong to a live writer). Returns how many."""
+    removed = 0
+    cutoff = time.time() - older_than_s
+    for path in Path(parent).glob(f"{glob.escape(prefix)}*"):
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_dir() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
     return removed
 
 

@@ -160,6 +160,28 @@ def test_a_final_folder_is_published_whole_and_a_kill_part_way_is_finished(tmp_p
     assert (target / "model.safetensors").read_text() == "new" and not old.exists()
 
 
+def test_an_export_folder_killed_part_way_is_finished_and_its_scratch_swept(tmp_path):
+    from compsearch.exports.hf_checkpoint import folder_written_atomically
+
+    target = tmp_path / "checkpoint"
+    old = tmp_path / ".checkpoint.old"  # killed between the two renames of the last export
+    old.mkdir()
+    (old / "model.safetensors").write_text("previous")
+    stale, fresh = tmp_path / ".checkpoint.scratch-dead", tmp_path / ".checkpoint.scratch-live"
+    stale.mkdir(), fresh.mkdir()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    with pytest.raises(RuntimeError), folder_written_atomically(target) as scratch:
+        assert (target / "model.safetensors").read_text() == "previous"  # put back first
+        (scratch / "model.safetensors").write_text("half")
+        raise RuntimeError("killed")
+    assert (target / "model.safetensors").read_text() == "previous"
+    assert not stale.exists() and fresh.exists()  # a live writer's scratch folder is left alone
+    with folder_written_atomically(target) as scratch:
+        (scratch / "model.safetensors").write_text("new")
+    assert (target / "model.safetensors").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint.scratch-live", "checkpoint"]
+
+
 # -- dead workers on any host ------------------------------------------------------------------------
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compsearch._files import publish_folder, recover_folder, remove_stale_folders
 from compsearch.errors import ExportError
 from compsearch.kernels.formats import get_format
 from compsearch.kernels.packing import PackedModel, PackedWeight
@@ -137,20 +137,17 @@ def save_tokenizer(task: object, folder: Path) -> bool:
 @contextmanager
 def folder_written_atomically(target: Path) -> Iterator[Path]:
     """A scratch folder beside ``target``; when the block succeeds it becomes ``target`` (an
-    earlier export there is replaced), and when it fails nothing at ``target`` changes."""
+    earlier export there is replaced), and when it fails nothing at ``target`` changes. What a
+    killed export left — a replacement half done, scratch folders — is finished or removed first."""
     if target.exists() and not target.is_dir():
         raise ExportError(f"out: expected a folder, but {str(target)!r} is a file.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    recover_folder(target, keep=())
+    remove_stale_folders(target.parent, f".{target.name}.scratch-")
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.scratch-"))
     try:
         yield scratch
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
-            os.replace(target, old / "previous")
-        os.replace(scratch, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_folder(scratch, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
