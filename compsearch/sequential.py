@@ -100,53 +100,71 @@ def compress_sequentially(
     report = QuantReport()
     outer = {n: p for n, p in plans.items() if not n.startswith(inside)}
     _quantize_scope(model, "", outer, recipe, report)
-    gptq = GPTQReport()
     wants_gptq = any(p.method == "gptq" for p in plans.values())
     batches = task.calibration_batches(recipe.calibration.batches if wants_gptq else 1)
     run = _runner(task, device)
     chain = block_inputs(model, blocks[0], batches, run)
     timings = {"setup": time.perf_counter() - started}
-    parts: list[tuple[str, PackedModel]] = []
-    largest = 0.0
-    left_elements = total_elements = 0
+    done = _Done(report)
     for index, block in enumerate(blocks):
         prefix = f"{container}.{index}"
         weights.load_into(model, lambda name, p=f"{prefix}.": name.startswith(p))
-        block.to(device)
-        largest = max(
-            largest, sum(p.numel() * p.element_size() for p in block.parameters()) / 2**20
-        )
         scoped = {n[len(prefix) + 1 :]: p for n, p in plans.items() if n.startswith(f"{prefix}.")}
-        _quantize_scope(block, prefix, scoped, recipe, report)
-        _unquantize_uncalled(block, prefix, chain[0], report)
-        layers = {f"{prefix}.{n}": m for n, m in quant_modules(block).items()
-                  if scoped.get(n) is not None and scoped[n].method == "gptq"}  # fmt: skip
-        if layers:
-            gptq_block_(block, layers, chain, gptq)
-        if index + 1 < len(blocks):
-            chain = block_outputs(block, chain)
-        left, share = left_in_float(block, _relative(report.skipped, prefix))
-        report.left_float.update((f"{prefix}.{n}", why) for n, why in left.items())
-        elements = sum(p.numel() for p in block.parameters() if p.dim() >= 2)
-        left_elements += round(share * elements)
-        total_elements += elements
-        parts.append((prefix, export_packed(block)))
+        chain = _calibrate_block(block.to(device), prefix, scoped, recipe, chain, done,
+                                 last=index + 1 == len(blocks))  # fmt: skip
         block.to("meta")  # its float weights are let go; the packed form is kept
         _return_freed_memory()
     timings["blocks"] = time.perf_counter() - started - timings["setup"]
-    report.rounding.update(gptq.notes())
-    holder = _without_blocks(model, container)
+    report.rounding.update(done.gptq.notes())
+    restore = _without_blocks(model, container)
     try:
-        left, share = left_in_float(model, report.skipped)
-        elements = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
-        parts.insert(0, ("", export_packed(model)))
+        done.add("", model, export_packed(model))
     finally:
-        holder()
-    report.left_float.update(left)
-    report.float_share = (left_elements + share * elements) / max(1, total_elements + elements)
-    path = save_packed(_merged(parts), target, artifact_metadata(recipe, PruneRecord()))
+        restore()
+    report.float_share = done.left_elements / max(1, done.elements)
+    path = save_packed(_merged(done.parts), target, artifact_metadata(recipe, PruneRecord()))
     timings["total"] = time.perf_counter() - started
-    return SequentialResult(path, path.stat().st_size, len(blocks), report, largest, timings)
+    return SequentialResult(path, path.stat().st_size, len(blocks), report, done.largest_mb,
+                            timings)  # fmt: skip
+
+
+@dataclass
+class _Done:
+    """What the blocks done so far gave: their packed forms and their share of the report."""
+
+    report: QuantReport
+    gptq: GPTQReport = field(default_factory=GPTQReport)
+    parts: list[tuple[str, PackedModel]] = field(default_factory=list)
+    largest_mb: float = 0.0
+    left_elements: int = 0  # weight elements (2-D or more) left in float, and all of them
+    elements: int = 0
+
+    def add(self, prefix: str, scope: nn.Module, packed: PackedModel) -> None:
+        left, share = left_in_float(scope, _relative(self.report.skipped, prefix))
+        dot = f"{prefix}." if prefix else ""
+        self.report.left_float.update((dot + n, why) for n, why in left.items())
+        elements = sum(p.numel() for p in scope.parameters() if p.dim() >= 2)
+        self.left_elements += round(share * elements)
+        self.elements += elements
+        self.parts.append((prefix, _merged([("", packed)])))  # kept on the CPU
+
+
+def _calibrate_block(block: nn.Module, prefix: str, plans: dict, recipe: Recipe, chain: list,
+                     done: _Done, last: bool) -> list:  # fmt: skip
+    """Quantize ``block`` (its float weights just read) as ``plans`` say, GPTQ on ``chain`` (its
+    stored inputs), pack it into ``done``; returns the next block's inputs."""
+    done.largest_mb = max(
+        done.largest_mb, sum(p.numel() * p.element_size() for p in block.parameters()) / 2**20
+    )
+    _quantize_scope(block, prefix, plans, recipe, done.report)
+    _unquantize_uncalled(block, prefix, chain[0], done.report)
+    layers = {f"{prefix}.{n}": m for n, m in quant_modules(block).items()
+              if plans.get(n) is not None and plans[n].method == "gptq"}  # fmt: skip
+    if layers:
+        gptq_block_(block, layers, chain, done.gptq)
+    following = chain if last else block_outputs(block, chain)
+    done.add(prefix, block, export_packed(block))
+    return following
 
 
 def _refuse_unsupported(recipe: Recipe) -> None:
@@ -221,6 +239,8 @@ def _unquantize_uncalled(block: nn.Module, prefix: str, first: tuple, report: Qu
 
 
 def _relative(reasons: dict[str, str], prefix: str) -> dict[str, str]:
+    if not prefix:
+        return dict(reasons)
     return {n[len(prefix) + 1 :]: why for n, why in reasons.items() if n.startswith(f"{prefix}.")}
 
 
@@ -242,7 +262,8 @@ def _merged(parts: list[tuple[str, PackedModel]]) -> PackedModel:
     out = PackedModel({}, {}, {}, {}, {})
     for prefix, part in parts:
         dot = f"{prefix}." if prefix else ""
-        out.weights.update((dot + n, w) for n, w in part.weights.items())
+        out.weights.update((dot + n, dataclasses.replace(w, data=w.data.cpu(), scale=w.scale.cpu()))
+                           for n, w in part.weights.items())  # fmt: skip
         out.input_scales.update((dot + n, s) for n, s in part.input_scales.items())
         out.activation_modes.update((dot + n, m) for n, m in part.activation_modes.items())
         out.floats.update((dot + n, t.cpu()) for n, t in part.floats.items())
