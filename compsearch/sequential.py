@@ -33,20 +33,18 @@ from torch import nn
 
 from compsearch.errors import RecipeError
 from compsearch.fingerprint import named_fingerprint
-from compsearch.kernels._modules import replace_by_name
-from compsearch.kernels._quant_modules import float_layer
 from compsearch.kernels._quant_stacked import stacked_params
 from compsearch.kernels.gptq import GPTQReport, block_inputs, block_outputs, gptq_block_
-from compsearch.kernels.observers import calibrate
+from compsearch.kernels.observers import set_weight_clips_
 from compsearch.kernels.packing import PackedModel, export_packed, save_packed
 from compsearch.kernels.prune import PruneRecord
 from compsearch.kernels.quant import (
-    NOT_CALLED,
     QuantReport,
     is_quantizable,
     left_in_float,
     quant_modules,
     quantize_,
+    unquantize_uncalled_,
 )
 from compsearch.pipeline import artifact_metadata, checked
 from compsearch.recipes import validate
@@ -140,12 +138,11 @@ class _Done:
     elements: int = 0
 
     def add(self, prefix: str, scope: nn.Module, packed: PackedModel) -> None:
-        left, share = left_in_float(scope, _relative(self.report.skipped, prefix))
+        left, _ = left_in_float(scope, _relative(self.report.skipped, prefix))
         dot = f"{prefix}." if prefix else ""
         self.report.left_float.update((dot + n, why) for n, why in left.items())
-        elements = sum(p.numel() for p in scope.parameters() if p.dim() >= 2)
-        self.left_elements += round(share * elements)
-        self.elements += elements
+        self.left_elements += sum(scope.get_parameter(n).numel() for n in left)
+        self.elements += sum(p.numel() for p in scope.parameters() if p.dim() >= 2)
         self.parts.append((prefix, _merged([("", packed)])))  # kept on the CPU
 
 
@@ -214,28 +211,15 @@ def _quantize_scope(scope: nn.Module, prefix: str, plans: dict, recipe: Recipe,
     report.quantized.update((dot + n, spec) for n, spec in part.quantized.items())
     report.skipped.update((dot + n, why) for n, why in part.skipped.items())
     report.tied.update((dot + n, dot + t) for n, t in part.tied.items())
-    # weight clipping only: a weight-only block has no activation ranges to observe
-    calibrate(scope, [], lambda model, batch: None, recipe.calibration.observer,
-              recipe.calibration.percentile)  # fmt: skip
+    set_weight_clips_(scope, recipe.calibration.observer)  # weight-only: no activation ranges
 
 
 def _unquantize_uncalled(block: nn.Module, prefix: str, first: tuple, report: QuantReport) -> None:
     """As ``pipeline.compress``: a Quant layer the block never calls goes back to float."""
-    called: set[int] = set()
-    layers = quant_modules(block)
-    handles = [m.register_forward_pre_hook(lambda module, args: called.add(id(module)))
-               for m in layers.values()]  # fmt: skip
-    try:
-        with torch.no_grad():
-            block(*first[0], **first[1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name, module in layers.items():
-        if id(module) not in called:
-            replace_by_name(block, name, float_layer(module))
-            report.quantized.pop(f"{prefix}.{name}", None)
-            report.skipped[f"{prefix}.{name}"] = NOT_CALLED
+    reverted = unquantize_uncalled_(block, lambda m: m(*first[0], **first[1]))
+    for name, why in reverted.items():
+        report.quantized.pop(f"{prefix}.{name}", None)
+        report.skipped[f"{prefix}.{name}"] = why
 
 
 def _relative(reasons: dict[str, str], prefix: str) -> dict[str, str]:

@@ -127,13 +127,19 @@ def calibrate(
             )
         quantizer.set_scale(found / ACT_QMAX)
         ranges[name] = found
-    for module in layers.values():
+    set_weight_clips_(model, observer)
+    return ranges
+
+
+def set_weight_clips_(model: nn.Module, observer: str) -> None:
+    """Every quantized weight's clip ratios: searched with ``mse``, none (1.0) otherwise. Needs no
+    data, so a weight-only model is calibrated by this alone."""
+    for module in quant_modules(model).values():
         if module.spec.quantizes_weight and get_format(module.spec.w_format).clip_search:
             if observer == "mse":
                 search_weight_clip_(module)
             else:
                 module.weight_quant.clip.fill_(1.0)
-    return ranges
 
 
 CLIP_CHUNK = 1 << 22  # weights per pass of the clip search

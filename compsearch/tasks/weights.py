@@ -74,17 +74,18 @@ class WeightFile:
                 "the model built from its config, but the file has none by those names."
             )
         values = self.read(todo)
+        for name, old in todo.items():
+            if tuple(values[name].shape) != tuple(old.shape):
+                raise TaskError(f"{self}: tensor {name!r} has shape {tuple(values[name].shape)}, "
+                                f"but the model built from its config expects "
+                                f"{tuple(old.shape)}.")  # fmt: skip
         holders = {}
         for module in model.modules():
             for leaf, param in module._parameters.items():
                 if param is not None and param.is_meta:
                     holders.setdefault(id(param), []).append((module, leaf))
         for name, old in todo.items():
-            value = values[name].to(torch.float32)
-            if tuple(value.shape) != tuple(old.shape):
-                raise TaskError(f"{self}: tensor {name!r} has shape {tuple(value.shape)}, but the "
-                                f"model built from its config expects {tuple(old.shape)}.")  # fmt: skip
-            new = nn.Parameter(value, requires_grad=old.requires_grad)
+            new = nn.Parameter(values[name].to(torch.float32), requires_grad=old.requires_grad)
             for module, leaf in holders[id(old)]:  # every module holding it (tied weights)
                 module._parameters[leaf] = new
 
