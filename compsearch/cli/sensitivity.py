@@ -48,9 +48,17 @@ def show(table: Sensitivity) -> None:
         for key, entry in entries.items():
             print(f"{param:<40} {key:>8} {entry['loss']:>10.3g} "
                   + " ".join(f"{entry[c]:>12.4g}" for c in costs))  # fmt: skip
-    if table.fit_error:
-        errors = ", ".join(f"{c} {e * 100:.1f} %" for c, e in table.fit_error.items())
-        print(f"cost model (log-linear, predictions): median error on its random recipes {errors}")
+    for cost in costs:  # the cost model in use per cost, and every form's error
+        errors = table.model_error.get(cost) or (
+            {"log-linear": table.fit_error[cost]} if cost in table.fit_error else {}
+        )
+        if errors:
+            form = table.model.get(cost, "log-linear")
+            detail = ", ".join(f"{name} {e * 100:.1f} %" for name, e in errors.items())
+            print(
+                f"cost model for {cost} (predictions): {form}; median error on the random "
+                f"recipes {detail}"
+            )
     print(f"measured in {table.seconds:.0f} s")
 
 

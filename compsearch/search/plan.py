@@ -2,7 +2,8 @@
 
 Choose one option per searched unit to minimize the summed sensitivity (see
 :mod:`compsearch.search.sensitivity`) subject to the study's latency and size bounds, with the
-costs predicted additively from the same table (``scipy.optimize.milp``). Solved along a ladder of
+costs predicted by the table's cost model (:mod:`compsearch.search.costmodel`: a sum over
+decisions, linear in log(cost) or in cost; ``scipy.optimize.milp``). Solved along a ladder of
 bounds — from the study's own bound (or the reference's cost when there is none) down towards the
 cheapest point of the space — it gives a handful of recipes spread along the cost axis.
 Pruning and quantization do not add up exactly (a 4-bit layer that is also pruned saves less than
@@ -20,14 +21,14 @@ them; every plan says so.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from compsearch.search.sensitivity import COSTS, Sensitivity, decode
+from compsearch.search.costmodel import bound_of, decisions, value_of
+from compsearch.search.sensitivity import COSTS, Sensitivity
 
 Measure = Callable[[dict[str, object]], dict[str, float]]
 NOISE_MARGIN = {"latency_ms": 0.05}  # a plan aims this far under a latency bound
@@ -52,20 +53,20 @@ class Plan:
 def solve(table: Sensitivity, bounds: dict[str, float]) -> dict[str, object] | None:
     """The least-sensitivity choice of every unit with every predicted cost within ``bounds``;
     None when no combination fits."""
-    params = list(table.options)
-    keys = [(p, k) for p in params for k in table.options[p]]
+    choices = decisions(table, list(bounds))
+    keys = [(d, o) for d in choices for o in d.options]
     if not keys:
         return {}
-    loss = np.array([table.options[p][k]["loss"] for p, k in keys])
+    loss = np.array([o.loss for _, o in keys])
     rows, lower, upper = [], [], []
-    for p in params:  # exactly one option per unit
-        rows.append([1.0 if q == p else 0.0 for q, _ in keys])
+    for decision in choices:  # exactly one option per decision
+        rows.append([1.0 if d is decision else 0.0 for d, _ in keys])
         lower.append(1.0)
         upper.append(1.0)
-    for cost, bound in bounds.items():
-        rows.append([table.coefficient(p, k, cost) for p, k in keys])  # log-linear cost model
+    for cost, bound in bounds.items():  # the cost model's linear form (see costmodel)
+        rows.append([o.terms[cost] for _, o in keys])
         lower.append(-np.inf)
-        upper.append(math.log(max(bound, 1e-12)) - table.constant(cost))
+        upper.append(bound_of(table, cost, bound))
     result = milp(
         c=loss,
         constraints=LinearConstraint(np.array(rows), np.array(lower), np.array(upper)),
@@ -75,21 +76,25 @@ def solve(table: Sensitivity, bounds: dict[str, float]) -> dict[str, object] | N
     )
     if result.x is None:
         return None
-    chosen = {p: decode(p, k) for (p, k), x in zip(keys, result.x, strict=True) if x > 0.5}
+    chosen: dict[str, object] = {}
+    for (_, option), x in zip(keys, result.x, strict=True):
+        if x > 0.5:
+            chosen.update(option.params)
     return chosen
 
 
+def _cheapest_options(table: Sensitivity, cost: str) -> list:
+    return [min(d.options, key=lambda o: o.terms[cost]) for d in decisions(table, [cost])]
+
+
 def cheapest_params(table: Sensitivity, cost: str) -> dict[str, object]:
-    """Every unit at the choice the cost model finds cheapest in ``cost``."""
-    return {p: decode(p, min(options, key=lambda k, p=p: table.coefficient(p, k, cost)))
-            for p, options in table.options.items()}  # fmt: skip
+    """Every decision at the option the cost model finds cheapest in ``cost``."""
+    return {p: v for option in _cheapest_options(table, cost) for p, v in option.params.items()}
 
 
 def cheapest(table: Sensitivity, cost: str) -> float:
     """The least predicted ``cost`` any combination reaches."""
-    return math.exp(table.constant(cost) + sum(
-        min(table.coefficient(p, k, cost) for k in options) for p, options in table.options.items()
-    ))  # fmt: skip
+    return value_of(table, cost, sum(o.terms[cost] for o in _cheapest_options(table, cost)))
 
 
 def ladder(table: Sensitivity, limits: dict[str, float], points: int,

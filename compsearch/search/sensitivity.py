@@ -15,10 +15,11 @@ changed in that one unit, compressed with no fine-tuning through the same
 
 The reference recipe itself is row ``base``. Costs of pruning and quantization do not add up from
 single changes (a 4-bit layer that is also pruned saves less than both alone), so the table also
-measures ``samples`` random recipes of the space, untrained, and fits a linear cost model on every
-row (one weight per unit and choice: ``fit_<cost>``); that model *predicts* a recipe's costs for
-the one-shot plan (:mod:`compsearch.search.plan`) and the surrogate sampler
-(:mod:`compsearch.search.surrogate`). A prediction is always labelled as one, and every trial still
+measures ``samples`` random recipes of the space, untrained (kept in the table), to fit a
+log-linear cost model on every row (one weight per unit and choice: ``fit_<cost>``) and to choose,
+per cost, between it and a sum over blocks (:mod:`compsearch.search.costmodel`); the chosen model
+*predicts* a recipe's costs for the one-shot plan (:mod:`compsearch.search.plan`) and the surrogate
+sampler (:mod:`compsearch.search.surrogate`). A prediction is always labelled as one, and every trial still
 measures its own.
 
 The table is cached in the study folder (``sensitivity.json``) and in the runs root under a digest
@@ -30,7 +31,6 @@ every worker and sampler (the Ray driver's too) reads the same table.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import random
@@ -45,12 +45,14 @@ import torch
 from compsearch._files import write_text_atomic
 from compsearch.paths import runs_root
 from compsearch.pipeline import compress
+from compsearch.search import costmodel
+from compsearch.search.costmodel import decode, encode
 from compsearch.search.trial import SearchContext, measure_structure, zero_shot_loss
 from compsearch.spaces.space import FLOAT, Space, parse_label
 
 FILE, ATTR = "sensitivity.json", "compsearch_sensitivity"
 COSTS = ("latency_ms", "size_bytes")
-VERSION = 2  # 2: the cost model ridged towards the single changes
+VERSION = 3  # 2: the cost model ridged towards the single changes; 3: the blocks form beside it
 
 
 @dataclass
@@ -64,86 +66,45 @@ class Sensitivity:
     seconds: float = 0.0
     #: the fitted cost model, log-linear: log(cost) = intercept + the chosen units' ``fit_<cost>``
     intercept: dict[str, float] = field(default_factory=dict)
-    #: median relative error of the cost model on the random recipes it was fitted with, per cost
+    #: median relative error of the fit on the random recipes, each left out of it, per cost
     fit_error: dict[str, float] = field(default_factory=dict)
+    #: the random recipes the cost model was fitted on: ``{"params", "costs"}`` each (measured)
+    samples: list[dict] = field(default_factory=list)
+    #: parameter -> the droppable block its unit lies in (see compsearch.search.costmodel)
+    blocks: dict[str, str] = field(default_factory=dict)
+    #: per cost, the cost model's form in use and every form's error on the random recipes
+    model: dict[str, str] = field(default_factory=dict)
+    model_error: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"version": VERSION, "base": self.base, "reference": self.reference,
                 "options": self.options, "seconds": self.seconds, "intercept": self.intercept,
-                "fit_error": self.fit_error}  # fmt: skip
+                "fit_error": self.fit_error, "samples": self.samples, "blocks": self.blocks,
+                "model": self.model, "model_error": self.model_error}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict) -> Sensitivity:
         return cls(data["base"], data["reference"], data["options"], data.get("seconds", 0.0),
-                   data.get("intercept", {}), data.get("fit_error", {}))  # fmt: skip
-
-    def coefficient(self, param: str, key: str, cost: str) -> float:
-        """A unit's choice's term in log(cost): fitted, or its single change's log ratio."""
-        entry = self.options[param][key]
-        if cost in self.intercept:
-            return entry[f"fit_{cost}"]
-        return math.log(max(entry[cost], 1e-12) / max(self.base[cost], 1e-12))
-
-    def constant(self, cost: str) -> float:
-        return self.intercept.get(cost, math.log(max(self.base[cost], 1e-12)))
+                   data.get("intercept", {}), data.get("fit_error", {}),
+                   data.get("samples", []), data.get("blocks", {}), data.get("model", {}),
+                   data.get("model_error", {}))  # fmt: skip
 
     def value_of(self, param: str, value: object, what: str) -> float:
         """``what`` (loss or a cost) measured for ``param`` at ``value``; a keep ratio between
         measured ones is interpolated linearly; a value outside the table counts as the
         reference."""
         entries = self.options.get(param)
-        weights = _weights(entries, param, value) if entries is not None else []
+        weights = costmodel.weights(entries, param, value) if entries is not None else []
         if not weights:
             return 0.0 if what == "loss" else self.base.get(what, 0.0)
         return sum(w * entries[k][what] for k, w in weights)
 
     def predict(self, params: dict[str, object]) -> dict[str, float]:
-        """Summed single-unit losses, and each cost as the cost model predicts it."""
-        costs = [c for c in COSTS if c in self.base]
-        out = {"loss": 0.0}
-        logs = {cost: self.constant(cost) for cost in costs}
-        for param in self.options:
-            value = params.get(param, self.reference[param])
-            out["loss"] += self.value_of(param, value, "loss")
-            for cost in costs:
-                logs[cost] += sum(w * self.coefficient(param, k, cost)
-                                  for k, w in _weights(self.options[param], param, value))  # fmt: skip
-        out.update({cost: math.exp(v) for cost, v in logs.items()})
+        """Summed single-unit losses, and each cost as its cost model predicts it."""
+        out = {"loss": sum(self.value_of(p, params.get(p, self.reference[p]), "loss")
+                           for p in self.options)}  # fmt: skip
+        out.update({c: costmodel.predict_cost(self, params, c) for c in COSTS if c in self.base})
         return out
-
-
-def _weights(entries: dict, param: str, value: object) -> list[tuple[str, float]]:
-    """``value`` as a mix of the table's keys: itself, or (a keep ratio between two measured
-    ones) its two neighbours, weighted linearly."""
-    key = encode(value)
-    if key in entries or not param.startswith("keep:"):
-        return [(key, 1.0)] if key in entries else []
-    grid = sorted((float(k), k) for k in entries)
-    x = float(value)
-    if x <= grid[0][0]:
-        return [(grid[0][1], 1.0)]
-    for (x0, k0), (x1, k1) in itertools.pairwise(grid):
-        if x0 <= x <= x1:
-            t = (x - x0) / (x1 - x0)
-            return [(k0, 1.0 - t), (k1, t)]
-    return [(grid[-1][1], 1.0)]
-
-
-def encode(value: object) -> str:
-    """A parameter value as the table's key."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def decode(param: str, key: str) -> object:
-    if param.startswith("drop:"):
-        return key == "true"
-    if param.startswith("keep:"):
-        return float(key)
-    return key
 
 
 def menus(space: Space, grid: int = 3) -> dict[str, list[object]]:
@@ -167,6 +128,18 @@ def menus(space: Space, grid: int = 3) -> dict[str, list[object]]:
         out[f"keep:{unit.name}"] = values
     for block in space.drop_blocks:
         out[f"drop:{block}"] = [False, True]
+    return out
+
+
+def block_params(space: Space, params: list[str]) -> dict[str, str]:
+    """Each parameter whose unit lies inside a droppable block -> that block."""
+    drops, out = set(space.drop_blocks), {}
+    for param in params:
+        kind, _, rest = param.partition(":")
+        unit = rest.rsplit(":", 1)[0] if kind == "keep" else rest
+        block = unit if unit in drops else space.info.block_of.get(unit)
+        if block in drops:
+            out[param] = block
     return out
 
 
@@ -242,7 +215,10 @@ def measure(ctx: SearchContext, batches: int = 2, log=print,
     for _ in range(count):
         params = {**reference, **{p: rng.choice(v) for p, v in table_menus.items()}}
         rows.append((params, compressed_costs(ctx, params)[0]))
+        table.samples.append({"params": rows[-1][0], "costs": rows[-1][1]})
     _fit(table, rows, count)
+    table.blocks = block_params(ctx.space, list(table.options))
+    costmodel.choose(table, [c for c in COSTS if c in base])
     table.seconds = time.perf_counter() - started
     log(f"sensitivity measured in {table.seconds:.0f} s")
     return table
@@ -254,29 +230,38 @@ def _fit(table: Sensitivity, rows: list[tuple[dict, dict[str, float]]], random_r
     pruning and quantization do, and no prediction is negative), over ``rows``, ridged towards the
     single changes' own log ratios (``anchor`` is worth that many rows): with fewer rows than
     choices, the random recipes correct the single changes rather than replace them. The fit
-    error is measured on the last ``random_rows`` rows (the random recipes)."""
+    error is measured on the last ``random_rows`` rows (the random recipes), each left out of the
+    fit that predicts it."""
     columns = [(p, k) for p, entries in table.options.items() for k in entries]
     index = {c: i for i, c in enumerate(columns)}
     design = np.zeros((len(rows), len(columns) + 1))
     design[:, -1] = 1.0
     for r, (params, _) in enumerate(rows):
         for p, entries in table.options.items():
-            for k, w in _weights(entries, p, params[p]):
+            for k, w in costmodel.weights(entries, p, params[p]):
                 design[r, index[(p, k)]] = w
     ridge = anchor * np.eye(len(columns) + 1)
+    held = range(len(rows) - random_rows, len(rows))
     for cost in [c for c in COSTS if c in table.base]:
         target = np.log(np.maximum([costs[cost] for _, costs in rows], 1e-12))
         base = math.log(max(table.base[cost], 1e-12))
-        prior = np.array([math.log(max(table.options[p][k][cost], 1e-12)) - base
-                          for p, k in columns] + [base])  # fmt: skip
-        solution = np.linalg.solve(design.T @ design + ridge,
-                                   design.T @ target + anchor * prior)  # fmt: skip
+        prior = anchor * np.array([math.log(max(table.options[p][k][cost], 1e-12)) - base
+                                   for p, k in columns] + [base])  # fmt: skip
+
+        def solve(keep: np.ndarray, target=target, prior=prior) -> np.ndarray:
+            x, y = design[keep], target[keep]
+            return np.linalg.solve(x.T @ x + ridge, x.T @ y + prior)
+
+        solution = solve(np.ones(len(rows), dtype=bool))
         for (p, k), weight in zip(columns, solution[:-1], strict=True):
             table.options[p][k][f"fit_{cost}"] = float(weight)
         table.intercept[cost] = float(solution[-1])
-        held = slice(len(rows) - random_rows, len(rows)) if random_rows else slice(None)
-        error = np.abs(np.exp(design[held] @ solution - target[held]) - 1.0)
-        table.fit_error[cost] = float(np.median(error))
+        errors = []
+        for row in held:  # leave one out: the error on a recipe the fit did not see
+            keep = np.arange(len(rows)) != row
+            errors.append(abs(math.exp(design[row] @ solve(keep) - target[row]) - 1.0))
+        if errors:
+            table.fit_error[cost] = float(np.median(errors))
 
 
 def _one(ctx: SearchContext, params: dict[str, object], batches: int) -> dict[str, float]:
