@@ -32,7 +32,9 @@ def _additive(params: dict) -> float:
     total = REST * (0.9 if params["fmt:emb"] == "w8" else 1.0)
     for block in BLOCKS:
         if not params[f"drop:{block}"]:
-            total += WHOLE[block] * FORMATS[params[f"fmt:{block}"]] * KEEPS[params[f"keep:{block}:ffn"]]
+            total += (
+                WHOLE[block] * FORMATS[params[f"fmt:{block}"]] * KEEPS[params[f"keep:{block}:ffn"]]
+            )
     return total
 
 
