@@ -136,3 +136,19 @@ def test_a_keep_ratio_between_measured_ones_is_interpolated_inside_its_block():
     expected = REST + WHOLE["b0"] * 0.7 + WHOLE["b1"]  # halfway between 0.8 and 0.6
     assert table.predict(params)["latency_ms"] == pytest.approx(expected)
     assert math.isclose(table.predict(table.reference)["latency_ms"], 100.0)
+
+
+def test_parameters_are_mapped_to_the_droppable_block_their_unit_lies_in():
+    from types import SimpleNamespace
+
+    from compsearch.search.sensitivity import block_params
+
+    space = SimpleNamespace(drop_blocks=["layer.0", "layer.1"],
+                            info=SimpleNamespace(block_of={"layer.0.fc": "layer.0",
+                                                           "stem.conv": "stem"}))  # fmt: skip
+    params = ["fmt:layer.0", "keep:layer.1:heads", "drop:layer.1", "fmt:layer.0.fc",
+              "keep:layer.0.fc:channels", "fmt:stem.conv", "fmt:embeddings"]  # fmt: skip
+    assert block_params(space, params) == {
+        "fmt:layer.0": "layer.0", "keep:layer.1:heads": "layer.1", "drop:layer.1": "layer.1",
+        "fmt:layer.0.fc": "layer.0", "keep:layer.0.fc:channels": "layer.0",
+    }  # fmt: skip
