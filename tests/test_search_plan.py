@@ -219,6 +219,11 @@ def test_sensitivity_and_plans_on_digits(tmp_path, runs_root, capsys):
             assert entries["w4"]["loss"] > entries["w8"]["loss"]  # fewer bits move the output more
             assert entries["w4"]["size_bytes"] < entries["w8"]["size_bytes"]
     assert table.fit_error["size_bytes"] < 0.2
+    for cost in ("size_bytes", "latency_ms"):  # both forms' errors kept; the smaller one in use
+        errors = table.model_error[cost]
+        assert set(errors) == {"blocks", "log-linear"}
+        assert table.model[cost] == min(errors, key=errors.get)
+    assert len(table.samples) >= 12 and all(s["costs"]["size_bytes"] > 0 for s in table.samples)
     plans = [t for t in study.get_trials() if "plan" in t.user_attrs]
     assert plans, "no one-shot plan was enqueued"
     for trial in plans:
@@ -227,7 +232,7 @@ def test_sensitivity_and_plans_on_digits(tmp_path, runs_root, capsys):
     capsys.readouterr()
     assert main(["sensitivity", str(runs_root / "plans")]) == 0
     out = capsys.readouterr().out
-    assert "fmt:" in out and "cost model" in out
+    assert "fmt:" in out and "cost model for size_bytes" in out and "log-linear" in out
     assert (runs_root / "plans" / "sensitivity.png").stat().st_size > 1000
     assert main(["plan", str(path), "--points", "2"]) == 0
     written = sorted((runs_root / "plans" / "plans").glob("plan-*.yaml"))
