@@ -45,8 +45,7 @@ import torch
 from compsearch._files import write_text_atomic
 from compsearch.paths import runs_root
 from compsearch.pipeline import compress
-from compsearch.search import costmodel
-from compsearch.search.costmodel import decode, encode
+from compsearch.search.costmodel import choose, decode, encode, predict_cost, weights
 from compsearch.search.trial import SearchContext, measure_structure, zero_shot_loss
 from compsearch.spaces.space import FLOAT, Space, parse_label
 
@@ -94,16 +93,16 @@ class Sensitivity:
         measured ones is interpolated linearly; a value outside the table counts as the
         reference."""
         entries = self.options.get(param)
-        weights = costmodel.weights(entries, param, value) if entries is not None else []
-        if not weights:
+        mix = weights(entries, param, value) if entries is not None else []
+        if not mix:
             return 0.0 if what == "loss" else self.base.get(what, 0.0)
-        return sum(w * entries[k][what] for k, w in weights)
+        return sum(w * entries[k][what] for k, w in mix)
 
     def predict(self, params: dict[str, object]) -> dict[str, float]:
         """Summed single-unit losses, and each cost as its cost model predicts it."""
         out = {"loss": sum(self.value_of(p, params.get(p, self.reference[p]), "loss")
                            for p in self.options)}  # fmt: skip
-        out.update({c: costmodel.predict_cost(self, params, c) for c in COSTS if c in self.base})
+        out.update({c: predict_cost(self, params, c) for c in COSTS if c in self.base})
         return out
 
 
@@ -218,7 +217,7 @@ def measure(ctx: SearchContext, batches: int = 2, log=print,
         table.samples.append({"params": rows[-1][0], "costs": rows[-1][1]})
     _fit(table, rows, count)
     table.blocks = block_params(ctx.space, list(table.options))
-    costmodel.choose(table, [c for c in COSTS if c in base])
+    choose(table, [c for c in COSTS if c in base])
     table.seconds = time.perf_counter() - started
     log(f"sensitivity measured in {table.seconds:.0f} s")
     return table
@@ -238,7 +237,7 @@ def _fit(table: Sensitivity, rows: list[tuple[dict, dict[str, float]]], random_r
     design[:, -1] = 1.0
     for r, (params, _) in enumerate(rows):
         for p, entries in table.options.items():
-            for k, w in costmodel.weights(entries, p, params[p]):
+            for k, w in weights(entries, p, params[p]):
                 design[r, index[(p, k)]] = w
     ridge = anchor * np.eye(len(columns) + 1)
     held = range(len(rows) - random_rows, len(rows))
