@@ -20,8 +20,10 @@ trial equivalents (fine-tune steps spent / steps per trial): a screened trial co
 
 Every search is a study under ``--root`` (default ``runs/_benchmarks/search_quality``): rerunning
 the script resumes unfinished studies and reuses finished ones (test accuracies are cached per
-study), so the tables can be completed over several sittings; ``--seeds`` says how many are in.
-Run: python benchmarks/search_quality.py [--tasks mnist minilm] [--seeds 5]
+study), so the tables can be completed over several sittings; ``--seeds`` says how many are in, and
+``--first-seed`` runs only the later ones when the earlier studies live elsewhere (their per-seed
+values are then combined by hand, pairs intact).
+Run: python benchmarks/search_quality.py [--tasks mnist minilm] [--seeds 5] [--first-seed 0]
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def paired(a: list[float], b: list[float]) -> str:
             f"wins {wins}/{len(diffs)}, p={p:.3f}")  # fmt: skip
 
 
-def evaluate_task(task: str, seeds: int, root: Path, plots: Path) -> tuple[list, list, list]:
+def evaluate_task(task: str, seeds: range, root: Path, plots: Path) -> tuple[list, list, list]:
     raw = yaml.safe_load((CONFIGS / f"{task}.yaml").read_text())
     setting = SETTINGS[task]
     trials, steps = setting["trials"], setting["steps"]
@@ -159,7 +161,7 @@ def evaluate_task(task: str, seeds: int, root: Path, plots: Path) -> tuple[list,
     raw["search"].update({"trials": trials, "finetune_steps": steps, "save_models": True,
                           "halving": {"enabled": False}})  # fmt: skip
     runs: dict[str, list[StudyRun]] = {}
-    for seed in range(seeds):  # interleaved: every variant of a seed before the next seed
+    for seed in seeds:  # interleaved: every variant of a seed before the next seed
         for label, change in variants(raw, task, trials, steps).items():
             config = merged(raw, change)
             config["study"] = f"{task}-{re.sub(r'[^A-Za-z0-9]+', '-', label)}-{seed}"
@@ -285,6 +287,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", nargs="+", default=["mnist", "minilm"])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="run seeds first..seeds-1 only (a sitting that adds seeds to a table)")  # fmt: skip
     parser.add_argument("--root", type=Path, default=None,
                         help="where the studies live (default: runs/_benchmarks/search_quality)")  # fmt: skip
     args = parser.parse_args()
@@ -300,7 +304,7 @@ def main() -> None:
     os.environ["COMPSEARCH_RUNS"] = str(root)
     rows, comparisons, extra = [], [], []
     for task in args.tasks:
-        r, c, e = evaluate_task(task, args.seeds, root, plots)
+        r, c, e = evaluate_task(task, range(args.first_seed, args.seeds), root, plots)
         rows, comparisons, extra = rows + r, comparisons + c, extra + e
     table(["task", "search", "split", "hypervolume per seed", "median", "spread",
            "trained trials (median)"], rows)  # fmt: skip
