@@ -244,12 +244,12 @@ def test_sensitivity_and_plans_on_digits(tmp_path, runs_root, capsys):
 # -- the surrogate sampler -------------------------------------------------------------------------
 
 
-def _synthetic_study(seed: int) -> optuna.Study:
+def _synthetic_study(seed: int, confidence: float = 0.5) -> optuna.Study:
     """A study whose accuracy drops only with fmt:a = w4 and whose size shrinks with both knobs."""
     config = parse_config({"study": "s", "task": "digits", "constraints": {"accuracy_drop": "3%"},
                            "search": {"finetune_steps": 10}})  # fmt: skip
     sampler = SurrogateSampler(optuna.samplers.RandomSampler(seed=seed), config, seed=seed,
-                               startup=6, explore=0)  # fmt: skip
+                               startup=6, explore=0, confidence=confidence)  # fmt: skip
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler)
     study.set_user_attr(STUDY_ATTR, {
         "objectives": ["accuracy", "latency_ms", "size_bytes"], "metric": "accuracy",
@@ -279,23 +279,35 @@ def _tell(study, params):
     ))  # fmt: skip
 
 
-def test_the_surrogate_learns_to_avoid_what_breaks_the_accuracy_bound():
-    guided_w4 = 0
+def _ask_and_tell(study) -> optuna.trial.FrozenTrial:
+    trial = study.ask(SPACE)
+    measured = _measure(trial.params)
+    trial.set_user_attr("measured", measured)
+    trial.set_user_attr("steps", 10)
+    study.tell(trial, [measured["accuracy"], measured["latency_ms"], measured["size_bytes"]])
+    return study.trials[trial.number]
+
+
+@pytest.mark.parametrize("confidence", [0.5, 1.01])  # 1.01: no candidate can be that likely
+def test_the_surrogate_learns_to_avoid_what_breaks_the_accuracy_bound(confidence):
+    """At the default confidence, and where no candidate is that likely to meet the bounds (a
+    tight accuracy bound early in a study): the model still chooses — the best expected
+    improvement, not a random point — and says it was below its confidence."""
+    guided_w4 = below = 0
     for seed in range(3):
-        study = _synthetic_study(seed)
+        study = _synthetic_study(seed, confidence)
         for label, keep in (("w4", 1.0), ("w8", 1.0), ("float", 1.0), ("w4", 0.5),
                             ("w8", 0.75), ("float", 0.5), ("w4", 0.25)):  # fmt: skip
             _tell(study, {"fmt:a": label, "keep:b": keep})
         for _ in range(4):
-            trial = study.ask(SPACE)
-            assert "surrogate" in study._storage.get_trial_system_attrs(trial._trial_id)
+            trial = _ask_and_tell(study)
+            note = trial.system_attrs["surrogate"]
             guided_w4 += trial.params["fmt:a"] == "w4"
-            measured = _measure(trial.params)
-            trial.set_user_attr("measured", measured)
-            trial.set_user_attr("steps", 10)
-            study.tell(trial, [measured["accuracy"], measured["latency_ms"],
-                               measured["size_bytes"]])  # fmt: skip
+            below += note["below_confidence"]
+            assert note["below_confidence"] == (note["feasible_probability"] < confidence)
     assert guided_w4 <= 1  # random would pick w4 a third of the time (4 of 12)
+    if confidence > 1:
+        assert below == 12
 
 
 def test_a_search_with_the_surrogate_sampler_runs_guided_trials(tmp_path, runs_root):

@@ -17,11 +17,13 @@ An Optuna ``BaseSampler`` (so the Ray driver's ``OptunaSearch`` uses it unchange
 3. **Choose.** Each candidate's predicted point gets its hypervolume improvement over the study's
    feasible front (normalized as everywhere, see :mod:`compsearch.search.pareto`), times the
    predicted probability that it meets every bound (accuracy drop, latency, size); candidates less
-   likely than ``confidence`` to meet them are not taken — a trial budget is small, and a trial
-   that breaks a bound adds nothing to the front. Where a probe is attached (the Optuna driver
-   attaches one), the ``probes`` best are first compressed untrained — exact latency, size and
-   zero-shot output loss — and scored again with those. The best is the trial's parameters; when
-   no candidate qualifies, the base sampler chooses.
+   likely than ``confidence`` to meet them are not taken while any other is — a trial budget is
+   small, and a trial that breaks a bound adds nothing to the front. Where none is that likely (a
+   tight accuracy bound after short fine-tunes, before the front has grown), all are scored: the
+   best expected improvement is still likelier to land than a random point. Where a probe is
+   attached (the Optuna driver attaches one), the ``probes`` best are first compressed untrained —
+   exact latency, size and zero-shot output loss — and scored again with those. The best is the
+   trial's parameters; when no candidate promises any improvement, the base sampler chooses.
 
 Until ``startup`` trials are measured, and on every ``explore``-th trial after, the base sampler
 (NSGA-II by default) chooses instead, so the data keep some diversity the model did not ask for.
@@ -146,18 +148,28 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         if not pool:
             return None
         context = (info, names, space, table, model, costs, self._front(rows, points))
-        scored = self._score(pool, [None] * len(pool), context)
+        scored = self._likeliest(pool, [None] * len(pool), context)
         if self.probe is not None and scored:  # the most promising, measured untrained
             top = [params for params, *_ in scored[: self.probes]]
             probed = [self._probed(params, objectives, teacher) for params in top]
-            scored = self._score(top, probed, context)
+            scored = self._likeliest(top, probed, context)
         if not scored or scored[0][1] <= 0:
             return None
         params, score, point, chance = scored[0]
         note = {"predicted": dict(zip(objectives, point, strict=True)),
                 "feasible_probability": chance, "score": score,
-                "probed": self.probe is not None}  # fmt: skip
+                "probed": self.probe is not None,
+                "below_confidence": chance < self.confidence}  # fmt: skip
         return params, note
+
+    def _likeliest(self, pool, probed, context) -> list[tuple]:
+        """:meth:`_score` over the candidates at least ``confidence`` likely to meet every bound;
+        where none is, over all of them: the best expected improvement is still a likelier point
+        than a random one (a tight accuracy bound after short fine-tunes leaves every candidate
+        below ``confidence`` until the front has grown)."""
+        return self._score(pool, probed, context, self.confidence) or self._score(
+            pool, probed, context, 0.0
+        )
 
     def _probed(self, params, objectives, teacher) -> dict:
         measured = self.probe(params)
@@ -165,8 +177,9 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
                   teacher.get(o) else None for o in objectives]  # fmt: skip
         return {"log_costs": ratios, "loss": measured.get("loss")}
 
-    def _score(self, pool, probed, context) -> list[tuple]:
-        """Candidates by expected feasible hypervolume improvement, best first:
+    def _score(self, pool, probed, context, confidence: float) -> list[tuple]:
+        """Candidates at least ``confidence`` likely to meet every bound, by expected feasible
+        hypervolume improvement, best first:
         ``(params, score, predicted point, probability of meeting every bound)``."""
         info, names, space, table, model, costs, front = context
         objectives, teacher = info["objectives"], info["teacher"]
@@ -196,7 +209,7 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         base_volume = hypervolume(front, reference)
         scored = []
         for i, params in enumerate(pool):
-            if feasible[i] < self.confidence:
+            if feasible[i] < confidence:
                 continue
             point = tuple(float(predicted[k][i]) for k in range(len(objectives)))
             gain = hypervolume([*front, point], reference) - base_volume
