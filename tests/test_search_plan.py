@@ -310,6 +310,19 @@ def test_the_surrogate_learns_to_avoid_what_breaks_the_accuracy_bound(confidence
         assert below == 12
 
 
+def test_below_its_confidence_the_surrogate_takes_the_likeliest_improving_candidate():
+    """Nothing confidence-likely: a near-certain miss with a huge predicted gain (a) loses to a
+    likelier candidate (b); one that would not improve the front (c) is not taken at all."""
+    sampler = _synthetic_study(0, confidence=0.95).sampler
+    scored = [("a", 0.5, (), 0.01), ("b", 0.1, (), 0.4), ("c", 0.0, (), 0.9)]
+    sampler._score = lambda pool, probed, context, confidence: [
+        item for item in scored if item[3] >= confidence
+    ]
+    assert [item[0] for item in sampler._likeliest([], [], None)] == ["b", "a"]
+    sampler.confidence = 0.3  # one is likely enough: expected improvement decides, as before
+    assert [item[0] for item in sampler._likeliest([], [], None)] == ["b", "c"]
+
+
 def test_a_search_with_the_surrogate_sampler_runs_guided_trials(tmp_path, runs_root):
     data = tiny("surrogate", sampler="surrogate", trials=10, plans=2)
     assert main(["search", str(write(tmp_path, data))]) == 0

@@ -19,11 +19,12 @@ An Optuna ``BaseSampler`` (so the Ray driver's ``OptunaSearch`` uses it unchange
    predicted probability that it meets every bound (accuracy drop, latency, size); candidates less
    likely than ``confidence`` to meet them are not taken while any other is — a trial budget is
    small, and a trial that breaks a bound adds nothing to the front. Where none is that likely (a
-   tight accuracy bound after short fine-tunes, before the front has grown), all are scored: the
-   best expected improvement is still likelier to land than a random point. Where a probe is
-   attached (the Optuna driver attaches one), the ``probes`` best are first compressed untrained —
-   exact latency, size and zero-shot output loss — and scored again with those. The best is the
-   trial's parameters; when no candidate promises any improvement, the base sampler chooses.
+   tight accuracy bound after short fine-tunes, before the front has grown), the likeliest to
+   meet them among those that would improve the front is taken — likelier to land than a random
+   point. Where a probe is attached (the Optuna driver attaches one), the ``probes`` best are
+   first compressed untrained — exact latency, size and zero-shot output loss — and scored again
+   with those. The best is the trial's parameters; when no candidate promises any improvement,
+   the base sampler chooses.
 
 Until ``startup`` trials are measured, and on every ``explore``-th trial after, the base sampler
 (NSGA-II by default) chooses instead, so the data keep some diversity the model did not ask for.
@@ -164,12 +165,15 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
 
     def _likeliest(self, pool, probed, context) -> list[tuple]:
         """:meth:`_score` over the candidates at least ``confidence`` likely to meet every bound;
-        where none is, over all of them: the best expected improvement is still a likelier point
-        than a random one (a tight accuracy bound after short fine-tunes leaves every candidate
-        below ``confidence`` until the front has grown)."""
-        return self._score(pool, probed, context, self.confidence) or self._score(
-            pool, probed, context, 0.0
-        )
+        where none is (a tight accuracy bound after short fine-tunes, before the front has
+        grown), every candidate that would improve the front, the likeliest to meet the bounds
+        first — not the largest expected gain, which a near-certain miss with a huge predicted
+        gain can win, and not a random point, likelier still to miss."""
+        scored = self._score(pool, probed, context, self.confidence)
+        if scored:
+            return scored
+        improving = [item for item in self._score(pool, probed, context, 0.0) if item[1] > 0]
+        return sorted(improving, key=lambda item: (-item[3], -item[1]))
 
     def _probed(self, params, objectives, teacher) -> dict:
         measured = self.probe(params)
