@@ -291,8 +291,8 @@ def _ask_and_tell(study) -> optuna.trial.FrozenTrial:
 @pytest.mark.parametrize("confidence", [0.5, 1.01])  # 1.01: no candidate can be that likely
 def test_the_surrogate_learns_to_avoid_what_breaks_the_accuracy_bound(confidence):
     """At the default confidence, and where no candidate is that likely to meet the bounds (a
-    tight accuracy bound early in a study): the model still chooses — the best expected
-    improvement, not a random point — and says it was below its confidence."""
+    tight accuracy bound early in a study): the model still chooses — the likeliest improving
+    candidate, not a random point — and says it was below its confidence."""
     guided_w4 = below = 0
     for seed in range(3):
         study = _synthetic_study(seed, confidence)
