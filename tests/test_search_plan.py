@@ -15,7 +15,7 @@ from compsearch.search.plan import ladder, solve
 from compsearch.search.results import STUDY_ATTR
 from compsearch.search.sensitivity import ATTR, Sensitivity
 from compsearch.search.study import open_study
-from compsearch.search.surrogate import SurrogateSampler
+from compsearch.search.surrogate import ROLE, SurrogateSampler
 from tests.test_search import tiny, write
 
 
@@ -308,6 +308,20 @@ def test_the_surrogate_learns_to_avoid_what_breaks_the_accuracy_bound(confidence
     assert guided_w4 <= 1  # random would pick w4 a third of the time (4 of 12)
     if confidence > 1:
         assert below == 12
+
+
+def test_the_surrogate_explores_every_explore_th_trial_it_could_have_chosen():
+    """Counted from the first trial past start-up (here the seventh), not from trial 0: a study
+    whose first trials were enqueued does not spend its first guided turn at random."""
+    study = _synthetic_study(0)
+    study.sampler.explore = 3
+    for label, keep in (("w4", 1.0), ("w8", 1.0), ("float", 1.0), ("w4", 0.5),
+                        ("w8", 0.75), ("float", 0.5), ("w4", 0.25)):  # fmt: skip
+        _tell(study, {"fmt:a": label, "keep:b": keep})
+    roles = [_ask_and_tell(study).system_attrs.get(ROLE) for _ in range(6)]
+    assert roles[:3] == ["guided", "guided", "explore"]
+    # later, never three guided in a row (a trial with nothing to improve explores early)
+    assert "guided" * 3 not in "".join(roles) and set(roles) == {"guided", "explore"}
 
 
 def test_below_its_confidence_the_surrogate_takes_the_likeliest_improving_candidate():

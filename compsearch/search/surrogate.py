@@ -26,8 +26,10 @@ An Optuna ``BaseSampler`` (so the Ray driver's ``OptunaSearch`` uses it unchange
    with those. The best is the trial's parameters; when no candidate promises any improvement,
    the base sampler chooses.
 
-Until ``startup`` trials are measured, and on every ``explore``-th trial after, the base sampler
-(NSGA-II by default) chooses instead, so the data keep some diversity the model did not ask for.
+Until ``startup`` trials are measured the base sampler (NSGA-II by default) chooses instead, and
+after that on every ``explore``-th trial the model could have chosen — counted from the first of
+them, so a small budget that starts with enqueued baselines and plans does not spend one of its
+few guided trials at random — so the data keep some diversity the model did not ask for.
 Without a sensitivity table the same works on the parameters alone.
 """
 
@@ -53,6 +55,7 @@ from compsearch.search.results import STUDY_ATTR
 from compsearch.search.sensitivity import ATTR, Sensitivity
 
 MEASURED = (TrialState.COMPLETE, TrialState.PRUNED)
+ROLE = "surrogate_role"  # "guided" (the model chose) or "explore" (the base sampler did)
 ZERO_SHOT = "zero_shot_loss"  # a trial's deploy-form output loss vs the teacher, before training
 Probe = Callable[[dict], dict[str, float]]
 
@@ -91,21 +94,29 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
     def sample_relative(self, study, trial, search_space) -> dict[str, object]:
         rows = [t for t in study.get_trials(deepcopy=False, states=MEASURED)
                 if t.user_attrs.get("measured")]  # fmt: skip
-        guided = (
-            search_space
-            and len(rows) >= self.startup
-            and (self.explore <= 0 or trial.number % self.explore != 0)
-            and STUDY_ATTR in study.user_attrs
-        )
-        if not guided:
-            space = self.base.infer_relative_search_space(study, trial)
-            return self.base.sample_relative(study, trial, space)
-        choice = self.choose(study, rows, search_space)
+        eligible = search_space and len(rows) >= self.startup and STUDY_ATTR in study.user_attrs
+        choice = None
+        if eligible and not self._explore_turn(study):
+            choice = self.choose(study, rows, search_space)
+        if eligible:
+            role = "guided" if choice is not None else "explore"
+            study._storage.set_trial_system_attr(trial._trial_id, ROLE, role)
         if choice is None:
             space = self.base.infer_relative_search_space(study, trial)
             return self.base.sample_relative(study, trial, space)
         study._storage.set_trial_system_attr(trial._trial_id, "surrogate", choice[1])
         return choice[0]
+
+    def _explore_turn(self, study) -> bool:
+        """Whether ``explore - 1`` guided trials have followed the last base-sampler one (or the
+        first the model could have chosen)."""
+        if self.explore <= 0:
+            return False
+        since = 0
+        for t in study.get_trials(deepcopy=False):
+            role = t.system_attrs.get(ROLE)
+            since = 0 if role == "explore" else since + (role == "guided")
+        return since >= self.explore - 1
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         return self.base.sample_independent(study, trial, param_name, param_distribution)
