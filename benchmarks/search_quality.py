@@ -54,6 +54,8 @@ SURROGATE, PREVIOUS, RANDOM, RANDOM4 = ("surrogate search", "previous default", 
                                         "random search, 4x trials")  # fmt: skip
 HALVING, BITS = "surrogate + halving, same steps", "bits only, surrogate + screening"
 PLANS = "ILP plans alone (same fine-tune)"
+#: the sampler each task's config used before the surrogate search (both configs use it now)
+PREVIOUS_SAMPLER = {"mnist": "nsga2", "minilm": "tpe"}
 SLACK = {"latency_ms": 0.05, "size_bytes": 0.001}  # noise / provenance-bytes tolerance
 
 
@@ -61,7 +63,7 @@ def variants(raw: dict, task: str, trials: int, steps: int) -> dict[str, dict]:
     new = {"sampler": "surrogate", "baselines": True, "plans": 4, "screen": True}
     out = {
         SURROGATE: {"search": new},
-        PREVIOUS: {"search": {"sampler": raw["search"]["sampler"], "baselines": True,
+        PREVIOUS: {"search": {"sampler": PREVIOUS_SAMPLER[task], "baselines": True,
                               "plans": 0, "screen": False}},
         RANDOM4: {"search": {"sampler": "random", "baselines": False, "plans": 0,
                              "screen": False, "trials": 4 * trials}},
