@@ -63,7 +63,7 @@ def _describe(module: nn.Module, x: torch.Tensor) -> str:
             if name and not list(child.children())
         ]
         digest = hashlib.sha256("\n".join(inner).encode()).hexdigest()[:16]
-        return f"block|{type(module).__name__}|{digest}|x={tuple(x.shape)}:{x.dtype}"
+        return f"block|{type(module).__name__}|{digest}|x={_input(x)}"
     parts = [type(module).__name__, getattr(module, "kernel", "float")]
     for attribute in ("in_features", "out_features", "in_channels", "out_channels", "kernel_size",
                       "stride", "padding", "groups", "num_embeddings", "embedding_dim", "nf", "nx",
@@ -79,8 +79,19 @@ def _describe(module: nn.Module, x: torch.Tensor) -> str:
         parts.append(f"codes={tuple(codes.shape)}")
     if getattr(module, "output_scale", None) is not None:
         parts.append("uint8-out")
-    parts.append(f"x={tuple(x.shape)}:{str(x.dtype).removeprefix('torch.')}")
+    parts.append(f"x={_input(x)}")
     return "|".join(parts)
+
+
+def _input(x: torch.Tensor) -> str:
+    """Shape, dtype and, for a 4-D input, its memory layout: the same pooling or convolution can
+    run 15x apart on NCHW and channels-last input (digits' max-pool on this CPU)."""
+    layout = ":channels_last" if x.dim() == 4 and _channels_last(x) else ""
+    return f"{tuple(x.shape)}:{str(x.dtype).removeprefix('torch.')}{layout}"
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class LatencyTable:
