@@ -311,7 +311,7 @@ def test_the_surrogate_learns_to_avoid_what_breaks_the_accuracy_bound(confidence
 
 
 def test_the_surrogate_explores_every_explore_th_trial_it_could_have_chosen():
-    """Counted from the first trial past start-up (here the seventh), not from trial 0: a study
+    """Counted from the first trial past start-up (here trial 7), not from trial 0: a study
     whose first trials were enqueued does not spend its first guided turn at random."""
     study = _synthetic_study(0)
     study.sampler.explore = 3

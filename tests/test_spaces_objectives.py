@@ -232,6 +232,20 @@ def test_lookup_table_predicts_measured_latency_and_is_cached(digits_task, digit
     assert LatencyTable(tmp_path / "t.json").entries == table.entries
 
 
+def test_lookup_table_keys_tell_nchw_from_channels_last_input():
+    """The same layer on the same shape runs up to 15x apart by memory layout, so the two are
+    separate entries; a 2-D input has no layout to tell."""
+    from compsearch.objectives.lut import _describe
+
+    pool, x = torch.nn.MaxPool2d(2), torch.randn(4, 8, 6, 6)
+    nchw, last = (
+        _describe(pool, x),
+        _describe(pool, x.contiguous(memory_format=torch.channels_last)),
+    )
+    assert nchw != last and last.endswith(":channels_last")
+    assert _describe(torch.nn.ReLU(), torch.randn(4, 8)).endswith("float32")
+
+
 def test_lookup_table_values_say_whether_they_were_predicted_or_checked(digits_task, tmp_path):
     teacher = digits_task.teacher()
     objective = LatencyObjective(repeats=5, table=LatencyTable(tmp_path / "t.json", bound=0.15,
