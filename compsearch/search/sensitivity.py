@@ -98,6 +98,19 @@ class Sensitivity:
             return 0.0 if what == "loss" else self.base.get(what, 0.0)
         return sum(w * entries[k][what] for k, w in mix)
 
+    def structure(self, params: dict[str, object]) -> tuple:
+        """What decides the recipe's deploy form, and so its costs and zero-shot loss: the
+        table's parameters (training knobs such as ``lr`` are not among them), a dropped block's
+        own units left out."""
+        dropped = {b for b in set(self.blocks.values()) if params.get(f"drop:{b}") is True}
+        out = []
+        for param in sorted(self.options):
+            value = params.get(param, self.reference[param])
+            if self.blocks.get(param) in dropped and not param.startswith("drop:"):
+                value = None
+            out.append(round(value, 9) if isinstance(value, float) else value)
+        return tuple(out)
+
     def predict(self, params: dict[str, object]) -> dict[str, float]:
         """Summed single-unit losses, and each cost as its cost model predicts it."""
         out = {"loss": sum(self.value_of(p, params.get(p, self.reference[p]), "loss")

@@ -9,9 +9,11 @@ An Optuna ``BaseSampler`` (so the Ray driver's ``OptunaSearch`` uses it unchange
    feature is the zero-shot output loss against the teacher (each trial records it; for a
    candidate, the sensitivity table's sum, mapped onto measured losses, or the loss itself where
    the candidate was probed) — few features, so a dozen trials teach it something; without a
-   sensitivity table, every parameter. It predicts the accuracy drop and its uncertainty; two
-   more, on the cost model's predictions (:mod:`compsearch.search.sensitivity`), predict what that
-   model missed of latency and size, so it is corrected by the trials themselves.
+   sensitivity table, every parameter. It models what a linear trend on the same features
+   leaves, so a few trials' direction (more loss, more drop) holds past the last of them, and
+   predicts the accuracy drop and its uncertainty; two more, on the cost model's predictions
+   (:mod:`compsearch.search.sensitivity`), predict what that model missed of latency and size,
+   so it is corrected by the trials themselves (without a table, the costs from the parameters).
 2. **Propose.** Many cheap candidates: random points of the space, and mutations (one to three
    parameters changed) of the current front's trials.
 3. **Choose.** Each candidate's predicted point gets its hypervolume improvement over the study's
@@ -23,8 +25,11 @@ An Optuna ``BaseSampler`` (so the Ray driver's ``OptunaSearch`` uses it unchange
    meet them among those that would improve the front is taken — likelier to land than a random
    point. Where a probe is attached (the Optuna driver attaches one), the ``probes`` best are
    first compressed untrained — exact latency, size and zero-shot output loss — and scored again
-   with those. The best is the trial's parameters; when no candidate promises any improvement,
-   the base sampler chooses.
+   with those. A candidate whose deploy form a trial already measured (it changes only training
+   knobs, such as the learning rate) takes that trial's costs and zero-shot loss instead: measured
+   again, it would differ only by timer noise, which the front would take for a gain. The best
+   is the trial's parameters; when no candidate promises any improvement, the base sampler
+   chooses.
 
 Until ``startup`` trials are measured the base sampler (NSGA-II by default) chooses instead, and
 after that on every ``explore``-th trial the model could have chosen — counted from the first of
@@ -56,6 +61,8 @@ from compsearch.search.sensitivity import ATTR, Sensitivity
 
 MEASURED = (TrialState.COMPLETE, TrialState.PRUNED)
 ROLE = "surrogate_role"  # "guided" (the model chose) or "explore" (the base sampler did)
+RIDGE = 1.0  # the accuracy trend's ridge penalty, on standardized features
+NEGLIGIBLE = 1e-6  # a predicted hypervolume gain below this is the model's rounding, not a promise
 ZERO_SHOT = "zero_shot_loss"  # a trial's deploy-form output loss vs the teacher, before training
 Probe = Callable[[dict], dict[str, float]]
 
@@ -149,23 +156,27 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         self.loss_map = _LossMap(guesses, losses)
         x = np.array([self._features(t.params, names, space, table, f, g, loss)
                       for t, f, g, loss in zip(rows, fractions, guesses, losses, strict=True)])  # fmt: skip
-        model = _Gaussian(x, np.array([p[objectives.index("accuracy")] for p in points]), self.seed)
+        drops = np.array([p[objectives.index("accuracy")] for p in points])
+        model = _Gaussian(x, drops, self.seed, trend=True)
         costs = {}  # per cost: what the cost model missed, in log ratio, from its predictions
+        cost_x = _cost_features(guesses, x, table)
         for i, objective in enumerate(objectives):
             if objective != "accuracy":
                 measured = np.log(np.maximum([p[i] for p in points], 1e-12))
-                costs[i] = _Gaussian(np.array([g[:-1] for g in guesses]),
-                                     measured - np.array([g[i] for g in guesses]), self.seed)  # fmt: skip
+                costs[i] = _Gaussian(cost_x, measured - np.array([g[i] for g in guesses]),
+                                     self.seed)  # fmt: skip
         pool = self._pool(rows, points, names, space, info)
         if not pool:
             return None
+        known = _measured_forms(rows, points, objectives, table)
         context = (info, names, space, table, model, costs, self._front(rows, points))
-        scored = self._likeliest(pool, [None] * len(pool), context)
+        scored = self._likeliest(pool, [_known(known, table, p) for p in pool], context)
         if self.probe is not None and scored:  # the most promising, measured untrained
             top = [params for params, *_ in scored[: self.probes]]
-            probed = [self._probed(params, objectives, teacher) for params in top]
+            probed = [_known(known, table, params) or self._probed(params, objectives, teacher)
+                      for params in top]  # fmt: skip
             scored = self._likeliest(top, probed, context)
-        if not scored or scored[0][1] <= 0:
+        if not scored or scored[0][1] <= NEGLIGIBLE:
             return None
         params, score, point, chance = scored[0]
         note = {"predicted": dict(zip(objectives, point, strict=True)),
@@ -210,8 +221,9 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
             feasible *= _below(limits[accuracy], mean, spread)
         floor = min(p[accuracy] for p in front) if front else 0.0  # no better than seen
         predicted = {accuracy: np.maximum(mean - self.optimism * spread, floor)}
+        cost_x = _cost_features(guesses, features, table)
         for index, fit in costs.items():
-            missed, log_spread = fit.predict(np.array([g[:-1] for g in guesses]))
+            missed, log_spread = fit.predict(cost_x)
             log_value = np.array([g[index] for g in guesses]) + missed
             spreads = np.full(len(pool), float(np.mean(log_spread)))
             for i, q in enumerate(probed):  # a measured cost is known (up to timer noise)
@@ -300,6 +312,36 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         return pool
 
 
+def _measured_forms(rows, points, objectives, table: Sensitivity | None) -> dict[tuple, dict]:
+    """Per deploy form the study's trials measured (:meth:`Sensitivity.structure`), its costs
+    (median log ratio to the teacher, as in the trials' points) and zero-shot loss. A candidate
+    that only changes training knobs of a measured trial has these already: probing it again
+    would add nothing but timer noise, which the front would take for a gain."""
+    if table is None:  # without a table, no way to tell a training knob from a structural one
+        return {}
+    grouped: dict[tuple, list] = {}
+    for t, point in zip(rows, points, strict=True):
+        grouped.setdefault(table.structure(t.params), []).append((point, t.user_attrs["measured"]))
+    out = {}
+    for form, items in grouped.items():
+        logs = [None if o == "accuracy" else
+                float(np.median([math.log(max(p[i], 1e-12)) for p, _ in items]))
+                for i, o in enumerate(objectives)]  # fmt: skip
+        losses = [m[ZERO_SHOT] for _, m in items if m.get(ZERO_SHOT) is not None]
+        out[form] = {"log_costs": logs, "loss": float(np.median(losses)) if losses else None}
+    return out
+
+
+def _known(known: dict[tuple, dict], table: Sensitivity | None, params: dict) -> dict | None:
+    return known.get(table.structure(params)) if known else None
+
+
+def _cost_features(guesses, features: np.ndarray, table: Sensitivity | None) -> np.ndarray:
+    """What the cost corrections are fitted on: the cost model's predictions; without a table
+    (no predictions), the encoded parameters (``features`` less the fine-tune fraction)."""
+    return np.array([g[:-1] for g in guesses]) if table is not None else features[:, :-1]
+
+
 def _point(info: dict, measured: dict) -> tuple[float, ...]:
     keys = {n: tuple(k) for n, k in info.get("keys", {}).items()}
     return normalize(measured, info["objectives"], info["metric"], info["direction"],
@@ -352,14 +394,24 @@ def _below(limit: float, mean, spread):
 
 class _Gaussian:
     """A Gaussian process on standardized features (Matern 5/2 with per-feature length scales,
-    plus noise): the accuracy drop's mean and spread."""
+    plus noise): a value's mean and spread. With ``trend``, the process models what a linear
+    trend (ridge-regressed on the same features) leaves: where the trials are few, the trend
+    carries their direction — a larger zero-shot loss, a larger accuracy drop — past the last of
+    them, where a process alone reverts to the mean, or, given one screened trial, may explain
+    its drop by the fine-tune it did not have alone and predict no drop at all."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, seed: int) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, seed: int, trend: bool = False) -> None:
         from sklearn.gaussian_process import GaussianProcessRegressor
         from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
         self.center = x.mean(0)
         self.scale = np.where(x.std(0) > 0, x.std(0), 1.0)
+        z = (x - self.center) / self.scale
+        self.weights = np.zeros(x.shape[1] + 1)
+        if trend:
+            design = np.c_[np.ones(len(z)), z]
+            penalty = np.diag([0.0] + [RIDGE] * x.shape[1])
+            self.weights = np.linalg.solve(design.T @ design + penalty, design.T @ y)
         kernel = ConstantKernel(1.0, (1e-3, 1e3)) * Matern(
             np.ones(x.shape[1]), (1e-2, 1e2), nu=2.5
         ) + WhiteKernel(1e-2, (1e-6, 1.0))
@@ -367,10 +419,15 @@ class _Gaussian:
                                               random_state=seed)  # fmt: skip
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convergence notes of the kernel fit
-            self.model.fit((x - self.center) / self.scale, y)
+            self.model.fit(z, y - self._trend(z))
+
+    def _trend(self, z: np.ndarray) -> np.ndarray:
+        return self.weights[0] + z @ self.weights[1:]
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.model.predict((x - self.center) / self.scale, return_std=True)
+        z = (x - self.center) / self.scale
+        mean, spread = self.model.predict(z, return_std=True)
+        return mean + self._trend(z), spread
 
 
 class _LossMap:
