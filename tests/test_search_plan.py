@@ -3,7 +3,6 @@
 import itertools
 import json
 
-import numpy as np
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
@@ -16,7 +15,7 @@ from compsearch.search.plan import ladder, solve
 from compsearch.search.results import STUDY_ATTR
 from compsearch.search.sensitivity import ATTR, Sensitivity
 from compsearch.search.study import open_study
-from compsearch.search.surrogate import ROLE, SurrogateSampler, _below, _Gaussian
+from compsearch.search.surrogate import ROLE, SurrogateSampler
 from tests.test_search import tiny, write
 
 
@@ -403,24 +402,6 @@ def test_a_candidate_that_changes_only_a_training_knob_is_not_probed_again(measu
         assert probed == [] and choice is None
     else:
         assert set(probed) == {"w8"} and choice[0]["fmt:a"] == "w8"
-
-
-# a minilm study's first six trials (seed 4 of the search-quality benchmark): log10 zero-shot
-# loss, fraction of the fine-tune, relative accuracy drop; the second was screened, untrained
-FIRST_SIX = [(-1.4356, 1.0, 0.0299), (-0.0845, 0.0, 0.7707), (-0.3324, 1.0, 0.0639),
-             (-1.7984, 1.0, -0.0011), (-0.4332, 1.0, 0.0862), (-1.4356, 1.0, 0.0299)]  # fmt: skip
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_a_zero_shot_loss_past_every_trained_trial_s_predicts_a_larger_drop(seed):
-    """Trained trials say: the larger the zero-shot loss, the larger the drop. The next
-    candidate (every encoder layer dropped) has the screened trial's loss; fully fine-tuned, it
-    dropped 59 %. A process alone, free to explain the screened trial by its missing fine-tune,
-    predicted a 0.2 % drop with 93 % confidence for seed 4; the trend carries the direction."""
-    data = np.array(FIRST_SIX)
-    model = _Gaussian(data[:, :2], data[:, 2], seed, trend=True)
-    mean, spread = model.predict(np.array([[-0.0862, 1.0]]))
-    assert mean[0] > 0.06 and _below(0.03, mean, spread)[0] < 0.1
 
 
 def test_a_search_with_the_surrogate_sampler_runs_guided_trials(tmp_path, runs_root):

@@ -9,9 +9,9 @@ An Optuna ``BaseSampler`` (so the Ray driver's ``OptunaSearch`` uses it unchange
    feature is the zero-shot output loss against the teacher (each trial records it; for a
    candidate, the sensitivity table's sum, mapped onto measured losses, or the loss itself where
    the candidate was probed) — few features, so a dozen trials teach it something; without a
-   sensitivity table, every parameter. It models what a linear trend on the same features
-   leaves, so a few trials' direction (more loss, more drop) holds past the last of them, and
-   predicts the accuracy drop and its uncertainty; two more, on the cost model's predictions
+   sensitivity table, every parameter. It predicts the accuracy drop and its uncertainty (no
+   trend: a linear one in the zero-shot loss, tried, kept the search from the dropped layers a
+   short fine-tune recovers; benchmarks/RESULTS.md); two more, on the cost model's predictions
    (:mod:`compsearch.search.sensitivity`), predict what that model missed of latency and size,
    so it is corrected by the trials themselves (without a table, the costs from the parameters).
 2. **Propose.** Many cheap candidates: random points of the space, and mutations (one to three
@@ -61,7 +61,6 @@ from compsearch.search.sensitivity import ATTR, Sensitivity
 
 MEASURED = (TrialState.COMPLETE, TrialState.PRUNED)
 ROLE = "surrogate_role"  # "guided" (the model chose) or "explore" (the base sampler did)
-RIDGE = 1.0  # the accuracy trend's ridge penalty, on standardized features
 NEGLIGIBLE = 1e-6  # a predicted hypervolume gain below this is the model's rounding, not a promise
 ZERO_SHOT = "zero_shot_loss"  # a trial's deploy-form output loss vs the teacher, before training
 Probe = Callable[[dict], dict[str, float]]
@@ -157,7 +156,7 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         x = np.array([self._features(t.params, names, space, table, f, g, loss)
                       for t, f, g, loss in zip(rows, fractions, guesses, losses, strict=True)])  # fmt: skip
         drops = np.array([p[objectives.index("accuracy")] for p in points])
-        model = _Gaussian(x, drops, self.seed, trend=True)
+        model = _Gaussian(x, drops, self.seed)
         costs = {}  # per cost: what the cost model missed, in log ratio, from its predictions
         cost_x = _cost_features(guesses, x, table)
         for i, objective in enumerate(objectives):
@@ -394,24 +393,14 @@ def _below(limit: float, mean, spread):
 
 class _Gaussian:
     """A Gaussian process on standardized features (Matern 5/2 with per-feature length scales,
-    plus noise): a value's mean and spread. With ``trend``, the process models what a linear
-    trend (ridge-regressed on the same features) leaves: where the trials are few, the trend
-    carries their direction — a larger zero-shot loss, a larger accuracy drop — past the last of
-    them, where a process alone reverts to the mean, or, given one screened trial, may explain
-    its drop by the fine-tune it did not have alone and predict no drop at all."""
+    plus noise): a value's mean and spread."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, seed: int, trend: bool = False) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, seed: int) -> None:
         from sklearn.gaussian_process import GaussianProcessRegressor
         from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
         self.center = x.mean(0)
         self.scale = np.where(x.std(0) > 0, x.std(0), 1.0)
-        z = (x - self.center) / self.scale
-        self.weights = np.zeros(x.shape[1] + 1)
-        if trend:
-            design = np.c_[np.ones(len(z)), z]
-            penalty = np.diag([0.0] + [RIDGE] * x.shape[1])
-            self.weights = np.linalg.solve(design.T @ design + penalty, design.T @ y)
         kernel = ConstantKernel(1.0, (1e-3, 1e3)) * Matern(
             np.ones(x.shape[1]), (1e-2, 1e2), nu=2.5
         ) + WhiteKernel(1e-2, (1e-6, 1.0))
@@ -419,15 +408,10 @@ class _Gaussian:
                                               random_state=seed)  # fmt: skip
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convergence notes of the kernel fit
-            self.model.fit(z, y - self._trend(z))
-
-    def _trend(self, z: np.ndarray) -> np.ndarray:
-        return self.weights[0] + z @ self.weights[1:]
+            self.model.fit((x - self.center) / self.scale, y)
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        z = (x - self.center) / self.scale
-        mean, spread = self.model.predict(z, return_std=True)
-        return mean + self._trend(z), spread
+        return self.model.predict((x - self.center) / self.scale, return_std=True)
 
 
 class _LossMap:
