@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import uuid
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from compsearch.search.halving import Rungs, promotable
 from compsearch.search.pareto import crowding, hypervolume, ranks
 from compsearch.search.storage import budget_count
 from compsearch.search.study import open_study
+from compsearch.search.trial import _confirm_latency
 
 
 def tiny(study: str, **search) -> dict:
@@ -409,3 +411,65 @@ def test_a_study_from_python_is_the_same_as_from_the_cli(runs_root):
     assert [r.number for r in again.rows] == [0, 1], "resuming a finished study runs nothing"
     with pytest.raises(ConfigError, match="space.w_bits"):
         compsearch.search({**tiny(name, trials=2), "space": {"w_bits": [2]}})
+
+
+# -- a latency table's predictions and the front ---------------------------------------------------
+
+
+class _Confirming:
+    """A latency objective whose end-to-end measurement is 20 % over the table's prediction."""
+
+    name = "latency_ms"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def confirm(self, model, task, predicted: float) -> dict:
+        self.calls += 1
+        return {"latency_ms": 1.2 * predicted, "latency_source": "measured"}
+
+
+def _predicted_trial(violation: float = 0.0):
+    objective = _Confirming()
+    ctx = types.SimpleNamespace(objectives={"latency_ms": objective}, task=None,
+                                violations=lambda measured: {"accuracy_drop": violation},
+                                point=lambda m: (m["drop"], m["latency_ms"]))  # fmt: skip
+    measured = {"drop": 0.01, "latency_ms": 10.0, "latency_source": "predicted",
+                "latency_table_error": 0.05}  # fmt: skip
+    return ctx, objective, measured
+
+
+@pytest.mark.parametrize(
+    ("others", "violation", "confirmed"),
+    [([{"drop": 0.02, "latency_ms": 9.0}], 0.0, True),  # beside the front: measured
+     ([{"drop": 0.0, "latency_ms": 12.0}], 0.0, True),
+     ([], 0.0, True),
+     ([{"drop": 0.005, "latency_ms": 9.0}], 0.0, False),  # dominated: the prediction ranks it
+     ([{"drop": 0.01, "latency_ms": 10.0}], 0.0, True),  # equal to a front point: not dominated
+     ([], 0.5, False)],  # over a bound: not on the feasible front
+)  # fmt: skip
+def test_a_predicted_latency_is_measured_where_it_would_join_the_front(others, violation,
+                                                                        confirmed):  # fmt: skip
+    ctx, objective, measured = _predicted_trial(violation)
+    _confirm_latency(ctx, measured, None, lambda: others)
+    assert objective.calls == confirmed
+    assert (measured["latency_source"] == "measured") == confirmed
+    assert ("latency_table_error" in measured) != confirmed
+    assert measured["latency_ms"] == (12.0 if confirmed else 10.0)
+
+
+def test_a_table_mode_search_keeps_measurements_on_its_front(tmp_path, runs_root):
+    data = tiny("table_front", trials=6)
+    data["latency"] = {**data["latency"], "mode": "table", "check_first": 1, "check_every": 1000,
+                       "table_bound": 1.0}  # fmt: skip
+    assert main(["search", str(write(tmp_path, data))]) == 0
+    trials = [t for t in load(runs_root, "table_front").get_trials() if t.values]
+    assert all("latency_predicted_ms" in t.user_attrs["measured"] for t in trials[1:])
+    feasible = [t for t in trials if t.user_attrs["violation"] <= 0]
+    points = [(-t.values[0], t.values[1], t.values[2]) for t in feasible]
+    front = [feasible[i] for i, rank in enumerate(ranks(points)) if rank == 0]
+    assert any(t.number > 0 for t in front), "a predicted trial joined the front"
+    assert all(t.user_attrs["measured"]["latency_source"] == "measured" for t in front)
+    confirmed = [t.user_attrs["measured"] for t in trials[1:]
+                 if t.user_attrs["measured"].get("latency_confirmed")]  # fmt: skip
+    assert confirmed and all("latency_check_error" in m for m in confirmed)

@@ -278,6 +278,21 @@ class LatencyObjective(Objective):
                 "latency_drift": drift, "latency_remeasured": float(remeasured),
                 "latency_source": "measured", "latency_runtime": self.runtime}  # fmt: skip
 
+    def confirm(self, model: nn.Module, task: Task, predicted: float) -> dict[str, float | str]:
+        """The end-to-end measurement that replaces the table's ``predicted`` latency of
+        ``model`` (a table-mode trial about to join the front), the prediction's error recorded
+        as one more check of the table."""
+        result = self.measure_model(model, task)
+        out: dict[str, float | str] = {
+            self.name: result.median_ms, "latency_predicted_ms": predicted,
+            "latency_check_error": abs(predicted - result.median_ms) / result.median_ms,
+            "latency_spread": result.spread, "latency_source": "measured",
+            "latency_confirmed": 1.0,
+        }  # fmt: skip
+        if self.teacher_ms:
+            out["speedup"] = self.teacher_ms / result.median_ms
+        return out
+
     def measure(self, candidate: Candidate) -> dict[str, float | str]:
         """Measured latency; with a table, possibly its prediction for trial ``candidate.extra
         ['trial']`` given the study's earlier ``latency_checks`` (always, where ``candidate.extra

@@ -58,7 +58,7 @@ def execute(
             checkpoint = checkpointing(ctx, trial)
         with get_heartbeat_thread(trial._trial_id, study._storage), Heartbeat(study, trial, ctx):
             values = run_trial(ctx, trial, rung_records(study), checkpoint,
-                               lambda: latency_checks(study))  # fmt: skip
+                               lambda: latency_checks(study), lambda: feasible_measured(study))  # fmt: skip
     except Stopped as stop:
         trial.set_user_attr("stopped", str(stop))
         study.tell(trial, state=TrialState.PRUNED)
@@ -173,6 +173,13 @@ def latency_checks(study: optuna.Study) -> list[float]:
         if error is not None:
             errors.append(float(error))
     return errors
+
+
+def feasible_measured(study: optuna.Study) -> list[dict]:
+    """What the study's completed, trained trials within every bound measured."""
+    return [t.user_attrs["measured"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("measured") and not t.user_attrs.get("screened")
+            and t.user_attrs.get("violation", 0.0) <= 0]  # fmt: skip
 
 
 def stop_reason(config: StudyConfig, study: optuna.Study, started: float | None = None) -> str:
