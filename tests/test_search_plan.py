@@ -355,9 +355,10 @@ FORMS = {"w4": (0.99, 0.5, 250.0, 0.3), "w8": (0.995, 0.7, 500.0, 0.02),
          "float": (1.0, 1.0, 1000.0, 0.0)}  # fmt: skip
 
 
-def _forms_study(measured_forms: str) -> tuple[optuna.Study, dict]:
+def _forms_study(measured_forms: str, table_share: float = 1.0) -> tuple[optuna.Study, dict]:
     """A study whose one structural knob is fmt:a (in the sensitivity table) beside a training
-    knob (lr); a trial per ``measured_forms`` letter at two learning rates."""
+    knob (lr); a trial per ``measured_forms`` letter at two learning rates, each measured where
+    the latency table predicted ``table_share`` of its latency."""
     table = Sensitivity({"loss": 0.0, "latency_ms": 1.0, "size_bytes": 1000.0}, {"fmt:a": "float"},
                         {"fmt:a": {label: {"loss": loss, "latency_ms": latency, "size_bytes": size}
                                    for label, (_, latency, size, loss) in FORMS.items()}})  # fmt: skip
@@ -375,7 +376,8 @@ def _forms_study(measured_forms: str) -> tuple[optuna.Study, dict]:
     for label, lr in itertools.product(measured_forms.split(), (1e-5, 5e-5)):
         accuracy, latency, size, loss = FORMS[label]
         measured = {"accuracy": accuracy, "latency_ms": latency, "size_bytes": size,
-                    "zero_shot_loss": loss}  # fmt: skip
+                    "zero_shot_loss": loss, "latency_source": "measured",
+                    "latency_predicted_ms": table_share * latency}  # fmt: skip
         study.add_trial(create_trial(params={"fmt:a": label, "lr": lr}, distributions=space,
                                      values=[accuracy, latency, size],
                                      user_attrs={"measured": measured, "steps": 10,
@@ -402,6 +404,21 @@ def test_a_candidate_that_changes_only_a_training_knob_is_not_probed_again(measu
         assert probed == [] and choice is None
     else:
         assert set(probed) == {"w8"} and choice[0]["fmt:a"] == "w8"
+
+
+def test_a_probe_s_table_latency_is_corrected_by_what_the_table_missed_on_the_trials():
+    """The latency table predicted every measured trial 25 % fast; a probe's latency, the
+    table's prediction, is taken at what the trials say it will measure."""
+    study, space = _forms_study("w4 float", table_share=0.75)
+
+    def probe(params):
+        _, latency, size, loss = FORMS[params["fmt:a"]]
+        return {"latency_ms": 0.75 * latency, "size_bytes": size, "loss": loss, "table": 1.0}
+
+    study.sampler.attach(probe)
+    params, note = study.sampler.choose(study, study.get_trials(), space)
+    assert params["fmt:a"] == "w8"
+    assert note["predicted"]["latency_ms"] == pytest.approx(FORMS["w8"][1], rel=0.01)
 
 
 def test_a_search_with_the_surrogate_sampler_runs_guided_trials(tmp_path, runs_root):

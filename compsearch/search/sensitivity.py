@@ -282,8 +282,12 @@ def _one(ctx: SearchContext, params: dict[str, object], batches: int) -> dict[st
 
 
 def probe(ctx: SearchContext, params: dict[str, object], batches: int) -> dict[str, float]:
-    """A candidate's costs and zero-shot output loss, untrained (the surrogate sampler's probe)."""
-    return _one(ctx, {**reference_params(ctx.space), **params}, batches)
+    """A candidate's costs and zero-shot output loss, untrained (the surrogate sampler's probe);
+    ``table`` is 1 where its latency is the latency table's prediction."""
+    measured, result = untrained_measure(ctx, {**reference_params(ctx.space), **params})
+    out = {c: float(measured[c]) for c in COSTS if isinstance(measured.get(c), (int, float))}
+    out["table"] = float(measured.get("latency_source") == "predicted")
+    return {"loss": zero_shot_loss(ctx, result.deployed, batches), **out}
 
 
 def untrained_costs(ctx: SearchContext, params: dict[str, object]) -> dict[str, float]:
