@@ -26,11 +26,11 @@ An Optuna ``BaseSampler`` (so the Ray driver's ``OptunaSearch`` uses it unchange
    point. Where a probe is attached (the Optuna driver attaches one), the ``probes`` best are
    first compressed untrained — exact latency, size and zero-shot output loss — and scored again
    with those (a latency the latency table predicted, corrected by what the table missed on the
-   trials it was checked on). A candidate whose deploy form a trial already measured (it changes only training
-   knobs, such as the learning rate) takes that trial's costs and zero-shot loss instead: measured
-   again, it would differ only by timer noise, which the front would take for a gain. The best
-   is the trial's parameters; when no candidate promises any improvement, the base sampler
-   chooses.
+   trials it was checked on). A candidate whose deploy form a trial already measured (it changes
+   only training knobs, such as the learning rate) takes that trial's costs and zero-shot loss
+   instead: measured again, it would differ only by timer noise, which the front would take for
+   a gain. The best is the trial's parameters; when no candidate promises any improvement, the
+   base sampler chooses.
 
 Until ``startup`` trials are measured the base sampler (NSGA-II by default) chooses instead, and
 after that on every ``explore``-th trial the model could have chosen — counted from the first of
