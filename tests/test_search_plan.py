@@ -36,6 +36,7 @@ def test_a_candidate_over_a_hard_bound_is_screened_not_trained(tmp_path, runs_ro
     monkeypatch.setattr(pipeline, "finetune", no_training)
     data = tiny("screen-all", baselines=False, plans=0, trials=2, preflight=False)
     data["constraints"]["size_bytes"] = 1000  # no recipe of the digits model is this small
+    data["latency"]["repeats"] = 10  # a screened candidate's latency stops at the sixth pair
     assert main(["search", str(write(tmp_path, data))]) == 0
     study = _study(runs_root, "screen-all")
     trials = study.get_trials()
@@ -46,6 +47,7 @@ def test_a_candidate_over_a_hard_bound_is_screened_not_trained(tmp_path, runs_ro
         assert trial.user_attrs["violation"] > 0
         measured = trial.user_attrs["measured"]
         assert measured["size_bytes"] > 1000 and measured["latency_ms"] > 0
+        assert measured["latency_runs"] == 6 and measured["latency_settled"] == 1
         assert 0 < measured["accuracy"] <= 1  # the zero-shot deploy form, evaluated
         metrics = json.loads((runs_root / "screen-all" / "trials" / f"{trial.number:05d}" /
                               "metrics.json").read_text())  # fmt: skip

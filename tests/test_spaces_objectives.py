@@ -198,6 +198,29 @@ def test_interleaved_latency_measures_the_ratio_under_a_changing_load(digits_tas
     assert result.ci <= 0.05 or result.runs == 40
 
 
+@pytest.mark.parametrize("above, settled", [((1.5, True), True), ((0.0, True), True),
+                                            ((3.0, True), False)])  # fmt: skip
+def test_a_latency_clearly_past_a_screening_bound_stops_at_six_pairs(digits_task, above, settled):
+    # twice the reference's time under a load that swings 3x: the ratio is clearly past 1.5x,
+    # never past 3x; (0, ...) is a candidate another bound already screens
+    load = [0]
+    objective = LatencyObjective(warmup=0, repeats=12, ci=0.0)
+    objective.use_reference(Candidate(digits_task, _Busy(1.0, load), b""))
+    out = objective.measure_interleaved(_Busy(2.0, load), digits_task, above=above)
+    assert out["latency_runs"] == (6 if settled else 12)
+    assert out.get("latency_settled") == (1.0 if settled else None)
+    assert 1 / out["speedup"] == pytest.approx(2.0, rel=0.3)
+
+
+def test_an_absolute_latency_bound_settles_on_the_milliseconds(digits_task):
+    objective = LatencyObjective(warmup=0, repeats=12, ci=0.0)
+    objective.use_reference(Candidate(digits_task, _Sleeper(), b""))
+    out = objective.measure_interleaved(_Sleeper(), digits_task, above=(2.0, False))  # 8 ms > 2
+    assert out["latency_runs"] == 6 and out["latency_settled"] == 1.0
+    out = objective.measure_interleaved(_Sleeper(), digits_task, above=(50.0, False))
+    assert out["latency_runs"] == 12 and "latency_settled" not in out
+
+
 def test_median_confidence_interval_narrows_with_more_runs():
     noisy = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95] * 2
     assert median_ci(noisy[:5]) == pytest.approx((1.2 - 0.9) / 2 / 1.05)  # the whole range

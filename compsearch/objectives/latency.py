@@ -15,12 +15,16 @@ checked on and what ``speedup`` reports; both sides see the same load. Runs cont
 ``repeats`` until the 95 % confidence interval of the median ratio is within ``ci`` of it (relative
 half-width), or ``max_repeats``. Where the teacher's own time moved more than ``drift`` from the
 study's reference, the machine changed under the study: the trial is measured again (twice at
-most), and the drift it ends with is recorded beside the value.
+most), and the drift it ends with is recorded beside the value. A trial that will be screened
+(:mod:`compsearch.search.trial`) stops as soon as its interval lies wholly above the latency bound,
+or at the sixth pair where an exact cost already breaks its bound: no more runs could make it
+feasible, and its value only teaches the sampler (``latency_settled`` marks it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import statistics
 import time
@@ -50,6 +54,8 @@ class LatencyResult:
     #: relative half-width of the 95 % confidence interval of the median (of the ratio, where
     #: interleaved)
     ci: float = 0.0
+    #: the runs stopped early because ``settled`` said no more could change the decision
+    settled: bool = False
 
     @property
     def spread(self) -> float:
@@ -82,6 +88,17 @@ def median_ci(values: list[float]) -> float:
         low, high = 0, n - 1
     middle = statistics.median(ordered)
     return (ordered[high] - ordered[low]) / (2 * middle) if middle else math.inf
+
+
+def clearly_above(values: list[float], limit: float) -> bool:
+    """Whether the 95 % interval of the median of ``values`` lies wholly above ``limit`` (always,
+    for a limit of 0: a bound already broken elsewhere)."""
+    return limit <= 0 or statistics.median(values) * (1 - median_ci(values)) > limit
+
+
+def _past(limit: float, relative: bool, times: list[float], ratios: list[float]) -> bool:
+    """Whether a bound is clearly broken: on the ratio to the teacher where it is relative."""
+    return clearly_above(ratios if relative else times, limit)
 
 
 def _timer(model: nn.Module, task: Task, batch, device: torch.device,
@@ -128,18 +145,21 @@ def measure_latency(
     reference: nn.Module | None = None,
     ci: float = 0.0,
     max_repeats: int | None = None,
+    settled: Callable[[list[float], list[float]], bool] | None = None,
 ) -> LatencyResult:
     """Median latency of ``task.forward(model, example_inputs)`` on ``device``, in milliseconds.
 
     With ``reference``, each run of ``model`` is paired with one of ``reference`` (alternating which
     goes first) and the result carries the median pairwise ratio. With ``ci`` > 0, runs go on past
-    ``repeats`` until the median's 95 % interval is within ``ci`` (relative), or ``max_repeats``."""
+    ``repeats`` until the median's 95 % interval is within ``ci`` (relative), or ``max_repeats``.
+    ``settled(times, ratios)`` True (asked from the sixth run on) stops the runs at once."""
     device = torch.device(device)
     batch = move(task.example_inputs(), device)
     cap = max(repeats, max_repeats or repeats) if ci > 0 else repeats
     times: list[float] = []
     reference_times: list[float] = []
     ratios: list[float] = []
+    stopped = False
     with torch.inference_mode(), threads(thread_count if device.type == "cpu" else None):
         run = _timer(model, task, batch, device, warmup)
         run_reference = _timer(reference, task, batch, device, warmup) if reference else None
@@ -158,6 +178,9 @@ def measure_latency(
                 ci <= 0 or (len(times) >= 6 and median_ci(ratios or times) <= ci)
             ):
                 break
+            if settled is not None and len(times) >= 6 and settled(times, ratios):
+                stopped = True
+                break
     ordered = sorted(times)
     return LatencyResult(
         statistics.median(ordered),
@@ -167,6 +190,7 @@ def measure_latency(
         statistics.median(reference_times) if reference_times else 0.0,
         statistics.median(ratios) if ratios else 0.0,
         median_ci(ratios or times),
+        stopped,
     )
 
 
@@ -257,26 +281,32 @@ class LatencyObjective(Objective):
         if self.table is not None:
             self.table.calibrate(reference.deployed, reference.task, self.teacher_ms)
 
-    def measure_interleaved(self, model: nn.Module, task: Task,
-                            ci: float | None = None) -> dict[str, float | str]:  # fmt: skip
+    def measure_interleaved(self, model: nn.Module, task: Task, ci: float | None = None,
+                            above: tuple[float, bool] | None = None) -> dict[str, float | str]:  # fmt: skip
         """Latency of ``model`` timed alongside the teacher (see the module docstring); ``ci`` 0
-        stops at ``repeats`` pairs."""
+        stops at ``repeats`` pairs. ``above`` — a bound ``(limit, relative)`` past which the
+        candidate is screened — stops the runs once the interval lies wholly above it (on the
+        ratio to the teacher where relative, on the milliseconds otherwise)."""
         ci = self.ci if ci is None else ci
+        settled = None if above is None else functools.partial(_past, *above)
         remeasured = 0
         while True:
             reference = None if self.reference is None else self.served(self.reference, task)
             result = measure_latency(self.served(model, task), task, self.device,
                                      self.thread_count, self.warmup, self.repeats, reference, ci,
-                                     self.max_repeats)  # fmt: skip
+                                     self.max_repeats, settled)  # fmt: skip
             drift = result.reference_ms / self.teacher_ms - 1 if self.teacher_ms else 0.0
             if abs(drift) <= self.drift or remeasured == REMEASURE:
                 break
             remeasured += 1
-        return {self.name: result.median_ms, "latency_spread": result.spread,
+        out = {self.name: result.median_ms, "latency_spread": result.spread,
                 "latency_ci": result.ci, "latency_runs": float(result.runs),
                 "speedup": 1.0 / result.ratio, "teacher_latency_ms": result.reference_ms,
                 "latency_drift": drift, "latency_remeasured": float(remeasured),
                 "latency_source": "measured", "latency_runtime": self.runtime}  # fmt: skip
+        if result.settled:
+            out["latency_settled"] = 1.0
+        return out
 
     def confirm(self, model: nn.Module, task: Task, predicted: float) -> dict[str, float | str]:
         """The end-to-end measurement that replaces the table's ``predicted`` latency of
@@ -311,7 +341,8 @@ class LatencyObjective(Objective):
             # number of pairs each, not the interval a trial's value must reach
             quick = candidate.extra.get("prediction_only")
             return self.measure_interleaved(candidate.deployed, candidate.task,
-                                            0.0 if quick else None)  # fmt: skip
+                                            0.0 if quick else None,
+                                            candidate.extra.get("latency_above"))  # fmt: skip
         else:
             result = self.measure_model(candidate.deployed, candidate.task)
             out = {self.name: result.median_ms, "latency_spread": result.spread,

@@ -48,6 +48,7 @@ from compsearch.tasks.teacher_outputs import CacheSpec, TeacherCache
 from compsearch.train import Checkpointing
 
 log = logging.getLogger(__name__)
+LATENCY = "latency_ms"
 CONSTRAINTS_ATTR = "constraints"  # optuna.study._constrained_optimization's key
 MODEL_FILE = "model.safetensors"  # a trained trial's artifact, with search.save_models
 RungRecords = Callable[[int], dict[int, tuple[tuple[float, ...], float]]]
@@ -105,6 +106,25 @@ class SearchContext:
         """The bounds training cannot change (every constraint but the accuracy drop)."""
         return {c.name: c.value(measured, self.metric) for c in self.config.constraints
                 if c.name != "accuracy_drop"}  # fmt: skip
+
+    def screen_above(self, measured: dict[str, float]) -> tuple[float, bool] | None:
+        """For a trial that will be screened if it breaks a cost bound: the latency bound
+        ``(limit, relative)`` its measurement may stop at once clearly past (see
+        :meth:`LatencyObjective.measure_interleaved`) — ``(0, …)`` where a cost already measured
+        (size, exact) breaks its own bound; None without screening, or neither."""
+        if not self.config.search.screen:
+            return None
+        bound = None
+        for constraint in self.config.constraints:
+            if constraint.name == LATENCY:
+                bound = constraint
+            elif constraint.name != "accuracy_drop":
+                try:
+                    if constraint.value(measured, self.metric) > 0:
+                        return 0.0, True
+                except KeyError:  # measured after the latency
+                    continue
+        return None if bound is None else (bound.limit, bound.relative)
 
 
 class Screened(Exception):
@@ -209,7 +229,7 @@ def run_trial(
     def on_structure(student: nn.Module, metadata: dict[str, str]) -> None:
         t0 = time.perf_counter()
         student_ref["model"] = student
-        extra = {"trial": trial.number,
+        extra = {"trial": trial.number, "screen": True,
                  "latency_checks": latency_checks() if latency_checks is not None else []}  # fmt: skip
         candidate = measure_structure(ctx, student, metadata, measured, extra)
         if ctx.config.search.sampler == "surrogate":  # what the surrogate sampler learns from
@@ -316,9 +336,11 @@ def measure_structure(ctx: SearchContext, student: nn.Module, metadata: dict[str
     deployed, _ = to_deploy(student, ctx.device, ctx.run)
     artifact = packed_to_bytes(export_packed(student), metadata)  # the file's exact bytes
     candidate = Candidate(ctx.task, deployed, artifact, student, quant_bits(student), extra)
-    for objective in ctx.objectives.values():
-        if not objective.after_training:
-            measured.update(objective.measure(candidate))
+    pending = [o for o in ctx.objectives.values() if not o.after_training]
+    for objective in sorted(pending, key=lambda o: o.name == LATENCY):  # exact costs first
+        if objective.name == LATENCY and extra.get("screen"):
+            candidate.extra["latency_above"] = ctx.screen_above(measured)
+        measured.update(objective.measure(candidate))
     return candidate
 
 
