@@ -221,6 +221,15 @@ def test_an_absolute_latency_bound_settles_on_the_milliseconds(digits_task):
     assert out["latency_runs"] == 12 and "latency_settled" not in out
 
 
+def test_a_settled_latency_is_not_measured_again_for_a_drifted_teacher(digits_task):
+    objective = LatencyObjective(warmup=0, repeats=6, ci=0.0)
+    objective.use_reference(Candidate(digits_task, _Sleeper(), b""))
+    objective.teacher_ms = 1.0  # the study's reference: the machine was 8x faster then
+    assert objective.measure_interleaved(_Sleeper(), digits_task)["latency_remeasured"] == 2
+    out = objective.measure_interleaved(_Sleeper(), digits_task, above=(0.0, True))
+    assert out["latency_remeasured"] == 0 and out["latency_settled"] == 1.0
+
+
 def test_median_confidence_interval_narrows_with_more_runs():
     noisy = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95] * 2
     assert median_ci(noisy[:5]) == pytest.approx((1.2 - 0.9) / 2 / 1.05)  # the whole range

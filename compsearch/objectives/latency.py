@@ -17,8 +17,9 @@ half-width), or ``max_repeats``. Where the teacher's own time moved more than ``
 study's reference, the machine changed under the study: the trial is measured again (twice at
 most), and the drift it ends with is recorded beside the value. A trial that will be screened
 (:mod:`compsearch.search.trial`) stops as soon as its interval lies wholly above the latency bound,
-or at the sixth pair where an exact cost already breaks its bound: no more runs could make it
-feasible, and its value only teaches the sampler (``latency_settled`` marks it).
+or at the sixth pair where an exact cost already breaks its bound, and is not measured again for a
+drifted teacher: no more runs could make it feasible, and its value only teaches the sampler
+(``latency_settled`` marks it).
 """
 
 from __future__ import annotations
@@ -174,12 +175,12 @@ def measure_latency(
                 times.append(run())
             if run_reference is not None:
                 ratios.append(times[-1] / reference_times[-1])
+            if settled is not None and len(times) >= 6 and settled(times, ratios):
+                stopped = True
+                break
             if len(times) >= repeats and (
                 ci <= 0 or (len(times) >= 6 and median_ci(ratios or times) <= ci)
             ):
-                break
-            if settled is not None and len(times) >= 6 and settled(times, ratios):
-                stopped = True
                 break
     ordered = sorted(times)
     return LatencyResult(
@@ -296,8 +297,8 @@ class LatencyObjective(Objective):
                                      self.thread_count, self.warmup, self.repeats, reference, ci,
                                      self.max_repeats, settled)  # fmt: skip
             drift = result.reference_ms / self.teacher_ms - 1 if self.teacher_ms else 0.0
-            if abs(drift) <= self.drift or remeasured == REMEASURE:
-                break
+            if abs(drift) <= self.drift or remeasured == REMEASURE or result.settled:
+                break  # a settled candidate is screened whatever the machine did
             remeasured += 1
         out = {self.name: result.median_ms, "latency_spread": result.spread,
                 "latency_ci": result.ci, "latency_runs": float(result.runs),

@@ -11,7 +11,9 @@ structure is final — already breaks a hard bound is not fine-tuned. It is told
 COMPLETE with its measured latency and size and its *zero-shot* accuracy (the deploy form before any
 fine-tuning), its constraints set (so it is infeasible and never on a front), ``steps`` 0 and the
 user attribute ``screened`` naming the broken bounds: samplers learn from it at a small fraction of
-a trained trial's cost.
+a trained trial's cost. Size (exact) is measured before latency, and the latency of a candidate
+that is screened either way stops early: at the sixth pair where size already breaks its bound, and
+as soon as its interval lies wholly past the latency bound (``latency_settled``).
 How a trial ends (complete, stopped, failed) is recorded by :mod:`compsearch.search.runner`.
 """
 
