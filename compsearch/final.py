@@ -105,7 +105,10 @@ def measure(
     Accuracy is on the test split (the primary metric's own key); the validation split's values
     stand beside it with a ``_validation`` suffix. Constraints are checked on the test values.
     With ``runtime`` onnxruntime, latency is timed in ONNX Runtime sessions of both, and the test
-    split's metrics from those sessions stand beside with an ``_onnxruntime`` suffix."""
+    split's metrics from those sessions stand beside with an ``_onnxruntime`` suffix. Latency is
+    timed interleaved (see :mod:`compsearch.objectives.latency`): the teacher's ``latency_ms`` is
+    its median in those same runs, ``speedup`` the median pairwise ratio; ``latency_ms_alone``, the
+    teacher timed alone before them."""
     teacher = task.teacher().to(device)
     example = move(task.calibration_batches(1)[0], device)
     shipped, _ = to_deploy(teacher, device, lambda m: task.forward(m, example))
@@ -127,7 +130,12 @@ def measure(
         for model, values in ((shipped, teacher_values), (compressed, compressed_values)):
             served = latency.served(model, task)
             values.update(_suffixed(task.evaluate(served, "test"), f"_{runtime}"))
-    teacher_values.update(latency_ms=latency.teacher_ms, speedup=1.0,
+    # the teacher's latency is its time in the same interleaved runs as the candidate's, so the two
+    # times and the speed-up (the median of their pairwise ratios) describe one measurement; its
+    # time alone, at the start, stays beside
+    paired = compressed_values.get("teacher_latency_ms")
+    teacher_values.update(latency_ms=float(paired) if paired else latency.teacher_ms,
+                          latency_ms_alone=latency.teacher_ms, speedup=1.0,
                           params=float(sum(p.numel() for p in teacher.parameters())))  # fmt: skip
     met = {}
     for constraint in constraints:

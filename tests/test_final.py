@@ -71,6 +71,9 @@ def test_search_export_train_load_evaluate_end_to_end(mnist_study, mnist_task, c
     if floats["tensors"]:
         assert "Weights kept in float" in (run.path / "report.md").read_text()
     assert measured.compressed["size_bytes"] < measured.teacher["size_bytes"]
+    # both latencies from the same interleaved runs as the speed-up, the teacher alone beside
+    assert measured.teacher["latency_ms"] == measured.compressed["teacher_latency_ms"]
+    assert measured.teacher["latency_ms_alone"] > 0
     assert "accuracy_drop" in measured.constraints
     assert main(["evaluate", str(run.path)]) == 0
     out = capsys.readouterr().out
