@@ -311,17 +311,20 @@ class LatencyObjective(Objective):
 
     def confirm(self, model: nn.Module, task: Task, predicted: float) -> dict[str, float | str]:
         """The end-to-end measurement that replaces the table's ``predicted`` latency of
-        ``model`` (a table-mode trial about to join the front), the prediction's error recorded
-        as one more check of the table."""
-        result = self.measure_model(model, task)
-        out: dict[str, float | str] = {
-            self.name: result.median_ms, "latency_predicted_ms": predicted,
-            "latency_check_error": abs(predicted - result.median_ms) / result.median_ms,
-            "latency_spread": result.spread, "latency_source": "measured",
-            "latency_confirmed": 1.0,
-        }  # fmt: skip
-        if self.teacher_ms:
-            out["speedup"] = self.teacher_ms / result.median_ms
+        ``model`` (a table-mode trial about to join the front) — interleaved with the teacher
+        where it has one, as a trial without a table is timed, so the front's speed-ups are
+        paired ratios — the prediction's error recorded as one more check of the table."""
+        if self.reference is not None:
+            out = self.measure_interleaved(model, task)
+        else:
+            result = self.measure_model(model, task)
+            out = {self.name: result.median_ms, "latency_spread": result.spread,
+                   "latency_source": "measured"}  # fmt: skip
+            if self.teacher_ms:
+                out["speedup"] = self.teacher_ms / result.median_ms
+        measured = float(out[self.name])
+        out.update({"latency_predicted_ms": predicted, "latency_confirmed": 1.0,
+                    "latency_check_error": abs(predicted - measured) / measured})  # fmt: skip
         return out
 
     def measure(self, candidate: Candidate) -> dict[str, float | str]:
