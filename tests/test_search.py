@@ -473,4 +473,6 @@ def test_a_table_mode_search_keeps_measurements_on_its_front(tmp_path, runs_root
     confirmed = [t.user_attrs["measured"] for t in trials[1:]
                  if t.user_attrs["measured"].get("latency_confirmed")]  # fmt: skip
     assert confirmed and all("latency_check_error" in m for m in confirmed)
-    assert all(m["teacher_latency_ms"] > 0 for m in confirmed), "timed beside the teacher"
+    checked = trials[0].user_attrs["measured"]  # the table's check: timed beside the teacher too
+    assert all(m["teacher_latency_ms"] > 0 for m in [checked, *confirmed])
+    assert checked["latency_runs"] == 3 and "latency_check_error" in checked

@@ -309,13 +309,13 @@ class LatencyObjective(Objective):
             out["latency_settled"] = 1.0
         return out
 
-    def confirm(self, model: nn.Module, task: Task, predicted: float) -> dict[str, float | str]:
-        """The end-to-end measurement that replaces the table's ``predicted`` latency of
-        ``model`` (a table-mode trial about to join the front) — interleaved with the teacher
-        where it has one, as a trial without a table is timed, so the front's speed-ups are
-        paired ratios — the prediction's error recorded as one more check of the table."""
+    def check(self, model: nn.Module, task: Task, predicted: float,
+              ci: float | None = None) -> dict[str, float | str]:  # fmt: skip
+        """``model`` measured end to end against the latency table's ``predicted`` value —
+        interleaved with the teacher where it has one, so its speed-up is a paired ratio — with
+        the prediction's error (``latency_check_error``)."""
         if self.reference is not None:
-            out = self.measure_interleaved(model, task)
+            out = self.measure_interleaved(model, task, ci)
         else:
             result = self.measure_model(model, task)
             out = {self.name: result.median_ms, "latency_spread": result.spread,
@@ -323,9 +323,15 @@ class LatencyObjective(Objective):
             if self.teacher_ms:
                 out["speedup"] = self.teacher_ms / result.median_ms
         measured = float(out[self.name])
-        out.update({"latency_predicted_ms": predicted, "latency_confirmed": 1.0,
+        out.update({"latency_predicted_ms": predicted,
                     "latency_check_error": abs(predicted - measured) / measured})  # fmt: skip
         return out
+
+    def confirm(self, model: nn.Module, task: Task, predicted: float) -> dict[str, float | str]:
+        """The measurement that replaces the table's ``predicted`` latency of ``model`` (a
+        table-mode trial about to join the front), timed as a trial without a table is; the
+        prediction's error recorded as one more check of the table."""
+        return {**self.check(model, task, predicted), "latency_confirmed": 1.0}
 
     def measure(self, candidate: Candidate) -> dict[str, float | str]:
         """Measured latency; with a table, possibly its prediction for trial ``candidate.extra
