@@ -230,6 +230,21 @@ def test_a_settled_latency_is_not_measured_again_for_a_drifted_teacher(digits_ta
     assert out["latency_remeasured"] == 0 and out["latency_settled"] == 1.0
 
 
+def test_a_latency_table_check_keeps_its_paired_speedup(digits_task):
+    class Checking:  # a table that checks every trial
+        def latency(self, model, task, objective, number, errors):
+            return objective.check(model, task, 5.0, 0.0)
+
+    objective = LatencyObjective(warmup=0, repeats=6, ci=0.0, table=Checking())
+    objective.use_reference(Candidate(digits_task, _Sleeper(), b""))
+    objective.teacher_ms = 1.0  # the study's reference: unpaired, it would read 1/8
+    out = objective.measure(Candidate(digits_task, _Sleeper(), b""))
+    assert out["speedup"] == pytest.approx(1.0, rel=0.3) and out["teacher_latency_ms"] >= 8.0
+    assert out["latency_check_error"] == pytest.approx(
+        abs(5.0 - out["latency_ms"]) / out["latency_ms"]
+    )
+
+
 def test_median_confidence_interval_narrows_with_more_runs():
     noisy = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95] * 2
     assert median_ci(noisy[:5]) == pytest.approx((1.2 - 0.9) / 2 / 1.05)  # the whole range

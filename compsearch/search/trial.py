@@ -36,7 +36,14 @@ from compsearch.errors import ConfigError, TrialError
 from compsearch.kernels.deploy import to_deploy
 from compsearch.kernels.packing import export_packed, packed_to_bytes
 from compsearch.kernels.quant import quant_bits
-from compsearch.objectives import Candidate, LatencyTable, MeasureSetup, Objective, float_artifact
+from compsearch.objectives import (
+    Candidate,
+    LatencyObjective,
+    LatencyTable,
+    MeasureSetup,
+    Objective,
+    float_artifact,
+)
 from compsearch.objectives.registry import build_objectives
 from compsearch.paths import runs_root
 from compsearch.pipeline import compress, deploy_snapshot
@@ -50,7 +57,7 @@ from compsearch.tasks.teacher_outputs import CacheSpec, TeacherCache
 from compsearch.train import Checkpointing
 
 log = logging.getLogger(__name__)
-LATENCY = "latency_ms"
+LATENCY = LatencyObjective.name
 CONSTRAINTS_ATTR = "constraints"  # optuna.study._constrained_optimization's key
 MODEL_FILE = "model.safetensors"  # a trained trial's artifact, with search.save_models
 RungRecords = Callable[[int], dict[int, tuple[tuple[float, ...], float]]]
@@ -302,7 +309,7 @@ def _confirm_latency(ctx: SearchContext, measured: dict, deployed: nn.Module,
     predictions only rank the trials behind it. (On minilm the table predicted a copy of the int8
     baseline, changed in a layer the task never runs, 13-27 % under the baseline's measurement,
     so the copy looked faster than the deploy form it equalled.)"""
-    objective = ctx.objectives.get("latency_ms")
+    objective = ctx.objectives.get(LATENCY)
     if measured.get("latency_source") != "predicted" or objective is None:
         return
     if _violation(ctx, measured) > 0:
