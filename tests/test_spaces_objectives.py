@@ -204,21 +204,22 @@ def test_a_latency_clearly_past_a_screening_bound_stops_at_six_pairs(digits_task
     # twice the reference's time under a load that swings 3x: the ratio is clearly past 1.5x,
     # never past 3x; (0, ...) is a candidate another bound already screens
     load = [0]
-    objective = LatencyObjective(warmup=0, repeats=12, ci=0.0)
+    objective = LatencyObjective(warmup=0, repeats=20, ci=0.0)
     objective.use_reference(Candidate(digits_task, _Busy(1.0, load), b""))
     out = objective.measure_interleaved(_Busy(2.0, load), digits_task, above=above)
-    assert out["latency_runs"] == (6 if settled else 12)
+    # six pairs settle it unless a scheduler hiccup widens the interval for a few more
+    assert out["latency_runs"] < 12 if settled else out["latency_runs"] == 20
     assert out.get("latency_settled") == (1.0 if settled else None)
     assert 1 / out["speedup"] == pytest.approx(2.0, rel=0.3)
 
 
 def test_an_absolute_latency_bound_settles_on_the_milliseconds(digits_task):
-    objective = LatencyObjective(warmup=0, repeats=12, ci=0.0)
+    objective = LatencyObjective(warmup=0, repeats=20, ci=0.0)
     objective.use_reference(Candidate(digits_task, _Sleeper(), b""))
     out = objective.measure_interleaved(_Sleeper(), digits_task, above=(2.0, False))  # 8 ms > 2
-    assert out["latency_runs"] == 6 and out["latency_settled"] == 1.0
+    assert out["latency_runs"] < 12 and out["latency_settled"] == 1.0
     out = objective.measure_interleaved(_Sleeper(), digits_task, above=(50.0, False))
-    assert out["latency_runs"] == 12 and "latency_settled" not in out
+    assert out["latency_runs"] == 20 and "latency_settled" not in out
 
 
 def test_a_settled_latency_is_not_measured_again_for_a_drifted_teacher(digits_task):
