@@ -10,7 +10,9 @@ Per task and seed (the seed is the pair), interleaved so machine noise falls on 
 * **random search** at N and at 4N trials, every candidate trained (the "by hand" baseline);
 * **ILP plans alone**: the one-shot recipes inside the surrogate study (same fine-tune);
 * **surrogate + halving** at the same fine-tune step budget (mnist);
-* **bits only** on mnist (a region the latency bound mostly rules out), to price screening.
+* **bits only** on mnist (a region the latency bound rules out), to price screening: where the
+  pre-flight check finds the space's cheapest points over a bound, the study is refused before
+  any trial, and that refusal's seconds are the region's whole cost.
 
 Hypervolume is of the feasible front chosen on the validation split (normalized objectives, fixed
 reference point; see compsearch.search.pareto); the *test* figure re-evaluates those trials' saved
@@ -35,12 +37,14 @@ import os
 import random
 import re
 import statistics
+import time
 from pathlib import Path
 
 import torch
 import yaml
 from _common import header, table
 
+from compsearch.errors import ConfigError
 from compsearch.search import folder_for, load_driver, load_results, parse_config
 from compsearch.search.pareto import hypervolume, non_dominated, reference_point
 from compsearch.search.study import open_study
@@ -163,12 +167,20 @@ def evaluate_task(task: str, seeds: range, root: Path, plots: Path) -> tuple[lis
     raw["search"].update({"trials": trials, "finetune_steps": steps, "save_models": True,
                           "halving": {"enabled": False}})  # fmt: skip
     runs: dict[str, list[StudyRun]] = {}
+    refused: dict[str, list[tuple[float, str]]] = {}  # a study the pre-flight check turned down
     for seed in seeds:  # interleaved: every variant of a seed before the next seed
         for label, change in variants(raw, task, trials, steps).items():
             config = merged(raw, change)
             config["study"] = f"{task}-{re.sub(r'[^A-Za-z0-9]+', '-', label)}-{seed}"
             config["search"] = {**config["search"], "seed": seed}
-            runs.setdefault(label, []).append(StudyRun(config, root))
+            started = time.monotonic()
+            try:
+                runs.setdefault(label, []).append(StudyRun(config, root))
+            except ConfigError as error:  # an unreachable bound: refused before any trial
+                refused.setdefault(label, []).append((time.monotonic() - started, str(error)))
+    if set(refused) & set(runs):
+        raise SystemExit(f"{sorted(set(refused) & set(runs))}: refused in some seeds only, so "
+                         "the seeds no longer pair; compare those studies by hand")  # fmt: skip
     hv: dict[str, dict[str, list[float]]] = {}
     for split in ("validation", "test"):
         for label, studies in runs.items():
@@ -176,6 +188,8 @@ def evaluate_task(task: str, seeds: range, root: Path, plots: Path) -> tuple[lis
                 hv.setdefault(RANDOM, {})[split] = [s.volume(s.rows(trials), split)
                                                     for s in studies]  # fmt: skip
             hv.setdefault(label, {})[split] = [s.volume(s.rows(), split) for s in studies]
+        for label, seconds in refused.items():
+            hv.setdefault(label, {})[split] = [0.0] * len(seconds)
         hv.setdefault(PLANS, {})[split] = [
             s.volume(s.rows(where=lambda r, s=s: "plan" in s.trials[r.number].user_attrs), split)
             for s in runs[SURROGATE]
@@ -188,6 +202,8 @@ def evaluate_task(task: str, seeds: range, root: Path, plots: Path) -> tuple[lis
         trained = [s.trained(s.rows(trials) if label == RANDOM else
                              s.rows(where=lambda r, s=s: "plan" in s.trials[r.number].user_attrs)
                              if label == PLANS else s.rows()) for s in studies]  # fmt: skip
+        if label in refused:  # nothing was trained
+            trained = [0.0] * len(refused[label])
         for split in ("validation", "test"):
             values = hv[label][split]
             rows.append([task, label, split, " / ".join(f"{v:.3f}" for v in values),
@@ -200,7 +216,8 @@ def evaluate_task(task: str, seeds: range, root: Path, plots: Path) -> tuple[lis
                 comparisons.append([task, f"{SURROGATE} − {other}", split,
                                     paired(hv[SURROGATE][split], hv[other][split])])  # fmt: skip
     _plot(task, runs, plots / f"hypervolume_vs_trials_{task}.png", trials)
-    return rows, comparisons, _screening(task, runs) + _plans(task, runs[SURROGATE])
+    extra = _screening(task, runs) + _refusals(task, runs, refused, trials)
+    return rows, comparisons, extra + _plans(task, runs[SURROGATE])
 
 
 def _seconds(studies: list[StudyRun]) -> tuple[list[float], list[float]]:
@@ -233,6 +250,22 @@ def _screening(task: str, runs: dict[str, list[StudyRun]]) -> list:
         if_trained = len(screened) * statistics.median(trained)
         out.append([task, label, len(screened), count, f"{ratio * 100:.1f} %",
                     f"{region:.0f} s instead of {if_trained:.0f} s ({region / if_trained * 100:.1f} %)"])  # fmt: skip
+    return out
+
+
+def _refusals(task: str, runs: dict[str, list[StudyRun]],
+              refused: dict[str, list[tuple[float, str]]], trials: int) -> list:  # fmt: skip
+    """A study the pre-flight check refused (no recipe of its space can meet a bound): its whole
+    cost — opening it, measuring the space's cheapest points — against training its ``trials``
+    at the surrogate search's median trained-trial time."""
+    out = []
+    trained = _seconds(runs[SURROGATE])[1]
+    for label, seen in refused.items():
+        seconds = statistics.median(s for s, _ in seen)
+        if_trained = trials * statistics.median(trained)
+        out.append([task, label, f"refused in {len(seen)}/{len(seen)} seeds", 0, "-",
+                    f"{seconds:.1f} s instead of {if_trained:.0f} s "
+                    f"({seconds / if_trained * 100:.1f} %): {seen[0][1].split(' — ')[0]}"])  # fmt: skip
     return out
 
 
