@@ -175,9 +175,11 @@ def evaluate_task(task: str, seeds: range, root: Path, plots: Path) -> tuple[lis
             config["search"] = {**config["search"], "seed": seed}
             started = time.monotonic()
             try:
-                runs.setdefault(label, []).append(StudyRun(config, root))
+                run = StudyRun(config, root)
             except ConfigError as error:  # an unreachable bound: refused before any trial
                 refused.setdefault(label, []).append((time.monotonic() - started, str(error)))
+            else:
+                runs.setdefault(label, []).append(run)
     if set(refused) & set(runs):
         raise SystemExit(f"{sorted(set(refused) & set(runs))}: refused in some seeds only, so "
                          "the seeds no longer pair; compare those studies by hand")  # fmt: skip
