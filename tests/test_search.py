@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from compsearch.cli import main
 from compsearch.errors import ConfigError
-from compsearch.search import StudyFolder, parse_config
+from compsearch.search import StudyFolder, load_results, parse_config
 from compsearch.search.halving import Rungs, promotable
 from compsearch.search.pareto import crowding, hypervolume, ranks
 from compsearch.search.storage import budget_count
@@ -281,8 +281,6 @@ def test_halving_stops_trials_and_keeps_their_rung(tmp_path, runs_root, monkeypa
     for trial in stopped:
         assert "rung_0" in trial.user_attrs and trial.user_attrs["steps"] in (3, 9)
         assert "measured" in trial.user_attrs
-    from compsearch.search import load_results
-
     front = load_results(load(runs_root, name)).front()
     assert all(row.state == "COMPLETE" for row in front)
     assert main(["search", str(config)]) == 0
@@ -458,18 +456,22 @@ def test_a_predicted_latency_is_measured_where_it_would_join_the_front(others, v
     assert measured["latency_ms"] == (12.0 if confirmed else 10.0)
 
 
-def test_a_table_mode_search_keeps_measurements_on_its_front(tmp_path, runs_root):
+def test_a_table_mode_search_keeps_measurements_on_its_front(tmp_path, runs_root, monkeypatch):
+    from compsearch.objectives.lut import LatencyTable
+
+    # a loaded machine can make the table's checks miss by more than any bound, and then every
+    # trial is measured (tests/test_spaces_objectives.py); here the predictions must stand
+    monkeypatch.setattr(LatencyTable, "trusted", lambda self, errors: True)
     data = tiny("table_front", trials=6)
-    data["latency"] = {**data["latency"], "mode": "table", "check_first": 1, "check_every": 1000,
-                       "table_bound": 1.0}  # fmt: skip
+    data["latency"] = {**data["latency"], "mode": "table", "check_first": 1, "check_every": 1000}
     assert main(["search", str(write(tmp_path, data))]) == 0
     trials = [t for t in load(runs_root, "table_front").get_trials() if t.values]
     assert all("latency_predicted_ms" in t.user_attrs["measured"] for t in trials[1:])
-    feasible = [t for t in trials if t.user_attrs["violation"] <= 0]
-    points = [(-t.values[0], t.values[1], t.values[2]) for t in feasible]
-    front = [feasible[i] for i, rank in enumerate(ranks(points)) if rank == 0]
-    assert any(t.number > 0 for t in front), "a predicted trial joined the front"
-    assert all(t.user_attrs["measured"]["latency_source"] == "measured" for t in front)
+    # the front as compsearch reads it (a trial timed beside the teacher counts by its paired
+    # speedup, not by its raw milliseconds, which the machine's load moves)
+    front = load_results(load(runs_root, "table_front")).front()
+    assert any(r.number > 0 for r in front), "a predicted trial joined the front"
+    assert all(r.measured["latency_source"] == "measured" for r in front)
     confirmed = [t.user_attrs["measured"] for t in trials[1:]
                  if t.user_attrs["measured"].get("latency_confirmed")]  # fmt: skip
     assert confirmed and all("latency_check_error" in m for m in confirmed)
