@@ -243,6 +243,27 @@ def test_sensitivity_and_plans_on_digits(tmp_path, runs_root, capsys):
     assert recipe.provenance.task == "digits" and recipe.layers
 
 
+def test_a_plan_s_latency_is_measured_end_to_end_not_read_from_the_latency_table(
+    tmp_path, runs_root, monkeypatch
+):
+    from compsearch.objectives.lut import LatencyTable
+
+    # a table that misses by orders of magnitude: a plan's measured latency must not be it
+    monkeypatch.setattr(LatencyTable, "predict", lambda self, model, task: 12345.0)
+    data = tiny("plans_timed", trials=6, plans=2)
+    data["latency"] = {**data["latency"], "mode": "table"}
+    data["constraints"]["size_bytes"] = 20000
+    assert main(["search", str(write(tmp_path, data))]) == 0
+    study = _study(runs_root, "plans_timed")
+    plans = [t.user_attrs["plan"] for t in study.get_trials() if "plan" in t.user_attrs]
+    assert plans, "no one-shot plan was enqueued"
+    for text in plans:
+        measured = float(text.split("measured: ")[1].split("latency_ms ")[1].split(",")[0])
+        assert 0 < measured < 1000, text
+    teacher = study.user_attrs[STUDY_ATTR]["teacher"]["latency_ms"]
+    assert teacher < 1000  # the plans' milliseconds are on the teacher's scale
+
+
 # -- the surrogate sampler -------------------------------------------------------------------------
 
 
@@ -317,6 +338,27 @@ def test_the_surrogate_learns_to_avoid_what_breaks_the_accuracy_bound(confidence
     assert guided >= 3 and guided_w4 == 0  # random would pick w4 a third of the time
     if confidence > 1:
         assert below == guided
+
+
+def test_with_no_feasible_trial_the_surrogate_mutates_the_nearest_misses():
+    from compsearch.search.surrogate import NEAREST, _parents
+
+    study = _synthetic_study(0)
+    info = study.user_attrs[STUDY_ATTR]
+    for violation, screened in ((0.3, ""), (0.01, ""), (0.2, ""), (0.001, "latency_ms"),
+                                (0.05, ""), (0.4, "")):  # fmt: skip
+        measured = _measure({"fmt:a": "w4", "keep:b": 0.5})
+        study.add_trial(create_trial(
+            params={"fmt:a": "w4", "keep:b": 0.5}, distributions=SPACE,
+            values=[measured["accuracy"], measured["latency_ms"], measured["size_bytes"]],
+            user_attrs={"measured": measured, "steps": 0 if screened else 10,
+                        "violation": violation, **({"screened": screened} if screened else {})},
+        ))  # fmt: skip
+    rows = study.get_trials()
+    # the screened one was never trained: its near miss says nothing about what training reaches
+    assert [t.number for t in _parents(rows, info)] == [1, 4, 2][:NEAREST]
+    _tell(study, {"fmt:a": "w8", "keep:b": 0.5})  # feasible: now the front is the parent
+    assert [t.number for t in _parents(study.get_trials(), info)] == [6]
 
 
 def test_the_surrogate_explores_every_explore_th_trial_it_could_have_chosen():
