@@ -25,7 +25,10 @@ the script resumes unfinished studies and reuses finished ones (test accuracies 
 study), so the tables can be completed over several sittings; ``--seeds`` says how many are in, and
 ``--first-seed`` runs only the later ones when the earlier studies live elsewhere (their per-seed
 values are then combined by hand, pairs intact).
+``--only surrogate random`` runs those variants alone (a change to the surrogate sampler,
+compared with random search on the same seeds: move its studies aside and keep the others).
 Run: python benchmarks/search_quality.py [--tasks mnist minilm] [--seeds 5] [--first-seed 0]
+[--only surrogate previous random halving bits]
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ PLANS = "ILP plans alone (same fine-tune)"
 #: the sampler each task's config used before the surrogate search (both configs use it now)
 PREVIOUS_SAMPLER = {"mnist": "nsga2", "minilm": "tpe"}
 SLACK = {"latency_ms": 0.05, "size_bytes": 0.001}  # noise / provenance-bytes tolerance
+SHORT = {"surrogate": SURROGATE, "previous": PREVIOUS, "random": RANDOM4, "halving": HALVING,
+         "bits": BITS}  # --only's names  # fmt: skip
 
 
 def variants(raw: dict, task: str, trials: int, steps: int) -> dict[str, dict]:
@@ -159,7 +164,8 @@ def paired(a: list[float], b: list[float]) -> str:
             f"wins {wins}/{len(diffs)}, p={p:.3f}")  # fmt: skip
 
 
-def evaluate_task(task: str, seeds: range, root: Path, plots: Path) -> tuple[list, list, list]:
+def evaluate_task(task: str, seeds: range, root: Path, plots: Path,
+                  wanted: set[str]) -> tuple[list, list, list]:  # fmt: skip
     raw = yaml.safe_load((CONFIGS / f"{task}.yaml").read_text())
     setting = SETTINGS[task]
     trials, steps = setting["trials"], setting["steps"]
@@ -170,6 +176,8 @@ def evaluate_task(task: str, seeds: range, root: Path, plots: Path) -> tuple[lis
     refused: dict[str, list[tuple[float, str]]] = {}  # a study the pre-flight check turned down
     for seed in seeds:  # interleaved: every variant of a seed before the next seed
         for label, change in variants(raw, task, trials, steps).items():
+            if label not in wanted:
+                continue
             config = merged(raw, change)
             config["study"] = f"{task}-{re.sub(r'[^A-Za-z0-9]+', '-', label)}-{seed}"
             config["search"] = {**config["search"], "seed": seed}
@@ -328,6 +336,8 @@ def main() -> None:
                         help="run seeds first..seeds-1 only (a sitting that adds seeds to a table)")  # fmt: skip
     parser.add_argument("--root", type=Path, default=None,
                         help="where the studies live (default: runs/_benchmarks/search_quality)")  # fmt: skip
+    parser.add_argument("--only", nargs="+", choices=sorted(SHORT), default=sorted(SHORT),
+                        help="run these variants only (the surrogate search always runs)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(2)
     header("Search quality: surrogate search vs random at 4x, the previous default, ILP plans")
@@ -341,7 +351,8 @@ def main() -> None:
     os.environ["COMPSEARCH_RUNS"] = str(root)
     rows, comparisons, extra = [], [], []
     for task in args.tasks:
-        r, c, e = evaluate_task(task, range(args.first_seed, args.seeds), root, plots)
+        wanted = {SURROGATE, *(SHORT[name] for name in args.only)}
+        r, c, e = evaluate_task(task, range(args.first_seed, args.seeds), root, plots, wanted)
         rows, comparisons, extra = rows + r, comparisons + c, extra + e
     table(["task", "search", "split", "hypervolume per seed", "median", "spread",
            "trained trials (median)"], rows)  # fmt: skip
