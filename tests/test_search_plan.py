@@ -450,6 +450,20 @@ def test_a_candidate_that_changes_only_a_training_knob_is_not_probed_again(measu
         assert set(probed) == {"w8"} and choice[0]["fmt:a"] == "w8"
 
 
+def test_a_candidate_that_differs_only_inside_a_dropped_block_is_the_same_trial():
+    from compsearch.search.surrogate import _key
+
+    table = Sensitivity({"loss": 0.0}, {"drop:b": False, "fmt:u": "float"},
+                        {"drop:b": {}, "fmt:u": {}}, blocks={"fmt:u": "b"})  # fmt: skip
+    names = ["drop:b", "fmt:u", "lr"]
+    dropped = {"drop:b": True, "fmt:u": "w4", "lr": 0.001}
+    assert _key(dropped, names, table) == _key({**dropped, "fmt:u": "w8"}, names, table)
+    assert _key(dropped, names, table) != _key({**dropped, "lr": 0.002}, names, table)  # a knob
+    kept = {**dropped, "drop:b": False}
+    assert _key(kept, names, table) != _key({**kept, "fmt:u": "w8"}, names, table)
+    assert _key(dropped, names, None) != _key({**dropped, "fmt:u": "w8"}, names, None)
+
+
 def test_a_probe_s_table_latency_is_corrected_by_what_the_table_missed_on_the_trials():
     """The latency table predicted every measured trial 25 % fast; a probe's latency, the
     table's prediction, is taken at what the trials say it will measure."""
