@@ -43,6 +43,7 @@ import optuna
 import torch
 
 from compsearch._files import write_text_atomic
+from compsearch.objectives.constraints import ratio_to_teacher
 from compsearch.paths import runs_root
 from compsearch.pipeline import compress
 from compsearch.search.costmodel import choose, decode, encode, predict_cost, weights
@@ -299,7 +300,7 @@ def untrained_costs(ctx: SearchContext, params: dict[str, object]) -> dict[str, 
                                     predicted=False)  # fmt: skip
     costs = {c: float(measured[c]) for c in COSTS if isinstance(measured.get(c), (int, float))}
     if LATENCY in costs and measured.get("speedup") and ctx.teacher.get(LATENCY):
-        costs[LATENCY] = ctx.teacher[LATENCY] / float(measured["speedup"])  # paired: load cancels
+        costs[LATENCY] = ratio_to_teacher(LATENCY, measured) * ctx.teacher[LATENCY]  # paired
     return costs
 
 
