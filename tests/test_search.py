@@ -306,13 +306,24 @@ def _states(runs_root: Path, name: str) -> list[TrialState]:
         return []
 
 
+def _training(runs_root: Path, name: str) -> bool:
+    """Two trials complete and a third past its last suggestion (all its parameters stored)."""
+    try:
+        trials = load(runs_root, name).get_trials()
+    except Exception:
+        return False
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    return len(done) >= 2 and any(len(t.params) == len(done[0].params) for t in running)
+
+
 def test_killed_search_resumes_and_keeps_completed_trials(tmp_path, runs_root):
     name = f"k-{uuid.uuid4().hex[:6]}"
     config = write(tmp_path, tiny(name, trials=5, finetune_steps=150, baselines=False))
     process = spawn("search", str(config))
     try:
-        _wait(lambda: _states(runs_root, name).count(TrialState.COMPLETE) >= 2
-              and TrialState.RUNNING in _states(runs_root, name), 240, "a trial to be running")  # fmt: skip
+        # killed while training, not between two suggestions (a retry samples what was never drawn)
+        _wait(lambda: _training(runs_root, name), 240, "a trial to be training")
         process.send_signal(signal.SIGKILL)
         process.wait(30)
     finally:
