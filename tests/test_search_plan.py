@@ -189,6 +189,31 @@ def test_the_ladder_tightens_a_bound_its_measurement_breaks():
     assert sizes == sorted(sizes, reverse=True)  # most accurate first, cheaper after
 
 
+def test_a_rung_left_out_says_why():
+    table = _table()
+
+    def measure(params):  # 50 % over the prediction, and one solve cannot make it up
+        return {"size_bytes": table.predict(params)["size_bytes"] * 1.5}
+
+    lines: list[str] = []
+    assert ladder(table, {"size_bytes": 650.0}, 3, measure, rounds=1, log=lines.append) == []
+    assert len(lines) == 3, lines
+    assert all("left out: still over after 1 solve: size_bytes" in line for line in lines), lines
+    assert ladder(table, {"size_bytes": 650.0}, 3, measure, rounds=4), "more solves find one"
+
+
+def test_a_bound_the_cheapest_combination_breaks_has_no_plan():
+    """Measured three times the prediction, the cheapest point (predicted 412) is over the
+    bound: no rung may aim above it."""
+    table = _table()
+    lines: list[str] = []
+    plans = ladder(table, {"size_bytes": 900.0}, 3,
+                   lambda params: {"size_bytes": table.predict(params)["size_bytes"] * 3},
+                   log=lines.append)  # fmt: skip
+    assert plans == []
+    assert lines and "cheapest" in lines[0] and "900" in lines[0]
+
+
 def test_a_cost_the_study_does_not_bound_never_drops_a_plan():
     """Without a size bound, rungs are spread along the size axis by prediction; a measurement
     over the rung (timer noise, for latency) is recorded, not a reason to lose the plan."""

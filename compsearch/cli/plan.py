@@ -39,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
     reference = reference_params(ctx.space)
     limits = {c.name: c.absolute(ctx.teacher) for c in config.constraints if c.name in COSTS}
     points = args.points if args.points is not None else (config.search.plans or 4)
-    plans = ladder(table, limits, points, lambda params: untrained_costs(ctx, params))
+    plans = ladder(table, limits, points, lambda params: untrained_costs(ctx, params), log=print)
     if not plans:
-        print("no combination of the space meets the bounds, as the cost model predicts them")
+        print(f"no plan: each of the {points} rungs was left out (above); widen the space or "
+              "loosen the bounds")  # fmt: skip
         return 1
     for number, plan in enumerate(plans, start=1):
         recipe = ctx.space.suggest(optuna.trial.FixedTrial({**reference, **plan.params}))

@@ -98,10 +98,11 @@ def cheapest(table: Sensitivity, cost: str) -> float:
 
 
 def ladder(table: Sensitivity, limits: dict[str, float], points: int,
-           measure: Measure | None = None, rounds: int = 4) -> list[Plan]:  # fmt: skip
+           measure: Measure | None = None, rounds: int = 4,
+           log: Callable[[str], None] | None = None) -> list[Plan]:  # fmt: skip
     """Up to ``points`` distinct plans along the cost axis (see the module docstring).
     ``limits`` holds the study's hard bounds on the costs the table measured; ``measure(params)``
-    returns a plan's real costs."""
+    returns a plan's real costs; ``log`` hears why a rung has no plan."""
     costs = [c for c in COSTS if c in table.base]
     lows = {}
     for cost in costs:  # the cheapest combination, measured where it can be: the ladder's foot
@@ -110,15 +111,27 @@ def ladder(table: Sensitivity, limits: dict[str, float], points: int,
             real = measure(cheapest_params(table, cost)).get(cost)
             lows[cost] = max(lows[cost], real if real is not None else 0.0)
     plans: list[Plan] = []
+    over = {c: lows[c] for c in costs if c in limits and lows[c] > limits[c]}
+    if over:  # every rung would aim past the bound
+        if log is not None:
+            listed = ", ".join(
+                f"{c} {v:.4g} over its bound {limits[c]:.4g}" for c, v in over.items()
+            )
+            log(f"no plan: the space's cheapest combination measures {listed}")
+        return plans
     seen: list[dict] = []
-    for fraction in fractions(points):
+    for rung, fraction in enumerate(fractions(points), start=1):
         targets = {}
         for cost in costs:  # a measured bound keeps a margin for timer noise
             limit = limits.get(cost, table.base[cost]) * (1 - NOISE_MARGIN.get(cost, 0.0))
             top = min(limit, table.base[cost])
             targets[cost] = lows[cost] + fraction * max(0.0, top - lows[cost])
         plan = _fitted(table, targets, measure, rounds, set(limits))
-        if plan is None or plan.params in seen:
+        if isinstance(plan, str):
+            if log is not None:
+                log(f"plan rung {rung} of {points} left out: {plan}")
+            continue
+        if plan.params in seen:
             continue
         seen.append(plan.params)
         plans.append(plan)
@@ -126,23 +139,39 @@ def ladder(table: Sensitivity, limits: dict[str, float], points: int,
 
 
 def _fitted(table: Sensitivity, targets: dict[str, float], measure: Measure | None,
-            rounds: int, bounded: set[str]) -> Plan | None:  # fmt: skip
+            rounds: int, bounded: set[str]) -> Plan | str:  # fmt: skip
+    """The rung's plan, or why it has none."""
     bounds = dict(targets)
+    over: dict[str, float] = {}
+    measured: dict[str, float] = {}
     for _ in range(rounds if measure is not None else 1):
         chosen = solve(table, bounds)
         if chosen is None:
-            return None
+            aims = ", ".join(f"{c} <= {v:.4g}" for c, v in bounds.items())
+            return f"no combination meets {aims} as the cost model predicts them" + (
+                f" (tightened after measuring {_listed(measured, over)})" if over else ""
+            )
         plan = Plan(chosen, dict(targets), table.predict(chosen))
         if measure is None:
             return plan
-        plan.measured = measure(chosen)
-        over = {c: plan.measured[c] / targets[c] for c in targets if c in bounded
-                and c in plan.measured and targets[c] > 0 and plan.measured[c] > targets[c]}  # fmt: skip
+        plan.measured = measured = measure(chosen)
+        over = {c: measured[c] / targets[c] for c in targets if c in bounded
+                and c in measured and targets[c] > 0 and measured[c] > targets[c]}  # fmt: skip
         if not over:
             return plan
         for cost, ratio in over.items():  # ask the solver for that much less, predicted
             bounds[cost] = min(bounds[cost], plan.predicted[cost] / ratio)
-    return None  # still over after every round: no plan at this rung
+    tries = f"{rounds} solve{'s' if rounds != 1 else ''}"
+    return f"still over after {tries}: {_listed(measured, over, targets)}"
+
+
+def _listed(measured: dict[str, float], over: dict[str, float],
+            targets: dict[str, float] | None = None) -> str:  # fmt: skip
+    parts = []
+    for cost in over:
+        aim = f" against its aim {targets[cost]:.4g}" if targets else ""
+        parts.append(f"{cost} {measured[cost]:.4g}{aim} ({over[cost]:.2f}x)")
+    return ", ".join(parts)
 
 
 def fractions(points: int) -> list[float]:
