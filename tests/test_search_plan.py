@@ -202,6 +202,19 @@ def test_a_rung_left_out_says_why():
     assert ladder(table, {"size_bytes": 650.0}, 3, measure, rounds=4), "more solves find one"
 
 
+def test_a_rung_over_its_aim_but_within_the_bound_keeps_its_plan():
+    """30 % over every prediction and one solve per rung: the rungs that aim under the bound
+    miss their aims, yet their plans meet the study's bound, so they stay, under that bound."""
+    table = _table()
+    lines: list[str] = []
+    plans = ladder(table, {"size_bytes": 900.0}, 3,
+                   lambda params: {"size_bytes": table.predict(params)["size_bytes"] * 1.3},
+                   rounds=1, log=lines.append)  # fmt: skip
+    assert plans and any("kept at the study's bound" in line for line in lines), lines
+    for plan in plans:
+        assert plan.measured["size_bytes"] <= plan.bounds["size_bytes"] <= 900.0
+
+
 def test_a_bound_the_cheapest_combination_breaks_has_no_plan():
     """Measured three times the prediction, the cheapest point (predicted 412) is over the
     bound: no rung may aim above it."""

@@ -9,10 +9,12 @@ cheapest point of the space — it gives a handful of recipes spread along the c
 Pruning and quantization do not add up exactly (a 4-bit layer that is also pruned saves less than
 both alone), so each solution's costs are then measured on its real structure (``measure``) and,
 where one breaks a bound the study sets, the bound given to the solver is tightened by the excess
-and solved again (a few rounds); a rung whose plan still misses is left out. A cost the study does
-not bound only spreads the rungs: its measurement is recorded, never a reason to drop a plan (a
-model that compression does not speed up would lose its plans to timer noise). The ladder's foot is the measured
-cost of the combination the model finds cheapest, so every rung is one the model can reach. A search
+and solved again (a few rounds); a rung whose solves all miss its aim keeps the least sensitive
+of them that meets the study's own bounds, or is left out, and ``log`` hears which and why. A
+cost the study does not bound only spreads the rungs: its measurement is recorded, never a reason
+to drop a plan (a model that compression does not speed up would lose its plans to timer noise).
+The ladder's foot is the measured cost of the combination the model finds cheapest, so every rung
+is one the model can reach. A search
 enqueues them as its first trials beside the uniform baselines (``search.plans``), so the sampler
 starts from them and the study's front must beat them after the same fine-tune; ``compsearch plan
 CONFIG`` writes them alone, without searching. Their costs are predictions until a trial measures
@@ -126,11 +128,14 @@ def ladder(table: Sensitivity, limits: dict[str, float], points: int,
             limit = limits.get(cost, table.base[cost]) * (1 - NOISE_MARGIN.get(cost, 0.0))
             top = min(limit, table.base[cost])
             targets[cost] = lows[cost] + fraction * max(0.0, top - lows[cost])
-        plan = _fitted(table, targets, measure, rounds, set(limits))
+        plan = _fitted(table, targets, measure, rounds, limits)
         if isinstance(plan, str):
             if log is not None:
                 log(f"plan rung {rung} of {points} left out: {plan}")
             continue
+        if plan.bounds != targets and log is not None:
+            log(f"plan rung {rung} of {points}: over its aim after {rounds} solves, kept at the "
+                f"study's bound ({_listed(plan.measured, {}, targets, every=True)})")  # fmt: skip
         if plan.params in seen:
             continue
         seen.append(plan.params)
@@ -139,38 +144,58 @@ def ladder(table: Sensitivity, limits: dict[str, float], points: int,
 
 
 def _fitted(table: Sensitivity, targets: dict[str, float], measure: Measure | None,
-            rounds: int, bounded: set[str]) -> Plan | str:  # fmt: skip
-    """The rung's plan, or why it has none."""
+            rounds: int, limits: dict[str, float]) -> Plan | str:  # fmt: skip
+    """The rung's plan, or why it has none. Where every solve measured over the rung's aim, the
+    least sensitive of them that still meets the study's own bounds is kept, under those bounds
+    (the cost model misses its picks by more than a bound's margin: on mnist at 47a558d every
+    rung of every seed measured 16-23 % over its aim after four solves, and no plan was left,
+    though some measured under the study's bound)."""
     bounds = dict(targets)
     over: dict[str, float] = {}
     measured: dict[str, float] = {}
+    within: list[Plan] = []  # solved, measured over the aim, under the study's bounds
     for _ in range(rounds if measure is not None else 1):
         chosen = solve(table, bounds)
         if chosen is None:
             aims = ", ".join(f"{c} <= {v:.4g}" for c, v in bounds.items())
-            return f"no combination meets {aims} as the cost model predicts them" + (
+            reason = f"no combination meets {aims} as the cost model predicts them" + (
                 f" (tightened after measuring {_listed(measured, over)})" if over else ""
             )
+            return _least(within, limits) or reason
         plan = Plan(chosen, dict(targets), table.predict(chosen))
         if measure is None:
             return plan
         plan.measured = measured = measure(chosen)
-        over = {c: measured[c] / targets[c] for c in targets if c in bounded
+        over = {c: measured[c] / targets[c] for c in targets if c in limits
                 and c in measured and targets[c] > 0 and measured[c] > targets[c]}  # fmt: skip
         if not over:
             return plan
+        if all(measured[c] <= limits[c] for c in over):
+            within.append(plan)
         for cost, ratio in over.items():  # ask the solver for that much less, predicted
             bounds[cost] = min(bounds[cost], plan.predicted[cost] / ratio)
     tries = f"{rounds} solve{'s' if rounds != 1 else ''}"
-    return f"still over after {tries}: {_listed(measured, over, targets)}"
+    return _least(within, limits) or f"still over after {tries}: {_listed(measured, over, targets)}"
+
+
+def _least(plans: list[Plan], limits: dict[str, float]) -> Plan | None:
+    """The least sensitive of ``plans``, now under the study's bounds (``limits``)."""
+    if not plans:
+        return None
+    best = min(plans, key=lambda plan: plan.predicted.get("loss", 0.0))
+    best.bounds = {c: limits.get(c, v) for c, v in best.bounds.items()}
+    return best
 
 
 def _listed(measured: dict[str, float], over: dict[str, float],
-            targets: dict[str, float] | None = None) -> str:  # fmt: skip
+            targets: dict[str, float] | None = None, every: bool = False) -> str:  # fmt: skip
     parts = []
-    for cost in over:
+    for cost in targets if every and targets else over:
+        if cost not in measured:
+            continue
         aim = f" against its aim {targets[cost]:.4g}" if targets else ""
-        parts.append(f"{cost} {measured[cost]:.4g}{aim} ({over[cost]:.2f}x)")
+        ratio = f" ({over[cost]:.2f}x)" if cost in over else ""
+        parts.append(f"{cost} {measured[cost]:.4g}{aim}{ratio}")
     return ", ".join(parts)
 
 
