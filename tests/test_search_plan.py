@@ -210,7 +210,7 @@ def test_a_rung_over_its_aim_but_within_the_bound_keeps_its_plan():
     plans = ladder(table, {"size_bytes": 900.0}, 3,
                    lambda params: {"size_bytes": table.predict(params)["size_bytes"] * 1.3},
                    rounds=1, log=lines.append)  # fmt: skip
-    assert plans and any("kept at the study's bound" in line for line in lines), lines
+    assert plans and any("kept under the study's bound" in line for line in lines), lines
     for plan in plans:
         assert plan.measured["size_bytes"] <= plan.bounds["size_bytes"] <= 900.0
 
