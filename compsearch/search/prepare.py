@@ -112,19 +112,19 @@ def enqueue_plans(config: StudyConfig, ctx: SearchContext, study: optuna.Study,
     room = config.search.trials - len(study.get_trials(deepcopy=False))  # baselines included
     reference = reference_params(ctx.space)
     count = min(config.search.plans, max(1, config.search.trials // 4), max(0, room))
-    missed: list[str] = []
+    said: list[str] = []
 
     def log(line: str) -> None:
         print(line)
-        missed.append(line)
+        said.append(line)
 
     plans = (
         ladder(table, limits, count, lambda p: untrained_costs(ctx, p), log=log) if count else []
     )
     for plan in plans:
         study.enqueue_trial({**reference, **plan.params}, user_attrs={"plan": plan.describe()})
-    if missed:  # kept with the study: which rungs have no plan, and why
-        study.set_user_attr("plans_missed", missed)
+    if said:  # kept with the study: which rungs were left out or kept over their aim, and why
+        study.set_user_attr("plans_log", said)
     study.set_user_attr("plans_enqueued", True)
 
 
