@@ -116,10 +116,41 @@ def test_preflight_refuses_a_bound_no_point_of_the_space_reaches(tmp_path, runs_
     assert not (runs_root / "unreachable").exists(), "nothing may be stored for a refused study"
 
 
-def test_preflight_passes_a_relative_bound_the_space_reaches(tmp_path, runs_root, capsys):
+def _measured_by_preflight(monkeypatch) -> list[dict]:
+    """What the pre-flight check measured, point by point, in the runs that follow."""
+    import compsearch.search.preflight as preflight
+
+    seen, measure = [], preflight.untrained_measure
+
+    def spy(*args, **kwargs):
+        measured, result = measure(*args, **kwargs)
+        seen.append(measured)
+        return measured, result
+
+    monkeypatch.setattr(preflight, "untrained_measure", spy)
+    return seen
+
+
+def test_preflight_stops_timing_a_point_clearly_past_the_latency_bound(tmp_path, runs_root,
+                                                                       capsys, monkeypatch):  # fmt: skip
+    seen = _measured_by_preflight(monkeypatch)
+    data = tiny("too-fast", trials=2)
+    data["constraints"]["latency_ms"] = "0.01x"  # no recipe of the space is 100x faster
+    data["latency"]["repeats"] = 20
+    assert main(["search", str(write(tmp_path, data))]) == 2
+    assert "constraints.latency_ms: 0.01x is out of reach" in capsys.readouterr().err
+    assert len(seen) == 3, "every cheapest point is measured before a bound is refused"
+    for measured in seen:  # six pairs settle it, as for a screened trial
+        assert measured["latency_settled"] == 1.0 and measured["latency_runs"] == 6
+
+
+def test_preflight_passes_a_relative_bound_the_space_reaches(tmp_path, runs_root, capsys,
+                                                             monkeypatch):  # fmt: skip
+    seen = _measured_by_preflight(monkeypatch)
     data = tiny("reachable", trials=1, baselines=False, plans=0)
     data["constraints"].update(size_bytes="0.5x", latency_ms="3x")
     assert main(["search", str(write(tmp_path, data))]) == 0
+    assert len(seen) == 1, "a point that meets every bound ends the check"
     assert "pre-flight" in capsys.readouterr().err
     study = _study(runs_root, "reachable")
     (trial,) = study.get_trials()

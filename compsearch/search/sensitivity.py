@@ -312,15 +312,18 @@ def compressed_costs(ctx: SearchContext, params: dict[str, object]):
     return costs, result
 
 
-def untrained_measure(ctx: SearchContext, params: dict[str, object], predicted: bool = True):
+def untrained_measure(ctx: SearchContext, params: dict[str, object], predicted: bool = True,
+                      above: tuple[float, bool] | None = None):  # fmt: skip
     """Everything a trial measures once its structure is final (latency — the table's prediction
     where ``predicted`` and the study has a table —, size, speed-up, …), for the recipe ``params``
-    make, with no training; and the compression result."""
+    make, with no training; and the compression result. ``above``: a latency bound ``(limit,
+    relative)`` the timing may stop at once clearly past (as a screened trial's does)."""
     recipe = ctx.space.suggest(optuna.trial.FixedTrial(params))
     measured: dict[str, float | str] = {}
 
     def on_structure(student, metadata) -> None:
-        extra = {"trial": -1, "latency_checks": [], "prediction_only": predicted}
+        extra = {"trial": -1, "latency_checks": [], "prediction_only": predicted,
+                 "latency_above": above}  # fmt: skip
         measure_structure(ctx, student, metadata, measured, extra)
 
     result = compress(ctx.task, recipe, steps=0, device=ctx.device, cache=ctx.cache,
