@@ -220,7 +220,8 @@ def test_the_ladder_tightens_a_bound_its_measurement_breaks():
     assert sizes == sorted(sizes, reverse=True)  # most accurate first, cheaper after
 
 
-def test_a_rung_left_out_says_why():
+def test_a_rung_left_out_says_why(monkeypatch):
+    monkeypatch.setattr("compsearch.search.plan.LEARN_WEIGHT", 0)  # the cost model as measured
     table = _table()
 
     def measure(params):  # 50 % over the prediction, and one solve cannot make it up
@@ -244,6 +245,29 @@ def test_a_rung_over_its_aim_but_within_the_bound_keeps_its_plan():
     assert plans and any("kept under the study's bound" in line for line in lines), lines
     for plan in plans:
         assert plan.measured["size_bytes"] <= plan.bounds["size_bytes"] <= 900.0
+
+
+def test_the_ladder_learns_a_cost_its_single_changes_mispredict():
+    """A cost with a fixed floor (700 + 0.3x the single changes' prediction: most of mnist's
+    latency is per-operator time no single change removes): fitted again with what it measures,
+    the ladder plans every rung within its aim; with the table as measured, it ends two rungs
+    over their aims and loses the third."""
+    table = _table()
+    lines: list[str] = []
+    plans = ladder(table, {"size_bytes": 900.0}, 3,
+                   lambda params: {"size_bytes": 700 + 0.3 * table.predict(params)["size_bytes"]},
+                   log=lines.append)  # fmt: skip
+    assert len(plans) == 3 and lines == []
+    for plan in plans:
+        assert plan.measured["size_bytes"] <= plan.bounds["size_bytes"] <= 900.0
+    assert table.to_dict() == _table().to_dict(), "the study's table stays as measured"
+    with pytest.MonkeyPatch.context() as patch:  # the same ladder without learning
+        patch.setattr("compsearch.search.plan.LEARN_WEIGHT", 0)
+        lines = []
+        unlearned = ladder(table, {"size_bytes": 900.0}, 3,
+                           lambda params: {"size_bytes": 700 + 0.3 * table.predict(params)["size_bytes"]},
+                           log=lines.append)  # fmt: skip
+    assert len(unlearned) == 2 and sum("over its aim" in line for line in lines) == 2, lines
 
 
 def test_a_bound_the_cheapest_combination_breaks_has_no_plan():

@@ -220,21 +220,39 @@ def measure(ctx: SearchContext, batches: int = 2, log=print,
             else:
                 entries[encode(value)] = _one(ctx, {**reference, param: value}, batches)
         table.options[param] = entries
-    rows = [(reference, base)] + [({**reference, p: decode(p, k)}, e)
-                                   for p, entries in table.options.items()
-                                   for k, e in entries.items()]  # fmt: skip
     rng = random.Random(0)
     count = samples if samples is not None else default_samples(table_menus)
     for _ in range(count):
         params = {**reference, **{p: rng.choice(v) for p, v in table_menus.items()}}
-        rows.append((params, compressed_costs(ctx, params)[0]))
-        table.samples.append({"params": rows[-1][0], "costs": rows[-1][1]})
-    _fit(table, rows, count)
+        table.samples.append({"params": params, "costs": compressed_costs(ctx, params)[0]})
+    _fit(table, _rows(table) + _sample_rows(table), count)
     table.blocks = block_params(ctx.space, list(table.options))
     choose(table, [c for c in COSTS if c in base])
     table.seconds = time.perf_counter() - started
     log(f"sensitivity measured in {table.seconds:.0f} s")
     return table
+
+
+def refit(table: Sensitivity, measured: list[tuple[dict, dict[str, float]]],
+          weight: int) -> None:  # fmt: skip
+    """Fit ``table``'s log-linear cost model again with the recipes ``measured`` (parameters,
+    measured costs) added, each counted ``weight`` times: where a caller (the one-shot plans'
+    ladder) measures the combinations it picks, the model learns the region it is asked about.
+    Its error stays the leave-one-out error on the table's random recipes."""
+    extra = [({**table.reference, **params}, costs) for params, costs in measured]
+    _fit(table, _rows(table) + extra * weight + _sample_rows(table), len(table.samples))
+
+
+def _rows(table: Sensitivity) -> list[tuple[dict, dict[str, float]]]:
+    """The reference recipe and every single change, with what they measured."""
+    reference = table.reference
+    return [(reference, table.base)] + [({**reference, p: decode(p, k)}, e)
+                                        for p, entries in table.options.items()
+                                        for k, e in entries.items()]  # fmt: skip
+
+
+def _sample_rows(table: Sensitivity) -> list[tuple[dict, dict[str, float]]]:
+    return [(s["params"], s["costs"]) for s in table.samples]
 
 
 def _fit(table: Sensitivity, rows: list[tuple[dict, dict[str, float]]], random_rows: int,
