@@ -8,8 +8,9 @@ bounds — from the study's own bound (or the reference's cost when there is non
 cheapest point of the space — it gives a handful of recipes spread along the cost axis.
 Pruning and quantization do not add up exactly (a 4-bit layer that is also pruned saves less than
 both alone), so each solution's costs are then measured on its real structure (``measure``), the
-cost model is fitted again with every measurement so far in (on a copy of the table: it learns
-the region the solver picks from, which single changes and random recipes describe poorly), and,
+log-linear fit (where it is the form in use) is fitted again with every measurement so far in (on
+a copy of the table: it learns the region the solver picks from, which single changes and random
+recipes describe poorly; the sum over blocks is left as measured), and,
 where one breaks a bound the study sets, the bound given to the solver is tightened by the excess
 and solved again (a few rounds); a rung whose solves all miss its aim keeps the least sensitive
 of them that meets the study's own bounds, or is left out, and ``log`` hears which and why. A
@@ -37,8 +38,9 @@ from compsearch.search.sensitivity import COSTS, Sensitivity, refit
 
 Measure = Callable[[dict[str, object]], dict[str, float]]
 NOISE_MARGIN = {"latency_ms": 0.05}  # a plan aims this far under a latency bound
-#: what one combination the ladder measured counts for, in rows of the table, when the cost model
-#: is fitted again (on mnist's tables at f3a06ec, an AMD EPYC: 20 of 20 rungs planned, 0 without)
+#: what one combination the ladder measured counts for, in rows of the table, when the log-linear
+#: fit is fitted again; 0: the table as measured (on mnist's five tables at f3a06ec, an AMD EPYC
+#: with VNNI: 20 of 20 rungs planned with 5, 0 without)
 LEARN_WEIGHT = 5
 
 
@@ -112,7 +114,7 @@ def ladder(table: Sensitivity, limits: dict[str, float], points: int,
     ``limits`` holds the study's hard bounds on the costs the table measured; ``measure(params)``
     returns a plan's real costs; ``log`` hears why a rung has no plan."""
     costs = [c for c in COSTS if c in table.base]
-    if measure is not None:
+    if measure is not None and LEARN_WEIGHT > 0:
         table, measure = _learning(table, measure, costs)
     lows = {}
     for cost in costs:  # the cheapest combination, measured where it can be: the ladder's foot
